@@ -1,0 +1,52 @@
+# The two commands: `make demo` (run the embedded default end to end) and `make test`.
+# Both create or refresh the virtual environment first; nothing is installed by hand.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+# The stamp is keyed on the dependency pins: an unchanged pyproject.toml installs nothing.
+STAMP := $(VENV)/.stamp-$(shell sha256sum pyproject.toml | cut -c1-16)
+
+export MGD3_HOME ?= $(CURDIR)/mgd3_home
+export DAGSTER_HOME ?= $(CURDIR)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help env test demo ui bench browser-deps clean-home
+
+help:
+	@echo "make demo   - run the whole asset graph on configs/embedded.yaml (MGD3_CONFIG=... for another)"
+	@echo "make test   - run the test suite"
+	@echo "make ui     - start the Dagster UI on http://127.0.0.1:3000"
+	@echo "make bench  - run the CPU benchmarks in bench/"
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing pinned dependencies into $(VENV) (first time: a few minutes)"
+	$(PY) -m pip install -q -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+	@rm -f $(VENV)/.stamp-* && touch $@
+
+# Headless Chromium (Debian's package) for the browser test of the UI.
+browser-deps:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: env browser-deps
+	$(PY) -m pytest -q
+
+demo: env
+	$(PY) -m mgd3_assets.demo
+
+ui: env
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+bench: env
+	@for s in bench/encode.py bench/sampling.py bench/modes.py bench/incremental.py bench/gpu_dit.py; do \
+		echo "== $$s"; $(PY) $$s; done
+
+clean-home:
+	rm -rf "$(MGD3_HOME)"

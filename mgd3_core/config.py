@@ -1,0 +1,324 @@
+"""Experiment configuration: one YAML file, validated when loaded.
+
+The paper's defaults live here and nowhere else (``PAPER_DEFAULTS``). A config
+error names the file, the dotted key at fault and the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# MGD3 (ICML 2025), Sec. 4 / reference code: DDPM respaced to 50 steps, CFG 4.0,
+# guidance strength lambda 0.1, guidance stopped at t_stop = 25 of 50.
+PAPER_DEFAULTS = {
+    "steps": 50,
+    "cfg_scale": 4.0,
+    "guidance_strength": 0.1,
+    "t_stop": 25,
+}
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "embedded.yaml"
+DEFAULT_HOME = PROJECT_ROOT / "mgd3_home"
+
+DIFFUSION_METHODS = ("mgd3", "unguided", "mgd3_no_stop")
+REAL_METHODS = ("random_real", "closest_real", "decoded_centroids")
+ALL_METHODS = DIFFUSION_METHODS + REAL_METHODS
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ClassSpec(_Strict):
+    """One class: folder id on disk, readable name, label index in the backbone."""
+
+    id: str = Field(min_length=1)
+    name: str | None = None
+    label: int | None = Field(default=None, ge=0)
+
+
+class DatasetConfig(_Strict):
+    kind: Literal["embedded_mnist", "imagefolder"] = "embedded_mnist"
+    root: str | None = None
+    train_dir: str = "train"
+    test_dir: str = "val"
+    # None = every class found; strings are folder ids; mappings give name/label too.
+    classes: list[ClassSpec | str] | None = None
+    image_size: int = Field(default=32, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    strict: bool = False
+    max_per_class: int | None = Field(default=None, ge=1)
+    # Fraction of each class's *training* images held out for hyperparameter choice.
+    validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # Digits and text: never flip horizontally during student training.
+    orientation_sensitive: bool = True
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _root_for_imagefolder(self) -> "DatasetConfig":
+        if self.kind == "imagefolder" and not self.root:
+            raise ValueError("dataset.root is required when dataset.kind is 'imagefolder'")
+        return self
+
+    def class_specs(self) -> list[ClassSpec] | None:
+        if self.classes is None:
+            return None
+        return [c if isinstance(c, ClassSpec) else ClassSpec(id=c) for c in self.classes]
+
+
+class EmbeddedVAEConfig(_Strict):
+    block_out_channels: list[int] = [32, 64, 64]
+    latent_channels: int = Field(default=4, ge=1)
+    layers_per_block: int = Field(default=1, ge=1)
+    steps: int = Field(default=1500, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    kl_weight: float = Field(default=1e-6, ge=0)
+
+
+class EmbeddedDiTConfig(_Strict):
+    num_layers: int = Field(default=6, ge=1)
+    num_attention_heads: int = Field(default=4, ge=1)
+    attention_head_dim: int = Field(default=32, ge=1)
+    patch_size: int = Field(default=2, ge=1)
+    steps: int = Field(default=3000, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    warmup_steps: int = Field(default=100, ge=0)
+    ema_decay: float = Field(default=0.999, ge=0.0, lt=1.0)
+    label_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    num_train_timesteps: int = Field(default=1000, ge=2)
+
+
+class EmbeddedBackboneConfig(_Strict):
+    vae: EmbeddedVAEConfig = EmbeddedVAEConfig()
+    dit: EmbeddedDiTConfig = EmbeddedDiTConfig()
+    seed: int = 0
+    checkpoint_every: int = Field(default=250, ge=1)
+
+
+class BackboneConfig(_Strict):
+    kind: Literal["embedded", "pretrained"] = "embedded"
+    # Pretrained: diffusers-layout directories (e.g. DiT-XL-2-256 and sd-vae-ft-mse).
+    transformer_dir: str | None = None
+    vae_dir: str | None = None
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    embedded: EmbeddedBackboneConfig = EmbeddedBackboneConfig()
+
+    @model_validator(mode="after")
+    def _dirs_for_pretrained(self) -> "BackboneConfig":
+        if self.kind == "pretrained" and not (self.transformer_dir and self.vae_dir):
+            raise ValueError(
+                "backbone.transformer_dir and backbone.vae_dir are required when backbone.kind is "
+                "'pretrained' (local directories in the diffusers layout)"
+            )
+        return self
+
+
+class EncodeConfig(_Strict):
+    batch_size: int = Field(default=64, ge=1)
+    chunk_size: int = Field(default=256, ge=1)
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class ModesConfig(_Strict):
+    method: Literal["kmeans", "gmm", "bisecting_kmeans"] = "kmeans"
+    n_init: int = Field(default=3, ge=1)
+    max_iter: int = Field(default=300, ge=1)
+    seed: int = 0
+
+
+class SamplerConfig(_Strict):
+    kind: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int = Field(default=PAPER_DEFAULTS["steps"], ge=1, le=1000)
+    cfg_scale: float = Field(default=PAPER_DEFAULTS["cfg_scale"], ge=0.0)
+    guidance_strength: float = Field(default=PAPER_DEFAULTS["guidance_strength"], ge=0.0)
+    t_stop: int = Field(default=PAPER_DEFAULTS["t_stop"], ge=0)
+    batch_size: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _t_stop_in_range(self) -> "SamplerConfig":
+        if self.t_stop > self.steps:
+            raise ValueError(
+                f"sampler.t_stop = {self.t_stop} is outside [0, steps = {self.steps}]"
+            )
+        return self
+
+
+class MethodOverride(_Strict):
+    guidance_strength: float | None = Field(default=None, ge=0.0)
+    t_stop: int | None = Field(default=None, ge=0)
+    cfg_scale: float | None = Field(default=None, ge=0.0)
+
+
+class HardLabelConfig(_Strict):
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    batch_size: int = Field(default=64, ge=1)
+    rrc_scale: list[float] = [0.5, 1.0]
+    cutmix_prob: float = Field(default=0.5, ge=0, le=1)
+    cutmix_beta: float = Field(default=1.0, gt=0)
+    # Epochs by IPC (the nearest key at or below a given IPC applies).
+    epochs_by_ipc: dict[int, int] = {1: 300, 10: 300, 50: 200}
+    full_data_epochs: int = Field(default=30, ge=1)
+
+    @field_validator("rrc_scale")
+    @classmethod
+    def _scale_pair(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not (0 < v[0] <= v[1] <= 1):
+            raise ValueError("rrc_scale must be [low, high] with 0 < low <= high <= 1")
+        return v
+
+
+class SoftLabelConfig(_Strict):
+    temperature: float = Field(default=4.0, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    epochs: int = Field(default=300, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+
+
+class EvaluationConfig(_Strict):
+    protocols: list[Literal["hard", "soft"]] = ["hard"]
+    students: list[Literal["convnet", "resnetap10", "resnet18"]] = ["convnet"]
+    generation_seeds: list[int] = [0, 1, 2]
+    training_seeds: list[int] = [0]
+    hard: HardLabelConfig = HardLabelConfig()
+    soft: SoftLabelConfig = SoftLabelConfig()
+    teacher_epochs: int = Field(default=15, ge=1)
+    representativeness_k: int = Field(default=50, ge=1)
+    tsne_classes: int = Field(default=3, ge=0)
+    device: str = "cpu"
+
+    @field_validator("generation_seeds", "training_seeds")
+    @classmethod
+    def _non_empty_unique(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("must be a non-empty list of distinct integers")
+        return v
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(default="embedded", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    dataset: DatasetConfig = DatasetConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    encode: EncodeConfig = EncodeConfig()
+    ipc: list[int] = [10]
+    modes: ModesConfig = ModesConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    methods: list[Literal[ALL_METHODS]] = list(ALL_METHODS)  # type: ignore[valid-type]
+    method_overrides: dict[str, MethodOverride] = {}
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @field_validator("ipc")
+    @classmethod
+    def _ipc_values(cls, v: list[int]) -> list[int]:
+        if not v or any(i < 1 for i in v) or len(set(v)) != len(v):
+            raise ValueError("ipc must be a non-empty list of distinct integers >= 1")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentConfig":
+        bad = sorted(set(self.method_overrides) - set(ALL_METHODS))
+        if bad:
+            raise ValueError(f"method_overrides: unknown method(s) {bad}; allowed: {list(ALL_METHODS)}")
+        for name, o in self.method_overrides.items():
+            if o.t_stop is not None and o.t_stop > self.sampler.steps:
+                raise ValueError(
+                    f"method_overrides.{name}.t_stop = {o.t_stop} is outside [0, steps = {self.sampler.steps}]"
+                )
+        if self.backbone.kind == "embedded":
+            factor = 2 ** (len(self.backbone.embedded.vae.block_out_channels) - 1)
+            if self.dataset.image_size % factor:
+                raise ValueError(
+                    f"dataset.image_size = {self.dataset.image_size} is not divisible by the VAE "
+                    f"downsampling factor {factor} (backbone.embedded.vae.block_out_channels)"
+                )
+            latent = self.dataset.image_size // factor
+            if latent % self.backbone.embedded.dit.patch_size:
+                raise ValueError(
+                    f"latent size {latent} is not divisible by backbone.embedded.dit.patch_size = "
+                    f"{self.backbone.embedded.dit.patch_size}"
+                )
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    def sampler_for(self, method: str) -> SamplerConfig:
+        """Sampler settings of a diffusion method: the same loop, different lambda / t_stop."""
+        if method not in DIFFUSION_METHODS:
+            raise ValueError(f"method {method!r} is not a diffusion method; choose from {DIFFUSION_METHODS}")
+        updates: dict = {}
+        if method == "unguided":
+            updates["guidance_strength"] = 0.0
+        elif method == "mgd3_no_stop":
+            updates["t_stop"] = 0
+        o = self.method_overrides.get(method)
+        if o is not None:
+            updates.update({k: v for k, v in o.model_dump().items() if v is not None})
+        return self.sampler.model_copy(update=updates)
+
+    def epochs_for_ipc(self, ipc: int) -> int:
+        table = self.evaluation.hard.epochs_by_ipc
+        keys = sorted(k for k in table if k <= ipc) or [min(table)]
+        return table[keys[-1]]
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named sections (all when none): for code/data versions."""
+        dump = self.model_dump(mode="json")
+        if sections:
+            dump = {s: dump[s] for s in sections}
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see configs/embedded.yaml for every key)"
+        lines.append(f"  {loc or '<top level>'}: {msg} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None) -> ExperimentConfig:
+    """Load and validate a config file; ``None`` means ``$MGD3_CONFIG`` or the embedded default."""
+    path = Path(path or os.environ.get("MGD3_CONFIG") or DEFAULT_CONFIG)
+    if not path.is_absolute() and not path.exists():
+        path = PROJECT_ROOT / path
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; set MGD3_CONFIG to a YAML file under configs/")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: invalid configuration:\n{_format_errors(e)}") from None
+
+
+def storage_root() -> Path:
+    """The storage root: ``$MGD3_HOME`` or ``<project>/mgd3_home`` (git-ignored)."""
+    return Path(os.environ.get("MGD3_HOME") or DEFAULT_HOME).resolve()

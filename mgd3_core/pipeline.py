@@ -1,0 +1,332 @@
+"""The pipeline's stages as plain functions: what each Dagster asset calls.
+
+Every stage reads its inputs from and writes its outputs to the storage root,
+so stages share nothing in memory and run the same from a notebook, a script
+or any Dagster executor. A loaded backbone is cached per process
+(``get_backbone``), never passed between stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import torch
+
+from .config import DIFFUSION_METHODS, ExperimentConfig
+from .distilled import DistilledClass, set_dir, to_uint8, write_distilled_class
+from .modes import ModeFinder, pairwise_sq_distances
+from .sampling import GuidanceSettings, image_seed, sample
+
+log = logging.getLogger("mgd3")
+
+Progress = Callable[[str, float], None]
+
+
+def _noop(msg: str, frac: float) -> None:  # pragma: no cover - trivial
+    pass
+
+
+def run_dir(cfg: ExperimentConfig, home: Path) -> Path:
+    """Outputs that depend on the experiment (modes, distilled sets, students, reports)."""
+    return Path(home) / "runs" / cfg.name
+
+
+def distilled_root(cfg: ExperimentConfig, home: Path) -> Path:
+    return run_dir(cfg, home) / "distilled"
+
+
+# --------------------------------------------------------------------------- dataset
+def open_source(cfg: ExperimentConfig):
+    from .data import open_dataset
+
+    return open_dataset(cfg.dataset)
+
+
+def class_infos(cfg: ExperimentConfig) -> list:
+    """The configured classes (``data.ClassInfo``), in label order."""
+    return open_source(cfg).classes()
+
+
+def class_info(cfg: ExperimentConfig, class_id: str):
+    for c in class_infos(cfg):
+        if c.id == class_id:
+            return c
+    raise KeyError(f"class {class_id!r} is not in the configured dataset; check dataset.classes")
+
+
+# --------------------------------------------------------------------------- backbone
+_BACKBONES: dict[tuple, object] = {}
+_BACKBONE_LOCK = threading.Lock()
+
+
+def backbone_fingerprint(cfg: ExperimentConfig, home: Path) -> str | None:
+    from .backbones import backbone_fingerprint as _fp
+
+    return _fp(cfg.backbone, Path(home))
+
+
+def ensure_backbone(cfg: ExperimentConfig, home: Path, progress=None) -> str:
+    """Train (or reuse) the embedded backbone, or check a pretrained one loads.
+
+    Returns the backbone fingerprint."""
+    if cfg.backbone.kind == "embedded":
+        from .backbones import ensure_embedded_backbone
+
+        ensure_embedded_backbone(cfg, Path(home), progress=progress)
+    return get_backbone(cfg, home).fingerprint
+
+
+def get_backbone(cfg: ExperimentConfig, home: Path):
+    """The configured backbone, loaded once per process and fingerprint."""
+    from .backbones import load_backbone
+
+    key = (cfg.backbone.model_dump_json(), str(home), backbone_fingerprint(cfg, home))
+    with _BACKBONE_LOCK:
+        if key not in _BACKBONES:
+            _BACKBONES.clear()  # one backbone at a time: they can be large
+            _BACKBONES[key] = load_backbone(cfg.backbone, Path(home))
+        return _BACKBONES[key]
+
+
+# --------------------------------------------------------------------------- latents
+def latent_store_file(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerprint: str) -> Path:
+    from .latents import latent_store_path
+
+    return latent_store_path(Path(home), open_source(cfg).dataset_key, vae_fingerprint, class_id)
+
+
+def encode_latents(cfg: ExperimentConfig, home: Path, class_id: str, progress: Progress = _noop):
+    """Encode one class's training images into its latent store (reused when valid)."""
+    from .latents import LatentStoreError, encode_class, validate_latent_store
+
+    backbone = get_backbone(cfg, home)
+    source = open_source(cfg)
+    path = latent_store_file(cfg, home, class_id, backbone.vae_fingerprint)
+    if path.exists():
+        try:
+            return validate_latent_store(path, expected_vae_fingerprint=backbone.vae_fingerprint)
+        except LatentStoreError as e:
+            log.warning("re-encoding %s: %s", path, e)
+    return encode_class(
+        source, class_id, "train", backbone.encode, path,
+        vae_fingerprint=backbone.vae_fingerprint, scaling_factor=backbone.scaling_factor,
+        batch_size=cfg.encode.batch_size, chunk_size=cfg.encode.chunk_size, dtype=cfg.encode.dtype,
+        attrs={"image_size": cfg.dataset.image_size},
+        progress=lambda done, total: progress(f"encoded {done}/{total} images of class {class_id}", done / max(total, 1)),
+    )
+
+
+# --------------------------------------------------------------------------- modes
+@dataclass
+class ClassModes:
+    """Modes of one class for one (IPC, generation seed)."""
+
+    centroids: np.ndarray  # (k, C, h, w) float32
+    counts: np.ndarray  # (k,)
+    assignment: np.ndarray  # (N,) mode of each training latent
+    inertia: float
+    closest_index: np.ndarray  # (k,) row in the latent store closest to each centroid
+    closest_items: list[str]  # their item ids
+
+
+def modes_file(cfg: ExperimentConfig, home: Path, class_id: str) -> Path:
+    return run_dir(cfg, home) / "modes" / f"{class_id}.h5"
+
+
+def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerprint: str) -> dict:
+    """Cluster one class's latents for every IPC and generation seed; write them atomically.
+
+    Returns a summary: path, content hash, and per (ipc, seed) counts and inertia."""
+    from .latents import read_latent_store
+
+    store = read_latent_store(
+        latent_store_file(cfg, home, class_id, vae_fingerprint), expected_vae_fingerprint=vae_fingerprint
+    )
+    lat = np.asarray(store.latents, dtype=np.float32)
+    shape = lat.shape[1:]
+    path = modes_file(cfg, home, class_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    summary: dict = {"path": str(path), "modes": {}}
+    h = hashlib.sha256()
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(
+            class_id=class_id, vae_fingerprint=vae_fingerprint, method=cfg.modes.method,
+            n_init=cfg.modes.n_init, base_seed=cfg.modes.seed, n_latents=len(lat),
+        )
+        f.create_dataset("index", data=np.asarray(store.index, dtype=h5py.string_dtype()))
+        for ipc in cfg.ipc:
+            for gen_seed in cfg.evaluation.generation_seeds:
+                finder = ModeFinder(
+                    ipc, cfg.modes.method, n_init=cfg.modes.n_init, max_iter=cfg.modes.max_iter,
+                    seed=cfg.modes.seed + gen_seed, class_name=class_id,
+                ).fit(lat)
+                closest = finder.closest_real(lat)
+                g = f.create_group(f"ipc{ipc}/seed{gen_seed}")
+                g.create_dataset("centroids", data=finder.centroids_.reshape(ipc, *shape))
+                g.create_dataset("counts", data=finder.counts_)
+                g.create_dataset("assignment", data=finder.labels_)
+                g.create_dataset("closest_index", data=closest)
+                g.attrs["inertia"] = finder.inertia_
+                h.update(finder.centroids_.tobytes())
+                summary["modes"][f"ipc{ipc}/seed{gen_seed}"] = {
+                    "counts": finder.counts_.tolist(), "inertia": finder.inertia_,
+                    "closest_items": [store.index[i] for i in closest],
+                }
+    os.replace(tmp, path)
+    summary["content_hash"] = h.hexdigest()[:16]
+    return summary
+
+
+def read_modes(cfg: ExperimentConfig, home: Path, class_id: str, ipc: int, gen_seed: int) -> ClassModes:
+    path = modes_file(cfg, home, class_id)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no modes for class {class_id!r}; materialize mode_centroids first")
+    with h5py.File(path, "r") as f:
+        key = f"ipc{ipc}/seed{gen_seed}"
+        if key not in f:
+            raise KeyError(f"{path}: no modes for IPC {ipc}, generation seed {gen_seed}; re-materialize mode_centroids")
+        g = f[key]
+        index = [s.decode() if isinstance(s, bytes) else str(s) for s in f["index"][()]]
+        ci = g["closest_index"][()]
+        centroids = g["centroids"][()]
+        if centroids.shape[0] != ipc:
+            raise ValueError(f"{path}: {centroids.shape[0]} modes stored for IPC {ipc}")
+        return ClassModes(centroids, g["counts"][()], g["assignment"][()], float(g.attrs["inertia"]),
+                          ci, [index[i] for i in ci])
+
+
+# --------------------------------------------------------------------------- distillation
+def _distances(latents: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance of image i to its own mode i, and to the nearest other mode."""
+    d = np.sqrt(pairwise_sq_distances(latents.reshape(len(latents), -1), centroids.reshape(len(centroids), -1)))
+    own = d[np.arange(len(d)), np.arange(len(d))]
+    if d.shape[1] > 1:
+        d_other = d.copy()
+        d_other[np.arange(len(d)), np.arange(len(d))] = np.inf
+        other = d_other.min(1)
+    else:
+        other = np.full(len(d), np.nan)
+    return own, other
+
+
+@dataclass
+class DistillResult:
+    method: str
+    class_id: str
+    classes: list[DistilledClass] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    preview: np.ndarray | None = None  # uint8 images of the first set, for thumbnails
+
+
+def distill_class(
+    cfg: ExperimentConfig, home: Path, method: str, class_id: str, progress: Progress = _noop
+) -> DistillResult:
+    """Write every (IPC, generation seed) set of one method for one class."""
+    info = class_info(cfg, class_id)
+    result = DistillResult(method, class_id)
+    needs_backbone = method in DIFFUSION_METHODS or method == "decoded_centroids"
+    backbone = get_backbone(cfg, home) if needs_backbone else None
+    fingerprint = backbone.fingerprint if backbone else (backbone_fingerprint(cfg, home) or "")
+    jobs = [(ipc, s) for ipc in cfg.ipc for s in cfg.evaluation.generation_seeds]
+    modes = {(ipc, s): read_modes(cfg, home, class_id, ipc, s) for ipc, s in jobs}
+    base = {"method": method, "class_id": class_id, "class_name": info.name, "class_label": info.label,
+            "backbone_fingerprint": fingerprint, "config": cfg.name}
+
+    latents_by_job: dict = {}
+    images_by_job: dict = {}
+    extra: dict = {}
+    if method in DIFFUSION_METHODS:
+        settings = GuidanceSettings.from_config(cfg.sampler_for(method))
+        labels, seeds, centroids, owners = [], [], [], []
+        for ipc, s in jobs:
+            for i in range(ipc):
+                labels.append(info.label)
+                seeds.append(image_seed(cfg.seed * 1_000_003 + s, class_id, ipc, i))
+                centroids.append(modes[(ipc, s)].centroids[i])
+                owners.append((ipc, s))
+        total_steps = settings.steps * -(-len(labels) // cfg.sampler.batch_size)
+        done = [0]
+
+        def on_step(info_):
+            done[0] += 1
+            if done[0] % 10 == 0 or done[0] == total_steps:
+                progress(f"{method}/{class_id}: sampling step {done[0]}/{total_steps}", done[0] / total_steps)
+
+        out = sample(backbone, labels, seeds, modes=torch.from_numpy(np.stack(centroids)), settings=settings,
+                     batch_size=cfg.sampler.batch_size, callback=on_step)
+        images = _decode(backbone, out.latents, cfg.sampler.batch_size)
+        pos = 0
+        for ipc, s in jobs:
+            latents_by_job[(ipc, s)] = out.latents[pos:pos + ipc].numpy()
+            images_by_job[(ipc, s)] = images[pos:pos + ipc]
+            extra[(ipc, s)] = [{"seed": seeds[pos + i], **_settings_row(settings)} for i in range(ipc)]
+            pos += ipc
+    elif method == "decoded_centroids":
+        for ipc, s in jobs:
+            c = torch.from_numpy(modes[(ipc, s)].centroids)
+            latents_by_job[(ipc, s)] = c.numpy()
+            images_by_job[(ipc, s)] = _decode(backbone, c, cfg.sampler.batch_size)
+            extra[(ipc, s)] = [{} for _ in range(ipc)]
+    elif method in ("random_real", "closest_real"):
+        from .latents import read_latent_store
+
+        source = open_source(cfg)
+        vae_fp = get_backbone(cfg, home).vae_fingerprint
+        store = read_latent_store(latent_store_file(cfg, home, class_id, vae_fp), expected_vae_fingerprint=vae_fp)
+        for ipc, s in jobs:
+            if method == "closest_real":
+                idx = modes[(ipc, s)].closest_index
+            else:
+                rng = np.random.default_rng([cfg.seed, s, int(hashlib.sha256(class_id.encode()).hexdigest()[:8], 16)])
+                idx = np.sort(rng.choice(len(store.index), size=ipc, replace=False))
+            items = [store.index[i] for i in idx]
+            latents_by_job[(ipc, s)] = np.asarray(store.latents[np.asarray(idx)], dtype=np.float32)
+            images_by_job[(ipc, s)] = source.load(class_id, "train", items)
+            extra[(ipc, s)] = [{"source_item": it} for it in items]
+    else:
+        raise ValueError(f"unknown method {method!r}")
+
+    for ipc, s in jobs:
+        m = modes[(ipc, s)]
+        lat = latents_by_job[(ipc, s)]
+        own, other = _distances(lat, m.centroids)
+        if method == "random_real":  # not tied to a mode: report the nearest one
+            d = np.sqrt(pairwise_sq_distances(lat.reshape(ipc, -1), m.centroids.reshape(ipc, -1)))
+            mode_idx = d.argmin(1)
+        else:
+            mode_idx = np.arange(ipc)
+        rows = []
+        for i in range(ipc):
+            r = dict(base, set=f"{method}/ipc{ipc}/seed{s}", ipc=ipc, gen_seed=s, mode_index=int(mode_idx[i]),
+                     mode_count=int(m.counts[mode_idx[i]]), dist_to_mode=float(own[i]),
+                     dist_to_nearest_other_mode=float(other[i]))
+            r.update(extra[(ipc, s)][i])
+            rows.append(r)
+        written = write_distilled_class(set_dir(distilled_root(cfg, home), method, ipc, s), class_id,
+                                        images_by_job[(ipc, s)], lat, rows)
+        result.classes.append(written)
+        result.rows.extend(rows)
+        if result.preview is None:
+            result.preview = images_by_job[(ipc, s)]
+    return result
+
+
+def _settings_row(settings: GuidanceSettings) -> dict:
+    return {"lambda": settings.guidance_strength, "t_stop": settings.t_stop, "cfg_scale": settings.cfg_scale,
+            "steps": settings.steps, "sampler": settings.kind}
+
+
+@torch.inference_mode()
+def _decode(backbone, latents: torch.Tensor, batch_size: int) -> np.ndarray:
+    parts = [to_uint8(backbone.decode(latents[i:i + batch_size].to(backbone.device, backbone.dtype)))
+             for i in range(0, len(latents), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0,), np.uint8)

@@ -1,0 +1,189 @@
+"""The guided sampler: the mathematics of DESIGN.md section 2, pinned down."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mgd3_core.distilled import png_bytes, to_uint8
+from mgd3_core.sampling import (
+    GuidanceSettings,
+    denoise_with_cfg,
+    guided_ddim_step,
+    guided_ddpm_step,
+    image_seed,
+    respace_schedule,
+    sample,
+)
+from tests.toys import GaussianToyBackbone, linear_betas
+
+S = 20
+
+
+def _request(bb, n_per_class=3):
+    labels = [c for c in range(bb.num_classes) for _ in range(n_per_class)]
+    seeds = [image_seed(0, str(c), n_per_class, i) for c in range(bb.num_classes) for i in range(n_per_class)]
+    g = torch.Generator().manual_seed(1)
+    modes = torch.stack([bb.means[c] + 0.8 * torch.randn(bb.latent_shape, generator=g) for c in labels])
+    return labels, seeds, modes
+
+
+def test_respaced_schedule_keeps_the_chosen_alphas_cumprod():
+    betas = linear_betas()
+    sch = respace_schedule(betas, 50)
+    abar = torch.cumprod(1 - betas, 0)
+    assert sch.steps == 50
+    assert sch.timesteps[0] == 0 and sch.timesteps[-1] == 999
+    torch.testing.assert_close(sch.alphas_cumprod, abar[sch.timesteps])
+    torch.testing.assert_close(torch.cumprod(1 - sch.betas, 0), sch.alphas_cumprod)
+    with pytest.raises(ValueError, match="sampler.steps"):
+        respace_schedule(betas, 1001)
+
+
+def test_hand_computed_guided_ddpm_step():
+    sch = respace_schedule(linear_betas(), 10)
+    t = 6
+    x_t = torch.tensor([[[[1.0, -2.0]]]])
+    eps = torch.tensor([[[[0.5, 0.25]]]])
+    mode = torch.tensor([[[[0.3, 0.7]]]])
+    z = torch.tensor([[[[0.1, -0.2]]]])
+    lam = 0.1
+    abar = float(sch.alphas_cumprod[t])
+    abar_prev = float(sch.alphas_cumprod_prev[t])
+    beta = 1 - abar / abar_prev
+    # By hand, straight from the formulas.
+    x0 = (x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+    mu = (beta * math.sqrt(abar_prev) / (1 - abar)) * x0 + ((1 - abar_prev) * math.sqrt(1 - beta) / (1 - abar)) * x_t
+    sigma = math.sqrt(beta * (1 - abar_prev) / (1 - abar))
+    expected = mu + lam * sigma * (mode - x0) + sigma * z
+    out = guided_ddpm_step(x_t, eps, t, sch, noise=z, mode=mode, guidance_strength=lam)
+    torch.testing.assert_close(out.pred_original_sample, x0)
+    torch.testing.assert_close(out.mean, mu)
+    torch.testing.assert_close(out.prev_sample, expected)
+    # Unguided: the guidance term is gone, nothing else changes.
+    plain = guided_ddpm_step(x_t, eps, t, sch, noise=z)
+    torch.testing.assert_close(plain.prev_sample, mu + sigma * z)
+    # Last step: no noise.
+    last = guided_ddpm_step(x_t, eps, 0, sch, noise=z)
+    torch.testing.assert_close(last.prev_sample, last.mean)
+
+
+def test_hand_computed_guided_ddim_step():
+    sch = respace_schedule(linear_betas(), 10)
+    t, lam = 4, 0.2
+    x_t = torch.tensor([[[[0.4, -1.0]]]])
+    eps = torch.tensor([[[[0.3, -0.1]]]])
+    mode = torch.tensor([[[[1.0, 0.0]]]])
+    abar, abar_prev = float(sch.alphas_cumprod[t]), float(sch.alphas_cumprod_prev[t])
+    x0 = (x_t - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+    eps_hat = eps - math.sqrt(1 - abar) * lam * (mode - x0)  # Algorithm 1
+    x0_hat = (x_t - math.sqrt(1 - abar) * eps_hat) / math.sqrt(abar)
+    expected = math.sqrt(abar_prev) * x0_hat + math.sqrt(1 - abar_prev) * eps_hat
+    out = guided_ddim_step(x_t, eps, t, sch, noise=None, mode=mode, guidance_strength=lam)
+    torch.testing.assert_close(out.prev_sample, expected)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_lambda_zero_and_t_stop_S_are_exactly_unguided(kind):
+    bb = GaussianToyBackbone()
+    labels, seeds, modes = _request(bb)
+    base = GuidanceSettings(steps=S, cfg_scale=2.0, guidance_strength=0.1, t_stop=5, kind=kind)
+    unguided = sample(bb, labels, seeds, modes=None, settings=base).latents
+    lam0 = sample(bb, labels, seeds, modes=modes, settings=GuidanceSettings(**{**base.__dict__, "guidance_strength": 0.0})).latents
+    stop_s = sample(bb, labels, seeds, modes=modes, settings=GuidanceSettings(**{**base.__dict__, "t_stop": S})).latents
+    guided = sample(bb, labels, seeds, modes=modes, settings=base).latents
+    assert torch.equal(unguided, lam0)
+    assert torch.equal(unguided, stop_s)
+    assert not torch.equal(unguided, guided)
+
+
+def test_guided_samples_end_closer_to_their_modes_and_distance_shrinks_while_guided():
+    bb = GaussianToyBackbone()
+    labels, seeds, modes = _request(bb, n_per_class=4)
+    settings = GuidanceSettings(steps=S, cfg_scale=1.0, guidance_strength=0.5, t_stop=8)
+    trace = {}
+
+    def record(info):
+        d = (info.x0_hat - modes[info.image_indices.start:info.image_indices.stop]).flatten(1).norm(dim=1)
+        trace[info.step] = d.mean().item()
+
+    guided = sample(bb, labels, seeds, modes=modes, settings=settings, callback=record).latents
+    unguided = sample(bb, labels, seeds, modes=None, settings=settings).latents
+    dg = (guided - modes).flatten(1).norm(dim=1)
+    du = (unguided - modes).flatten(1).norm(dim=1)
+    assert dg.mean() < 0.9 * du.mean()
+    assert (dg < du).float().mean() >= 0.9
+    # During the guided steps (t = S-1 .. t_stop+1) the estimate moves toward the mode.
+    guided_steps = [trace[t] for t in range(S - 1, settings.t_stop, -1)]
+    assert guided_steps[-1] < guided_steps[0]
+    assert sum(b < a for a, b in zip(guided_steps, guided_steps[1:])) >= 0.8 * (len(guided_steps) - 1)
+
+
+def test_cfg_on_noise_channels_only_and_variance_from_conditional_half():
+    bb = GaussianToyBackbone(learned_variance=True)
+    x = torch.randn(2, *bb.latent_shape)
+    labels = torch.tensor([1, 2])
+    w = 4.0
+    eps, var = denoise_with_cfg(bb, x, 500, labels, w)
+    t = torch.full((2,), 500)
+    out_c = bb.denoise(x, t, labels)
+    out_u = bb.denoise(x, t, torch.full_like(labels, bb.null_class))
+    c = bb.latent_shape[0]
+    torch.testing.assert_close(eps, out_u[:, :c] + w * (out_c[:, :c] - out_u[:, :c]))
+    torch.testing.assert_close(var, out_c[:, c:])  # not CFG-combined, not the null half
+    # The learned-variance path runs end to end and its variance changes the result.
+    labels2, seeds, modes = _request(bb)
+    s = GuidanceSettings(steps=5, cfg_scale=w, t_stop=2)
+    a = sample(bb, labels2, seeds, modes=modes, settings=s).latents
+    bb.learned_variance = False
+    b = sample(bb, labels2, seeds, modes=modes, settings=s).latents
+    assert torch.isfinite(a).all() and not torch.allclose(a, b)
+
+
+def test_cfg_scale_one_uses_a_single_forward_pass():
+    bb = GaussianToyBackbone()
+    labels, seeds, _ = _request(bb)
+    sample(bb, labels, seeds, settings=GuidanceSettings(steps=5, cfg_scale=1.0, t_stop=0), batch_size=100)
+    assert bb.calls == 5
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_batch_size_does_not_change_images_and_same_seed_same_png(kind):
+    bb = GaussianToyBackbone()
+    labels, seeds, modes = _request(bb, n_per_class=5)
+    s = GuidanceSettings(steps=S, cfg_scale=3.0, t_stop=10, kind=kind)
+    runs = [sample(bb, labels, seeds, modes=modes, settings=s, batch_size=b).latents for b in (1, 7, len(labels))]
+    for r in runs[1:]:
+        torch.testing.assert_close(r, runs[0], rtol=1e-5, atol=1e-5)
+    # Order of requests does not matter either: image i depends on its own seed only.
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))
+    shuffled = sample(bb, [labels[i] for i in perm], [seeds[i] for i in perm], modes=modes[perm], settings=s).latents
+    torch.testing.assert_close(shuffled, runs[2][perm], rtol=1e-5, atol=1e-5)
+    again = sample(bb, labels, seeds, modes=modes, settings=s, batch_size=7).latents
+    pngs = lambda lat: [png_bytes(im) for im in to_uint8(lat[:, :1])]
+    assert pngs(again) == pngs(runs[1])
+
+
+def test_image_seed_is_a_function_of_identity_only():
+    assert image_seed(0, "3", 10, 2) == image_seed(0, "3", 10, 2)
+    assert len({image_seed(0, "3", 10, i) for i in range(10)}) == 10
+    assert image_seed(0, "3", 10, 2) != image_seed(1, "3", 10, 2)
+    assert image_seed(0, "3", 10, 2) != image_seed(0, "4", 10, 2)
+
+
+def test_bad_requests_give_named_errors():
+    bb = GaussianToyBackbone()
+    labels, seeds, modes = _request(bb)
+    with pytest.raises(ValueError, match="one mode per image"):
+        sample(bb, labels, seeds, modes=modes[:-1], settings=GuidanceSettings(steps=2, t_stop=0))
+    bad = modes.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sample(bb, labels, seeds, modes=bad, settings=GuidanceSettings(steps=2, t_stop=0))
+    with pytest.raises(ValueError, match="seed"):
+        sample(bb, labels, seeds[:-1], settings=GuidanceSettings(steps=2, t_stop=0))
+    with pytest.raises(ValueError, match="outside the backbone's classes"):
+        sample(bb, [99], [1], settings=GuidanceSettings(steps=2, t_stop=0))
+    with pytest.raises(ValueError, match="t_stop"):
+        GuidanceSettings(steps=10, t_stop=11)

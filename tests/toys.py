@@ -1,0 +1,62 @@
+"""Small analytic stand-ins used by several tests (no training, no files)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def linear_betas(T: int = 1000) -> torch.Tensor:
+    return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+
+
+class GaussianToyBackbone:
+    """Implements the Backbone protocol with the exact denoiser of a Gaussian data
+    distribution: class c has x0 ~ N(mu_c, s^2 I); the null class has mean 0.
+
+    E[x0 | x_t] = mu + sqrt(abar) s^2 / (abar s^2 + 1 - abar) (x_t - sqrt(abar) mu),
+    eps = (x_t - sqrt(abar) E[x0|x_t]) / sqrt(1 - abar).
+    """
+
+    learned_variance = False
+    scaling_factor = 1.0
+    image_size = 4
+    image_channels = 2
+
+    def __init__(self, num_classes: int = 3, shape=(2, 4, 4), s: float = 0.5, seed: int = 0, learned_variance=False):
+        g = torch.Generator().manual_seed(seed)
+        self.num_classes = num_classes
+        self.null_class = num_classes
+        self.latent_shape = tuple(shape)
+        self.means = torch.randn((num_classes, *shape), generator=g) * 2.0
+        self.s = s
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.fingerprint = "toy"
+        self.vae_fingerprint = "toy-vae"
+        self.learned_variance = learned_variance
+        self.calls = 0
+        self._abar = torch.cumprod(1 - linear_betas(), 0)
+
+    def train_betas(self) -> torch.Tensor:
+        return linear_betas()
+
+    def encode(self, images):
+        return images
+
+    def decode(self, latents):
+        return latents.clamp(-1, 1)
+
+    def denoise(self, x_t, t, labels):
+        self.calls += 1
+        abar = self._abar[t].to(x_t.dtype).view(-1, 1, 1, 1)
+        mu = torch.zeros_like(x_t)
+        cond = labels < self.num_classes
+        mu[cond] = self.means[labels[cond]]
+        gain = abar.sqrt() * self.s**2 / (abar * self.s**2 + 1 - abar)
+        x0 = mu + gain * (x_t - abar.sqrt() * mu)
+        eps = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+        if self.learned_variance:
+            # Variance channels that depend on the label: tests can see which half was used.
+            v = (labels.float() / (self.num_classes + 1)).view(-1, 1, 1, 1).expand_as(eps)
+            return torch.cat([eps, v], 1)
+        return eps
