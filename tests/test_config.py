@@ -1,0 +1,72 @@
+"""Config loading: defaults that work, and errors that name the key and the range."""
+
+import pytest
+import yaml
+
+from mgd3_core.config import PAPER_DEFAULTS, ConfigError, config_from_dict, load_config
+
+
+def _write(tmp_path, data):
+    p = tmp_path / "x.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_embedded_default_loads_with_paper_sampler_defaults():
+    cfg = load_config("configs/embedded.yaml")
+    assert cfg.sampler.guidance_strength == PAPER_DEFAULTS["guidance_strength"]
+    assert cfg.sampler.t_stop == PAPER_DEFAULTS["t_stop"]
+    assert cfg.ipc == [10]
+
+
+def test_mgd3_config_env_var_selects_the_file(tmp_path, monkeypatch):
+    p = _write(tmp_path, {"name": "other", "ipc": [1, 5]})
+    monkeypatch.setenv("MGD3_CONFIG", str(p))
+    cfg = load_config()
+    assert cfg.name == "other" and cfg.ipc == [1, 5]
+
+
+@pytest.mark.parametrize(
+    "data, key, fragment",
+    [
+        ({"ipc": [0]}, "ipc", ">= 1"),
+        ({"sampler": {"guidance_strength": -0.1}}, "sampler.guidance_strength", "greater than or equal to 0"),
+        ({"sampler": {"steps": 50, "t_stop": 51}}, "sampler", "outside [0, steps = 50]"),
+        ({"sampler": {"stepz": 50}}, "sampler.stepz", "unknown key"),
+        ({"ipc": "ten"}, "ipc", "valid list"),
+        ({"sampler": {"cfg_scale": "high"}}, "sampler.cfg_scale", "valid number"),
+        ({"dataset": {"image_size": 30}}, "image_size = 30", "not divisible by the VAE downsampling factor 4"),
+        ({"methods": ["mgd3", "magic"]}, "methods.1", "Input should be"),
+        ({"method_overrides": {"mgd3": {"t_stop": 99}}}, "method_overrides.mgd3.t_stop", "outside [0, steps"),
+        ({"dataset": {"kind": "imagefolder"}}, "dataset.root", "required"),
+        ({"backbone": {"kind": "pretrained"}}, "backbone.transformer_dir", "required"),
+        ({"evaluation": {"generation_seeds": [1, 1]}}, "evaluation.generation_seeds", "distinct"),
+    ],
+)
+def test_invalid_values_name_the_key_and_the_range(tmp_path, data, key, fragment):
+    p = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and key in msg and fragment in msg, msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ipc: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_method_settings_share_one_sampler_and_differ_only_in_guidance():
+    cfg = config_from_dict({"sampler": {"guidance_strength": 0.2, "t_stop": 20},
+                            "method_overrides": {"mgd3": {"guidance_strength": 0.05}}})
+    assert cfg.sampler_for("unguided").guidance_strength == 0.0
+    assert cfg.sampler_for("mgd3_no_stop").t_stop == 0
+    assert cfg.sampler_for("mgd3_no_stop").guidance_strength == 0.2
+    assert cfg.sampler_for("mgd3").guidance_strength == 0.05
+    assert cfg.sampler_for("mgd3").t_stop == 20
+    with pytest.raises(ValueError, match="not a diffusion method"):
+        cfg.sampler_for("random_real")
