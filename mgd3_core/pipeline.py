@@ -22,6 +22,13 @@ import torch
 
 from .config import DIFFUSION_METHODS, ExperimentConfig
 from .distilled import DistilledClass, set_dir, to_uint8, write_distilled_class
+from .evaluate import (  # noqa: F401  (the evaluation stages, re-exported: one facade)
+    FULL_DATA,
+    diversity_report,
+    evaluation_report,
+    train_students,
+    train_teacher,
+)
 from .modes import ModeFinder, pairwise_sq_distances
 from .sampling import GuidanceSettings, image_seed, sample
 
@@ -70,7 +77,7 @@ _BACKBONE_LOCK = threading.Lock()
 def backbone_fingerprint(cfg: ExperimentConfig, home: Path) -> str | None:
     from .backbones import backbone_fingerprint as _fp
 
-    return _fp(cfg.backbone, Path(home))
+    return _fp(cfg, Path(home))
 
 
 def ensure_backbone(cfg: ExperimentConfig, home: Path, progress=None) -> str:
@@ -92,7 +99,7 @@ def get_backbone(cfg: ExperimentConfig, home: Path):
     with _BACKBONE_LOCK:
         if key not in _BACKBONES:
             _BACKBONES.clear()  # one backbone at a time: they can be large
-            _BACKBONES[key] = load_backbone(cfg.backbone, Path(home))
+            _BACKBONES[key] = load_backbone(cfg, Path(home))
         return _BACKBONES[key]
 
 

@@ -1,0 +1,278 @@
+"""Evaluation stages: teacher, students per method, feature metrics, the report.
+
+Each stage reads distilled sets and real data from the storage root and writes
+CSV / weights / report files back to it (atomically), like the other stages in
+``pipeline``. Class labels for students are positions in the configured class
+list (``ClassInfo.index``), not backbone labels.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ExperimentConfig
+from .distilled import load_distilled_class, set_dir
+
+log = logging.getLogger("mgd3")
+
+FULL_DATA = "full_data"
+Progress = Callable[[str, float], None]
+
+
+def _noop(msg: str, frac: float) -> None:  # pragma: no cover - trivial
+    pass
+
+
+def _run_dir(cfg: ExperimentConfig, home: Path) -> Path:
+    from .pipeline import run_dir
+
+    return run_dir(cfg, home)
+
+
+def _atomic_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- real data
+@functools.lru_cache(maxsize=4)
+def _real_split_cached(dataset_json: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    from .config import DatasetConfig
+    from .data import open_dataset
+
+    source = open_dataset(DatasetConfig.model_validate_json(dataset_json))
+    images, labels = [], []
+    for info in source.classes():
+        ids = source.items(info.id, split)
+        images.append(source.load(info.id, split, ids))
+        labels.append(np.full(len(ids), info.index, dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def real_split(cfg: ExperimentConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, C, H, W) images and (N,) class positions of one split, all classes."""
+    return _real_split_cached(cfg.dataset.model_dump_json(), split)
+
+
+def distilled_set(cfg: ExperimentConfig, home: Path, method: str, ipc: int, gen_seed: int):
+    """All classes of one distilled set: uint8 (N, C, H, W), labels (N,)."""
+    from .pipeline import class_infos, distilled_root
+
+    root = set_dir(distilled_root(cfg, home), method, ipc, gen_seed)
+    images, labels = [], []
+    for info in class_infos(cfg):
+        imgs, _ = load_distilled_class(root, info.id)
+        images.append(imgs)
+        labels.append(np.full(len(imgs), info.index, dtype=np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+# --------------------------------------------------------------------------- teacher
+def teacher_dir(cfg: ExperimentConfig, home: Path) -> Path:
+    return _run_dir(cfg, home) / "teacher"
+
+
+def train_teacher(cfg: ExperimentConfig, home: Path, progress: Progress = _noop) -> dict:
+    """Train the real-data teacher (ConvNet, hard-label protocol, whole training split).
+
+    It is the fixed feature space of the diversity metrics, the soft-label
+    teacher, and the full-data upper bound of the ConvNet (training seed = the
+    first training seed). Returns its metadata (accuracy on the test split)."""
+    from .students import build_student
+    from .training import train_hard_label
+
+    x, y = real_split(cfg, "train")
+    xt, yt = real_split(cfg, "test")
+    seed = cfg.evaluation.training_seeds[0]
+    epochs = cfg.evaluation.hard.full_data_epochs
+    model = build_student("convnet", x.shape[1], int(y.max()) + 1, x.shape[-1], seed=seed)
+    t0 = time.perf_counter()
+    res = train_hard_label(
+        model, x, y, xt, yt, cfg=cfg.evaluation.hard, epochs=epochs, seed=seed,
+        orientation_sensitive=cfg.dataset.orientation_sensitive, device=cfg.evaluation.device,
+        progress=lambda r: progress(f"teacher epoch {r['epoch']}/{epochs} loss {r['loss']:.3f}", r["epoch"] / epochs),
+    )
+    meta = {"student": "convnet", "train_seed": seed, "epochs": epochs, "final_acc": res.final_acc,
+            "best_acc": res.best_acc, "seconds": time.perf_counter() - t0, "n_train": int(len(x))}
+    out = teacher_dir(cfg, home)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".model.{os.getpid()}.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, out / "model.safetensors")
+    _atomic_text(out / "meta.json", json.dumps(meta, indent=2))
+    return meta
+
+
+def load_teacher(cfg: ExperimentConfig, home: Path) -> torch.nn.Module:
+    from .students import build_student
+
+    path = teacher_dir(cfg, home) / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no teacher yet; materialize the teacher asset first")
+    x, y = real_split(cfg, "test")
+    model = build_student("convnet", x.shape[1], len(np.unique(y)), x.shape[-1])
+    model.load_state_dict(load_file(str(path)))
+    return model.eval().requires_grad_(False)
+
+
+def teacher_meta(cfg: ExperimentConfig, home: Path) -> dict:
+    path = teacher_dir(cfg, home) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no teacher yet; materialize the teacher asset first")
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------- students
+def students_file(cfg: ExperimentConfig, home: Path, method: str) -> Path:
+    return _run_dir(cfg, home) / "students" / f"{method}.csv"
+
+
+def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Progress = _noop) -> pd.DataFrame:
+    """Train every configured student on every set of one method; one row per run.
+
+    ``method = "full_data"`` trains on the whole real training split (the upper
+    bound; the teacher run stands in for ConvNet with the first training seed).
+    Rows: method, ipc, student, protocol, gen_seed, train_seed, final_acc,
+    best_acc, epochs, seconds. Written to ``students/<method>.csv``."""
+    from .students import build_student
+    from .training import train_hard_label, train_soft_label
+
+    ev = cfg.evaluation
+    xt, yt = real_split(cfg, "test")
+    n_classes = len(np.unique(yt))
+    rows: list[dict] = []
+    if method == FULL_DATA:
+        jobs = [(None, None, s, "hard", ts) for s in ev.students for ts in ev.training_seeds]
+    else:
+        jobs = [(ipc, g, s, p, ts) for ipc in cfg.ipc for g in ev.generation_seeds for s in ev.students
+                for p in ev.protocols for ts in ev.training_seeds]
+    teacher = load_teacher(cfg, home) if any(j[3] == "soft" for j in jobs) else None
+    for n, (ipc, gen_seed, student, protocol, train_seed) in enumerate(jobs):
+        label = f"{method} ipc={ipc} seed={gen_seed} {student}/{protocol} train_seed={train_seed}"
+        progress(f"training {label} ({n + 1}/{len(jobs)})", n / len(jobs))
+        if method == FULL_DATA:
+            x, y = real_split(cfg, "train")
+            if student == "convnet" and train_seed == ev.training_seeds[0]:
+                meta = teacher_meta(cfg, home)
+                rows.append(dict(method=method, ipc=np.nan, student=student, protocol="hard", gen_seed=0,
+                                 train_seed=train_seed, final_acc=meta["final_acc"], best_acc=meta["best_acc"],
+                                 epochs=meta["epochs"], seconds=meta["seconds"]))
+                continue
+            epochs = ev.hard.full_data_epochs
+        else:
+            x, y = distilled_set(cfg, home, method, ipc, gen_seed)
+            epochs = cfg.epochs_for_ipc(ipc) if protocol == "hard" else ev.soft.epochs
+        model = build_student(student, x.shape[1], n_classes, x.shape[-1], seed=train_seed)
+        t0 = time.perf_counter()
+        if protocol == "hard":
+            res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, epochs=epochs, seed=train_seed,
+                                   orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device)
+        else:
+            res = train_soft_label(model, x, teacher, xt, yt, cfg=ev.soft, epochs=epochs, seed=train_seed,
+                                   orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device)
+        rows.append(dict(method=method, ipc=ipc if ipc is not None else np.nan, student=student,
+                         protocol=protocol, gen_seed=gen_seed if gen_seed is not None else 0,
+                         train_seed=train_seed, final_acc=res.final_acc, best_acc=res.best_acc,
+                         epochs=epochs, seconds=time.perf_counter() - t0))
+        log.info("%s: final %.2f%% (best %.2f%%)", label, res.final_acc, res.best_acc)
+    df = pd.DataFrame(rows)
+    _atomic_text(students_file(cfg, home, method), df.to_csv(index=False))
+    progress(f"{method}: {len(rows)} runs done", 1.0)
+    return df
+
+
+# --------------------------------------------------------------------------- feature metrics
+def diversity_dir(cfg: ExperimentConfig, home: Path) -> Path:
+    return _run_dir(cfg, home) / "diversity"
+
+
+def diversity_report(cfg: ExperimentConfig, home: Path, progress: Progress = _noop) -> dict:
+    """Diversity / representativeness per (method, IPC, generation seed, class) in the
+    teacher's penultimate feature space, plus a t-SNE of real vs synthetic for a few
+    classes. Writes ``diversity/metrics.csv`` and ``diversity/tsne.csv``."""
+    from .metrics import mean_over_classes, per_class_metrics, tsne_table
+    from .students import penultimate_features
+
+    teacher = load_teacher(cfg, home)
+    xr, yr = real_split(cfg, "train")
+    fr = penultimate_features(teacher, xr)
+    frames, tsne_frames = [], []
+    for ipc in cfg.ipc:
+        tsne_inputs = {}
+        for method in cfg.methods:
+            for g in cfg.evaluation.generation_seeds:
+                xs, ys = distilled_set(cfg, home, method, ipc, g)
+                fs = penultimate_features(teacher, xs)
+                df = per_class_metrics(fs, ys, fr, yr, k=cfg.evaluation.representativeness_k)
+                df.insert(0, "gen_seed", g)
+                df.insert(0, "ipc", ipc)
+                df.insert(0, "method", method)
+                frames.append(df)
+                if g == cfg.evaluation.generation_seeds[0]:
+                    tsne_inputs[method] = (fs, ys)
+            progress(f"features of {method} at IPC {ipc}", 0.5)
+        classes = sorted(np.unique(yr))[: cfg.evaluation.tsne_classes]
+        if classes:
+            t = tsne_table(fr, yr, tsne_inputs, classes, seed=cfg.seed)
+            t.insert(0, "ipc", ipc)
+            tsne_frames.append(t)
+    metrics = pd.concat(frames, ignore_index=True)
+    out = diversity_dir(cfg, home)
+    _atomic_text(out / "metrics.csv", metrics.to_csv(index=False))
+    tsne = pd.concat(tsne_frames, ignore_index=True) if tsne_frames else pd.DataFrame()
+    _atomic_text(out / "tsne.csv", tsne.to_csv(index=False))
+    summary = mean_over_classes(metrics)
+    return {"metrics_csv": str(out / "metrics.csv"), "tsne_csv": str(out / "tsne.csv"), "summary": summary}
+
+
+# --------------------------------------------------------------------------- the report
+def report_dir(cfg: ExperimentConfig, home: Path) -> Path:
+    return _run_dir(cfg, home) / "report"
+
+
+def evaluation_report(cfg: ExperimentConfig, home: Path, fingerprint: str = ""):
+    """Gather students and feature metrics of every method into the report
+    (Markdown, CSV, PNGs, HTML) under ``report/``. Returns ``report.Report``."""
+    from .pipeline import class_infos, distilled_root
+    from .report import image_grid, write_report
+
+    frames = []
+    for method in [FULL_DATA, *cfg.methods]:
+        path = students_file(cfg, home, method)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: students of {method!r} missing; materialize students first")
+        frames.append(pd.read_csv(path))
+    accuracy = pd.concat(frames, ignore_index=True)
+    metrics = tsne = None
+    ddir = diversity_dir(cfg, home)
+    if (ddir / "metrics.csv").is_file():
+        metrics = pd.read_csv(ddir / "metrics.csv")
+        metrics["class"] = metrics["class"].astype(str)
+    if (ddir / "tsne.csv").is_file() and (ddir / "tsne.csv").stat().st_size > 1:
+        tsne = pd.read_csv(ddir / "tsne.csv")
+    grids = {}
+    ipc, g = cfg.ipc[0], cfg.evaluation.generation_seeds[0]
+    infos = class_infos(cfg)
+    for method in cfg.methods:
+        root = set_dir(distilled_root(cfg, home), method, ipc, g)
+        per_class = [load_distilled_class(root, c.id)[0][: min(ipc, 10)] for c in infos]
+        grids[f"{method} (IPC {ipc}, seed {g})"] = image_grid(np.concatenate(per_class), nrow=min(ipc, 10))
+    notes = (f"Config `{cfg.name}`; backbone fingerprint `{fingerprint}`; sampler: {cfg.sampler.kind}, "
+             f"{cfg.sampler.steps} steps, CFG {cfg.sampler.cfg_scale}, λ {cfg.sampler.guidance_strength}, "
+             f"t_stop {cfg.sampler.t_stop}; modes: {cfg.modes.method}.")
+    return write_report(report_dir(cfg, home), accuracy, metrics, tsne=tsne, image_grids=grids,
+                        title=f"MGD³ evaluation — {cfg.name}", notes=notes)
