@@ -65,6 +65,8 @@ class DatasetConfig(_Strict):
     # Digits and text: never flip horizontally during student training.
     orientation_sensitive: bool = True
     split_seed: int = 0
+    # Images with more pixels are refused unread (decompression-bomb guard; PIL's default).
+    max_image_pixels: int = Field(default=89_478_485, ge=1)
 
     @model_validator(mode="after")
     def _root_for_imagefolder(self) -> "DatasetConfig":
