@@ -70,3 +70,9 @@ def test_method_settings_share_one_sampler_and_differ_only_in_guidance():
     assert cfg.sampler_for("mgd3").t_stop == 20
     with pytest.raises(ValueError, match="not a diffusion method"):
         cfg.sampler_for("random_real")
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs").glob("*.yaml")), ids=str)
+def test_every_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.methods and cfg.ipc
