@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from mgd3_core.config import PAPER_DEFAULTS, ConfigError, config_from_dict, load_config
+from mgd3_core.config import PAPER_DEFAULTS, PROJECT_ROOT, ConfigError, config_from_dict, load_config
 
 
 def _write(tmp_path, data):
@@ -72,7 +72,7 @@ def test_method_settings_share_one_sampler_and_differ_only_in_guidance():
         cfg.sampler_for("random_real")
 
 
-@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs").glob("*.yaml")), ids=str)
+@pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     cfg = load_config(path)
     assert cfg.methods and cfg.ipc
