@@ -192,6 +192,15 @@ class SoftLabelConfig(_Strict):
     weight_decay: float = Field(default=0.01, ge=0)
     epochs: int = Field(default=300, ge=1)
     batch_size: int = Field(default=64, ge=1)
+    # Augmentation of the soft-label protocol; same meaning as in HardLabelConfig.
+    rrc_scale: list[float] = [0.5, 1.0]
+    cutmix_prob: float = Field(default=0.5, ge=0, le=1)
+    cutmix_beta: float = Field(default=1.0, gt=0)
+
+    @field_validator("rrc_scale")
+    @classmethod
+    def _scale_pair(cls, v: list[float]) -> list[float]:
+        return HardLabelConfig._scale_pair(v)
 
 
 class EvaluationConfig(_Strict):
@@ -205,6 +214,10 @@ class EvaluationConfig(_Strict):
     representativeness_k: int = Field(default=50, ge=1)
     tsne_classes: int = Field(default=3, ge=0)
     device: str = "cpu"
+    # Test-split evaluations per student run, evenly spaced, the last after the final
+    # epoch (the headline); the best of them is reported as "best". Each one costs a
+    # forward pass over the test split (about 5 CPU-s for 1,000 MNIST images, ConvNet).
+    evaluations: int = Field(default=2, ge=1)
 
     @field_validator("generation_seeds", "training_seeds")
     @classmethod

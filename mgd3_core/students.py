@@ -1,0 +1,256 @@
+"""Student networks for evaluating a distilled set, and their input convention.
+
+Three students, chosen by name (``EvaluationConfig.students``):
+
+- ``"convnet"``: the dataset-distillation ConvNet (DC/DM/IDC lineage): ``depth``
+  blocks of [3x3 conv, width 128 -> instance norm -> ReLU -> 2x2 average pool],
+  then one linear layer on the flattened map.
+- ``"resnetap10"``: ResNet-10 whose strided convolutions are replaced by stride-1
+  convolutions followed by 2x2 average pooling (IDC's "ResNetAP"), so that
+  downsampling does not alias on tiny synthetic sets.
+- ``"resnet18"``: ``torchvision.models.resnet18`` with, for images of at most
+  64 px, a CIFAR-style stem (3x3 conv, stride 1, no max-pool).
+
+Input convention (one for every student and protocol in this package): images
+are **uint8** ``(N, C, H, W)`` in ``[0, 255]``, as read from the PNG files of a
+distilled set or from the real dataset. :func:`as_model_input` maps them to
+float ``[-1, 1]`` (the same range as the diffusion backbone's images) right
+before the forward pass; float arrays are refused because ``[0, 1]`` and
+``[-1, 1]`` floats cannot be told apart reliably. Use :func:`uint8_from_signed`
+to store a decoded ``[-1, 1]`` batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+STUDENTS = ("convnet", "resnetap10", "resnet18")
+StudentName = Literal["convnet", "resnetap10", "resnet18"]
+Norm = Literal["instance", "batch"]
+
+CONVNET_WIDTH = 128
+
+
+# ---------------------------------------------------------------- input convention
+def as_uint8_images(images: torch.Tensor | np.ndarray, *, name: str = "images") -> torch.Tensor:
+    """Validate and wrap uint8 images ``(N, C, H, W)`` as a tensor (no copy for tensors)."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise TypeError(
+            f"{name} must be uint8 in [0, 255] (N, C, H, W), got dtype {images.dtype}; convert "
+            "[-1, 1] floats with mgd3_core.students.uint8_from_signed"
+        )
+    if images.ndim != 4:
+        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(images.shape)}")
+    return images
+
+
+def as_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, C, H, W)`` in [0, 255] -> float32 in [-1, 1] on the same device."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def uint8_from_signed(images: torch.Tensor) -> torch.Tensor:
+    """Float ``(N, C, H, W)`` in [-1, 1] (e.g. VAE decodes) -> uint8, rounded like a PNG write."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+# ---------------------------------------------------------------- building blocks
+def _norm(kind: Norm, channels: int) -> nn.Module:
+    if kind == "instance":
+        # GroupNorm with one channel per group == instance norm with affine
+        # parameters, and unlike nn.InstanceNorm2d it behaves the same in train
+        # and eval mode (no running statistics), as in the DD ConvNet.
+        return nn.GroupNorm(channels, channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    raise ValueError(f"norm must be 'instance' or 'batch', got {kind!r}")
+
+
+def convnet_depth(image_size: int) -> int:
+    """Blocks of the ConvNet so the final map is about 4x4 px: 3 up to 32 px.
+
+    32 -> 3 (4x4), 64 -> 4, 128 -> 5, 256 -> 6 (the ConvNet-6 used for 256 px
+    ImageNet subsets).
+    """
+    if image_size <= 32:
+        return 3
+    return min(6, max(3, round(math.log2(image_size / 4))))
+
+
+class ConvNet(nn.Module):
+    """The dataset-distillation ConvNet. ``(B, C, H, W)`` -> logits ``(B, K)``.
+
+    ``features`` returns the flattened last map, ``(B, width * (H // 2**depth)**2)``.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, *,
+                 depth: int | None = None, width: int = CONVNET_WIDTH, norm: Norm = "instance"):
+        super().__init__()
+        depth = convnet_depth(image_size) if depth is None else depth
+        if image_size // 2**depth < 1:
+            raise ValueError(f"ConvNet depth {depth} pools a {image_size} px image below 1 px")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(depth):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), _norm(norm, width),
+                       nn.ReLU(inplace=True), nn.AvgPool2d(2)]
+            channels = width
+        self.body = nn.Sequential(*layers)
+        side = image_size // 2**depth
+        self.feature_dim = width * side * side
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class _APBlock(nn.Module):
+    """Basic residual block; downsampling by 2x2 average pooling after a stride-1 conv."""
+
+    def __init__(self, cin: int, cout: int, downsample: bool, norm: Norm):
+        super().__init__()
+        pool: list[nn.Module] = [nn.AvgPool2d(2)] if downsample else []
+        self.conv1 = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), *pool,
+                                   _norm(norm, cout), nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(nn.Conv2d(cout, cout, 3, padding=1, bias=False), _norm(norm, cout))
+        self.shortcut: nn.Module = nn.Identity()
+        if downsample or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), *pool, _norm(norm, cout))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class ResNetAP10(nn.Module):
+    """ResNet-10 (one block per stage, widths 64-128-256-512) with average-pool downsampling.
+
+    Stem: 3x3 conv stride 1; images above 64 px are first average-pooled by 2
+    per doubling over 64 px, so stages always see at most 64x64 maps.
+    ``features`` -> ``(B, 512)`` after global average pooling.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, *, norm: Norm = "instance"):
+        super().__init__()
+        stem_pools = max(0, math.ceil(math.log2(image_size / 64))) if image_size > 64 else 0
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, padding=1, bias=False), _norm(norm, 64),
+                                  nn.ReLU(inplace=True), *[nn.AvgPool2d(2) for _ in range(stem_pools)])
+        widths = (64, 128, 256, 512)
+        blocks, cin = [], 64
+        for i, w in enumerate(widths):
+            blocks.append(_APBlock(cin, w, downsample=i > 0, norm=norm))
+            cin = w
+        self.stages = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = widths[-1]
+        self.fc = nn.Linear(self.feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.stages(self.stem(x))).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def _resnet18(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    if image_size <= 64:
+        # ImageNet's 7x7/2 conv + max-pool would shrink a 32 px image to 8 px
+        # before the first stage; small-input ResNets use a 3x3/1 stem instead.
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    return model
+
+
+def build_student(name: str, in_channels: int, num_classes: int, image_size: int, *,
+                  seed: int | None = None, norm: Norm | None = None,
+                  width: int = CONVNET_WIDTH) -> nn.Module:
+    """A freshly initialised student.
+
+    Args:
+        name: one of :data:`STUDENTS`.
+        in_channels: image channels (1 for MNIST, 3 for RGB).
+        num_classes: K, the width of the logits.
+        image_size: H == W in px.
+        seed: seeds the weight initialisation (without touching the global RNG);
+            ``None`` uses the global RNG.
+        norm: ``"instance"`` (default for convnet/resnetap10) or ``"batch"``;
+            resnet18 is torchvision's and always uses batch norm.
+        width: ConvNet channels (128 in the DD literature); convnet only.
+    """
+    if name not in STUDENTS:
+        raise ValueError(f"student name {name!r} is unknown; choose from {STUDENTS}")
+    for arg, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 2),
+                            ("image_size", image_size, 8)):
+        if int(value) < low:
+            raise ValueError(f"build_student: {arg} must be >= {low}, got {value}")
+    if width != CONVNET_WIDTH and name != "convnet":
+        raise ValueError(f"build_student: width applies to 'convnet' only, not {name!r}")
+    if width < 1:
+        raise ValueError(f"build_student: width must be >= 1, got {width}")
+    if name == "resnet18" and norm not in (None, "batch"):
+        raise ValueError("build_student: resnet18 is torchvision's and has batch norm; leave norm=None")
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        if name == "convnet":
+            return ConvNet(in_channels, num_classes, image_size, norm=norm or "instance", width=width)
+        if name == "resnetap10":
+            return ResNetAP10(in_channels, num_classes, image_size, norm=norm or "instance")
+        return _resnet18(in_channels, num_classes, image_size)
+
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head to take features from")
+    return linears[-1]
+
+
+@torch.no_grad()
+def penultimate_features(model: nn.Module, images: torch.Tensor | np.ndarray, *,
+                         batch_size: int = 500, device: str | torch.device | None = None) -> np.ndarray:
+    """Inputs of the classifier head, ``(N, d)`` float32 numpy, in eval mode.
+
+    ``images`` are uint8 ``(N, C, H, W)`` (see the module docstring). Uses the
+    model's ``features`` method when it has one, otherwise a forward hook on
+    its last ``nn.Linear`` (torchvision models). The model's train/eval mode
+    is restored afterwards.
+    """
+    images = as_uint8_images(images)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    captured: list[torch.Tensor] = []
+    hook = None
+    if callable(getattr(model, "features", None)):
+        extract = model.features
+    else:
+        hook = _last_linear(model).register_forward_hook(lambda m, inp, out: captured.append(inp[0]))
+
+        def extract(x: torch.Tensor) -> torch.Tensor:
+            model(x)
+            return captured.pop()
+    try:
+        out = [extract(as_model_input(images[i:i + batch_size].to(device))).float().cpu()
+               for i in range(0, len(images), batch_size)]
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
+    return torch.cat(out).flatten(1).numpy() if out else np.zeros((0, 0), np.float32)

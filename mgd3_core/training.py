@@ -1,0 +1,429 @@
+"""Student training protocols: hard labels (IDC/MinMax) and soft labels (RDED/SRe2L).
+
+Both protocols share one epoch loop (:func:`_fit`), one augmentation
+(:class:`TrainAugment`: random resized crop, optional horizontal flip, CutMix)
+and one evaluation (:func:`evaluate`); they differ only in the loss, the
+optimiser and the schedule:
+
+==========  ==========================================  ==========================
+protocol    loss                                        optimiser / schedule
+==========  ==========================================  ==========================
+hard        cross-entropy on (CutMix-mixed) one-hot      SGD + momentum, LR x 0.2
+            labels                                      at 2/3 and 5/6 of training
+soft        KL(teacher || student) at temperature T,     AdamW, cosine to 0
+            x T^2, teacher run on the augmented batch
+==========  ==========================================  ==========================
+
+Conventions: images are uint8 ``(N, C, H, W)`` (see :mod:`mgd3_core.students`),
+labels int ``(N,)`` in ``0..K-1``, accuracies are top-1 in **percent**. All
+randomness (shuffling, crops, flips, CutMix) comes from one ``torch.Generator``
+seeded with ``seed``; weight initialisation is seeded in
+:func:`mgd3_core.students.build_student`. Runs are therefore repeatable on the
+same machine and library versions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import HardLabelConfig, SoftLabelConfig
+from .students import as_model_input, as_uint8_images
+
+Progress = Callable[[dict], None]
+
+# Random resized crop aspect-ratio range (torchvision's default).
+RRC_RATIO = (3 / 4, 4 / 3)
+_RRC_TRIES = 10
+
+
+# ---------------------------------------------------------------- results
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of one student training run.
+
+    ``final_acc`` (top-1 % on the evaluation split after the last epoch) is the
+    headline number; ``best_acc`` is the maximum over the periodic evaluations
+    (optimistic: it peeks at the evaluation split, report it labelled as best).
+    ``history`` has one dict per epoch: ``epoch`` (1-based), ``loss`` (mean
+    training loss), ``lr`` (learning rate used in that epoch) and ``eval_acc``
+    (None when not evaluated after that epoch).
+    """
+
+    final_acc: float
+    best_acc: float
+    best_epoch: int
+    epochs: int
+    seconds: float
+    history: list[dict] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class TeacherResult:
+    """A trained teacher (in eval mode, gradients off) and its training run."""
+
+    model: nn.Module
+    acc: float
+    result: TrainResult
+
+
+# ---------------------------------------------------------------- augmentation
+@dataclass(frozen=True)
+class AugmentParams:
+    """Per-sample crop boxes and flips of one batch.
+
+    ``boxes``: ``(B, 4)`` float (top, left, height, width) in pixels of the
+    input; ``flips``: ``(B,)`` bool.
+    """
+
+    boxes: torch.Tensor
+    flips: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CutMixParams:
+    """One CutMix draw for a batch: partner permutation, pasted box, label weight.
+
+    ``box`` is (top, left, bottom, right) in integer pixels (bottom/right
+    exclusive); ``lam`` is the fraction of each image that stays its own, i.e.
+    ``1 - box area / (H * W)`` (the weight of the image's own label).
+    """
+
+    perm: torch.Tensor
+    box: tuple[int, int, int, int]
+    lam: float
+
+
+@dataclass(frozen=True)
+class TrainAugment:
+    """Random resized crop (+ horizontal flip) per image, then CutMix per batch.
+
+    Operates on float ``(B, C, H, W)`` batches, output has the same shape.
+    Crop + flip are done as one batched ``grid_sample`` (bilinear), which is
+    exact for the identity box.
+    """
+
+    rrc_scale: tuple[float, float]
+    flip: bool
+    cutmix_prob: float
+    cutmix_beta: float
+
+    def sample(self, n: int, height: int, width: int, generator: torch.Generator) -> AugmentParams:
+        """Crop boxes: area fraction ~ U(rrc_scale), log aspect ~ U(log 3/4, log 4/3).
+
+        As in torchvision, up to 10 draws per image; the first that fits wins,
+        and the whole image is used when none fits.
+        """
+        lo, hi = self.rrc_scale
+        u_area, u_ratio = torch.rand(2, n, _RRC_TRIES, generator=generator, dtype=torch.float64)
+        area = height * width * (lo + (hi - lo) * u_area)
+        log_lo, log_hi = math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])
+        ratio = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
+        w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+        fits = (w <= width) & (h <= height)
+        first = torch.argmax(fits.to(torch.int8), dim=1)  # index of the first fitting try
+        rows = torch.arange(n)
+        any_fit = fits.any(dim=1)
+        w = torch.where(any_fit, w[rows, first], torch.full((n,), float(width), dtype=torch.float64))
+        h = torch.where(any_fit, h[rows, first], torch.full((n,), float(height), dtype=torch.float64))
+        top = (height - h) * torch.rand(n, generator=generator, dtype=torch.float64)
+        left = (width - w) * torch.rand(n, generator=generator, dtype=torch.float64)
+        flips = (torch.rand(n, generator=generator) < 0.5) if self.flip else torch.zeros(n, dtype=torch.bool)
+        return AugmentParams(boxes=torch.stack([top, left, h, w], dim=1).float(), flips=flips)
+
+    @staticmethod
+    def apply(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """Crop each box, resize it back to (H, W), mirror where ``flips``."""
+        b, _, height, width = images.shape
+        top, left, h, w = params.boxes.to(images.device).unbind(1)
+        # Affine map from output coords in [-1, 1] to input coords (align_corners=False):
+        # the box spans [2*left/W - 1, 2*(left+w)/W - 1] horizontally.
+        sx, sy = w / width, h / height
+        cx, cy = (2 * left + w) / width - 1, (2 * top + h) / height - 1
+        sign = 1.0 - 2.0 * params.flips.to(images.device, images.dtype)
+        theta = torch.zeros(b, 2, 3, device=images.device, dtype=images.dtype)
+        theta[:, 0, 0], theta[:, 0, 2] = sx * sign, cx
+        theta[:, 1, 1], theta[:, 1, 2] = sy, cy
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def sample_cutmix(self, n: int, height: int, width: int, generator: torch.Generator) -> CutMixParams:
+        """A box with area fraction about 1 - lam, lam ~ Beta(beta, beta), centre uniform, clipped."""
+        # numpy's Beta sampler, seeded from the torch generator, keeps the run deterministic.
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        lam = float(rng.beta(self.cutmix_beta, self.cutmix_beta))
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(height * cut), int(width * cut)
+        cy, cx = int(rng.integers(height)), int(rng.integers(width))
+        top, bottom = max(cy - ch // 2, 0), min(cy + ch // 2, height)
+        left, right = max(cx - cw // 2, 0), min(cx + cw // 2, width)
+        lam = 1.0 - (bottom - top) * (right - left) / (height * width)  # the area actually pasted
+        return CutMixParams(perm=torch.randperm(n, generator=generator), box=(top, left, bottom, right), lam=lam)
+
+    @staticmethod
+    def apply_cutmix(images: torch.Tensor, targets: torch.Tensor | None,
+                     params: CutMixParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Paste the box from ``images[perm]``; mix targets ``(B, K)`` by the pasted area."""
+        perm = params.perm.to(images.device)
+        top, left, bottom, right = params.box
+        mixed = images.clone()
+        mixed[:, :, top:bottom, left:right] = images[perm, :, top:bottom, left:right]
+        if targets is not None:
+            targets = params.lam * targets + (1.0 - params.lam) * targets[perm]
+        return mixed, targets
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor | None,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, _, height, width = images.shape
+        images = self.apply(images, self.sample(b, height, width, generator))
+        if self.cutmix_prob > 0 and torch.rand((), generator=generator) < self.cutmix_prob:
+            images, targets = self.apply_cutmix(images, targets, self.sample_cutmix(b, height, width, generator))
+        return images, targets
+
+
+def make_augment(cfg: HardLabelConfig | SoftLabelConfig, *, orientation_sensitive: bool) -> TrainAugment:
+    """The protocol's augmentation: crop scale and CutMix from ``cfg``; no flip for digits/text."""
+    return TrainAugment(rrc_scale=(float(cfg.rrc_scale[0]), float(cfg.rrc_scale[1])),
+                        flip=not orientation_sensitive,
+                        cutmix_prob=float(cfg.cutmix_prob), cutmix_beta=float(cfg.cutmix_beta))
+
+
+# ---------------------------------------------------------------- schedule
+def multistep_milestones(epochs: int) -> list[int]:
+    """Epoch indices (0-based) from which the LR is x0.2 and x0.04: 2/3 and 5/6 of training.
+
+    A milestone of 0 (1 epoch) is dropped: torch's MultiStepLR would apply it
+    before the first step, training the whole run at 0.04 x the LR.
+    """
+    return [m for m in (2 * epochs // 3, 5 * epochs // 6) if m >= 1]
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, *, kind: Literal["multistep", "cosine"],
+                epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch LR schedule (call ``.step()`` once after each epoch).
+
+    ``"multistep"`` (hard-label protocol): x0.2 at :func:`multistep_milestones`.
+    ``"cosine"`` (soft-label protocol): half cosine from the base LR to 0 over ``epochs``.
+    """
+    if epochs < 1:
+        raise ValueError(f"lr_schedule: epochs must be >= 1, got {epochs}")
+    if kind == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=multistep_milestones(epochs), gamma=0.2)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
+    raise ValueError(f"lr_schedule: kind must be 'multistep' or 'cosine', got {kind!r}")
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, *,
+             batch_size: int = 500, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy in percent of ``model`` on uint8 ``images`` (N, C, H, W) with int ``labels`` (N,)."""
+    images = as_uint8_images(images, name="eval_images")
+    labels = _as_labels(labels, len(images), "eval_labels")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for i in range(0, len(images), batch_size):
+            logits = model(as_model_input(images[i:i + batch_size].to(device)))
+            correct += int((logits.argmax(1).cpu() == labels[i:i + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / max(len(images), 1)
+
+
+def _as_labels(labels: torch.Tensor | np.ndarray, n: int, name: str) -> torch.Tensor:
+    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).long().cpu()
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match the images, got {tuple(labels.shape)}")
+    return labels
+
+
+def _eval_epochs(epochs: int, evaluations: int) -> set[int]:
+    """1-based epochs after which to evaluate: ``evaluations`` evenly spaced, the last one final."""
+    if evaluations < 1:
+        raise ValueError(f"evaluations must be >= 1 (1 = only after the last epoch), got {evaluations}")
+    return {math.ceil(epochs * i / evaluations) for i in range(1, evaluations + 1)}
+
+
+# ---------------------------------------------------------------- the shared loop
+BatchLoss = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _fit(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, *, batch_loss: BatchLoss,
+         optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+         augment: TrainAugment, epochs: int, batch_size: int, seed: int,
+         eval_images: torch.Tensor, eval_labels: torch.Tensor, evaluations: int,
+         device: torch.device, progress: Progress | None) -> TrainResult:
+    """Shuffle -> augment -> loss -> step, per epoch; evaluate on schedule.
+
+    ``images`` uint8 (N, C, H, W); ``targets`` float (N, K) or None (soft labels
+    come from the teacher inside ``batch_loss``).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    generator = torch.Generator().manual_seed(int(seed))
+    eval_at = _eval_epochs(epochs, evaluations)
+    images = images.to(device)
+    targets = targets.to(device) if targets is not None else None
+    model.to(device).train()
+    history: list[dict] = []
+    best_acc, best_epoch, final_acc = -1.0, 0, float("nan")
+    start = time.perf_counter()
+    n = len(images)
+    for epoch in range(1, epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        order = torch.randperm(n, generator=generator)
+        loss_sum = 0.0
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size].to(device)
+            x, y = augment(as_model_input(images[idx]), targets[idx] if targets is not None else None, generator)
+            loss = batch_loss(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(idx)
+        scheduler.step()
+        record = {"epoch": epoch, "loss": loss_sum / n, "lr": lr, "eval_acc": None}
+        if epoch in eval_at:
+            acc = evaluate(model, eval_images, eval_labels, device=device)
+            record["eval_acc"] = acc
+            final_acc = acc
+            if acc > best_acc:
+                best_acc, best_epoch = acc, epoch
+            model.train()
+        history.append(record)
+        if progress is not None:
+            progress({**record, "epochs": epochs})
+    return TrainResult(final_acc=final_acc, best_acc=best_acc, best_epoch=best_epoch, epochs=epochs,
+                       seconds=time.perf_counter() - start, history=history)
+
+
+def _prepare(images, labels, eval_images, eval_labels):
+    images = as_uint8_images(images, name="train_images")
+    eval_images = as_uint8_images(eval_images, name="eval_images")
+    if images.shape[1:] != eval_images.shape[1:]:
+        raise ValueError(f"train_images are {tuple(images.shape[1:])} per image but eval_images are "
+                         f"{tuple(eval_images.shape[1:])}; both must be (C, H, W) alike")
+    labels = _as_labels(labels, len(images), "train_labels") if labels is not None else None
+    return images, labels, eval_images, _as_labels(eval_labels, len(eval_images), "eval_labels")
+
+
+# ---------------------------------------------------------------- hard-label protocol
+def train_hard_label(model: nn.Module, train_images, train_labels, eval_images, eval_labels, *,
+                     cfg: HardLabelConfig, epochs: int, seed: int, orientation_sensitive: bool,
+                     device: str | torch.device = "cpu", evaluations: int = 2,
+                     progress: Progress | None = None) -> TrainResult:
+    """Train ``model`` in place on (distilled or real) images with their hard labels.
+
+    IDC/MinMax protocol: SGD(lr, momentum, weight decay from ``cfg``), batch
+    ``cfg.batch_size``, LR x0.2 at 2/3 and 5/6 of ``epochs``, random resized
+    crop (``cfg.rrc_scale``), horizontal flip unless ``orientation_sensitive``,
+    CutMix with probability ``cfg.cutmix_prob`` (labels mixed by area).
+
+    Args:
+        train_images / eval_images: uint8 (N, C, H, W); eval is the real test split.
+        train_labels / eval_labels: int (N,), classes 0..K-1 with K = the model's outputs.
+        epochs: e.g. ``ExperimentConfig.epochs_for_ipc(ipc)`` or ``cfg.full_data_epochs``.
+        evaluations: evenly spaced evaluations on the eval split, the last after the
+            final epoch (1 = final only). Each costs a forward pass over the eval split.
+        progress: called after every epoch with the history record plus ``epochs``.
+    """
+    device = torch.device(device)
+    images, labels, eval_images, eval_labels = _prepare(train_images, train_labels, eval_images, eval_labels)
+    num_classes = _num_outputs(model, images[:1], device)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"train_labels must lie in [0, {num_classes - 1}] (the model's outputs), "
+                         f"got [{int(labels.min())}, {int(labels.max())}]")
+    targets = F.one_hot(labels, num_classes).float()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    def batch_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        return F.cross_entropy(m(x), y)  # y: (B, K) probabilities after CutMix
+
+    return _fit(model, images, targets, batch_loss=batch_loss, optimizer=optimizer,
+                scheduler=lr_schedule(optimizer, kind="multistep", epochs=epochs),
+                augment=make_augment(cfg, orientation_sensitive=orientation_sensitive),
+                epochs=epochs, batch_size=cfg.batch_size, seed=seed, eval_images=eval_images,
+                eval_labels=eval_labels, evaluations=evaluations, device=device, progress=progress)
+
+
+def train_teacher(model: nn.Module, train_images, train_labels, eval_images, eval_labels, *,
+                  cfg: HardLabelConfig, epochs: int, seed: int, orientation_sensitive: bool,
+                  device: str | torch.device = "cpu", evaluations: int = 2,
+                  progress: Progress | None = None) -> TeacherResult:
+    """Train a teacher on the real training split with the hard-label protocol.
+
+    This is exactly the full-data upper-bound run, so one run can serve as
+    both (and its penultimate layer as the fixed feature space of
+    :mod:`mgd3_core.metrics`). The returned model is in eval mode with
+    ``requires_grad`` off.
+    """
+    result = train_hard_label(model, train_images, train_labels, eval_images, eval_labels, cfg=cfg,
+                              epochs=epochs, seed=seed, orientation_sensitive=orientation_sensitive,
+                              device=device, evaluations=evaluations, progress=progress)
+    model.eval().requires_grad_(False)
+    return TeacherResult(model=model, acc=result.final_acc, result=result)
+
+
+# ---------------------------------------------------------------- soft-label protocol
+def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) x T^2, averaged over the batch (Hinton et al. 2015)."""
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def train_soft_label(student: nn.Module, train_images, teacher: nn.Module, eval_images, eval_labels, *,
+                     cfg: SoftLabelConfig, seed: int, orientation_sensitive: bool, epochs: int | None = None,
+                     device: str | torch.device = "cpu", evaluations: int = 2,
+                     progress: Progress | None = None) -> TrainResult:
+    """Train ``student`` in place to match ``teacher`` on augmented distilled images.
+
+    RDED/SRe2L protocol: each augmented (crop/flip/CutMix) batch is labelled
+    by the teacher on the fly; loss :func:`soft_label_loss` at
+    ``cfg.temperature``; AdamW(``cfg.lr``, ``cfg.weight_decay``), cosine to 0
+    over ``epochs`` (default ``cfg.epochs``). The images' own labels are not
+    used. The teacher is put in eval mode and not updated.
+    """
+    device = torch.device(device)
+    images, _, eval_images, eval_labels = _prepare(train_images, None, eval_images, eval_labels)
+    epochs = cfg.epochs if epochs is None else epochs
+    teacher.to(device).eval()
+    n_student = _num_outputs(student, images[:1], device)
+    n_teacher = _num_outputs(teacher, images[:1], device)
+    if n_student != n_teacher:
+        raise ValueError(f"student has {n_student} outputs but teacher has {n_teacher}; they must agree")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def batch_loss(m: nn.Module, x: torch.Tensor, _: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        return soft_label_loss(m(x), teacher_logits, cfg.temperature)
+
+    return _fit(student, images, None, batch_loss=batch_loss, optimizer=optimizer,
+                scheduler=lr_schedule(optimizer, kind="cosine", epochs=epochs),
+                augment=make_augment(cfg, orientation_sensitive=orientation_sensitive),
+                epochs=epochs, batch_size=cfg.batch_size, seed=seed, eval_images=eval_images,
+                eval_labels=eval_labels, evaluations=evaluations, device=device, progress=progress)
+
+
+@torch.no_grad()
+def _num_outputs(model: nn.Module, probe: torch.Tensor, device: torch.device) -> int:
+    """Width of the logits, from one forward pass in eval mode (works for any head)."""
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        return int(model(as_model_input(probe.to(device))).shape[1])
+    finally:
+        model.train(was_training)
