@@ -104,6 +104,7 @@ def train_teacher(cfg: ExperimentConfig, home: Path, progress: Progress = _noop)
     res = train_hard_label(
         model, x, y, xt, yt, cfg=cfg.evaluation.hard, epochs=epochs, seed=seed,
         orientation_sensitive=cfg.dataset.orientation_sensitive, device=cfg.evaluation.device,
+        evaluations=cfg.evaluation.evaluations,
         progress=lambda r: progress(f"teacher epoch {r['epoch']}/{epochs} loss {r['loss']:.3f}", r["epoch"] / epochs),
     )
     meta = {"student": "convnet", "train_seed": seed, "epochs": epochs, "final_acc": res.final_acc,
@@ -180,10 +181,12 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Pro
         t0 = time.perf_counter()
         if protocol == "hard":
             res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, epochs=epochs, seed=train_seed,
-                                   orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device)
+                                   orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device,
+                                   evaluations=ev.evaluations)
         else:
             res = train_soft_label(model, x, teacher, xt, yt, cfg=ev.soft, epochs=epochs, seed=train_seed,
-                                   orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device)
+                                   orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device,
+                                   evaluations=ev.evaluations)
         rows.append(dict(method=method, ipc=ipc if ipc is not None else np.nan, student=student,
                          protocol=protocol, gen_seed=gen_seed if gen_seed is not None else 0,
                          train_seed=train_seed, final_acc=res.final_acc, best_acc=res.best_acc,
