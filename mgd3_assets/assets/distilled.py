@@ -1,0 +1,92 @@
+"""``distilled_images``: one method's distilled images of one class, for every IPC and seed.
+
+Each materialization carries the lineage of its images (mode, distance to the
+centroid, seed) as a table, and a thumbnail grid. The manifest files hold the
+full lineage; ``mgd3_core.distilled.lineage_of(png)`` answers for any one PNG.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+
+from mgd3_core import pipeline
+from mgd3_core.config import ExperimentConfig
+
+from ..automation import on_upstream_data_change
+from ..metadata import progress_logger, table, thumbnails_markdown
+from ..partitions import CLASS_DIM, distilled_partitions, method_and_class
+from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
+from ..versions import checked_config, code_version, combined_hash
+
+
+LINEAGE_COLUMNS = [
+    ("image", "string", "PNG path relative to the distilled root"),
+    ("ipc", "int", "images per class of the set"),
+    ("gen_seed", "int", "generation seed of the set"),
+    ("mode_index", "int", "the mode (centroid) the image was generated for or is nearest to"),
+    ("mode_count", "int", "training latents in that mode"),
+    ("dist_to_mode", "float", "L2 distance of the image's latent to its centroid"),
+    ("dist_to_nearest_other_mode", "float", "L2 distance to the nearest other centroid"),
+    ("seed", "int", "sampling noise seed (diffusion methods)"),
+    ("source_item", "string", "training image id (real-image methods)"),
+]
+
+
+def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="distilled_images",
+        partitions_def=distilled_partitions(cfg),
+        deps=[
+            "backbone",
+            dg.AssetDep("mode_centroids",
+                        partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=CLASS_DIM)),
+        ],
+        code_version=code_version(cfg, "distilled_images"),
+        pool=ACCELERATOR_POOL,
+        kinds={"pytorch", "png"},
+        automation_condition=on_upstream_data_change(),
+        description="Distilled images of one class by one method (mgd3, unguided, mgd3_no_stop, random_real, "
+        "closest_real, decoded_centroids), for every IPC and generation seed: ImageFolder PNGs, latents and "
+        "a lineage manifest under `<home>/runs/<experiment>/distilled/<method>/ipc<k>/seed<s>/`. "
+        "Data version: hash of the PNGs.",
+    )
+    def distilled_images(
+        context: dg.AssetExecutionContext, experiment: ExperimentResource, backbone: BackboneResource
+    ) -> dg.MaterializeResult:
+        cfg = checked_config(context, experiment, "distilled_images")
+        home = experiment.storage()
+        method, class_id = method_and_class(context.partition_key)
+        backbone.get()  # load once per process; the core reuses it
+        result = pipeline.distill_class(cfg, home, method, class_id,
+                                        progress=progress_logger(context.log, f"distilled_images[{method}/{class_id}]"))
+        root = pipeline.distilled_root(cfg, home)
+        rows = []
+        for written, rows_of_set in _rows_by_set(result):
+            for r in rows_of_set:
+                rows.append(dict(r, image=str((written.set_dir / "images" / class_id / r["file"]).relative_to(root))))
+        context.log.info(f"{method}/{class_id}: wrote {len(rows)} images in {len(result.classes)} sets")
+        first = result.classes[0]
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(combined_hash([c.content_hash for c in result.classes])),
+            metadata={
+                "images": len(rows),
+                "sets": len(result.classes),
+                "distilled_root": dg.MetadataValue.path(str(root)),
+                "manifest": dg.MetadataValue.path(str(first.manifest)),
+                "lineage": table(rows, LINEAGE_COLUMNS),
+                "thumbnails": thumbnails_markdown(
+                    result.preview, f"{method}, class {class_id}: {Path(first.set_dir).relative_to(root)}"),
+                "backbone_fingerprint": rows[0].get("backbone_fingerprint") or "",
+            },
+        )
+
+    return distilled_images
+
+
+def _rows_by_set(result):
+    """Pair each written set with its lineage rows (``result.rows`` is in set order)."""
+    pos = 0
+    for written in result.classes:
+        k = len(written.files)
+        yield written, result.rows[pos:pos + k]
+        pos += k

@@ -1,0 +1,160 @@
+"""Gathering assets: the teacher, the students, and the reports over every method and class.
+
+- ``teacher``: a classifier trained on the real training split: the fixed
+  feature space of the diversity metrics, the soft-label teacher and the
+  ConvNet full-data bound;
+- ``full_data_students``: the configured students trained on the real data
+  (the upper bound of every table);
+- ``students``: partitioned by method, each partition reads every class of
+  that method's distilled sets;
+- ``diversity_report`` and ``evaluation_report``: unpartitioned, they read
+  everything; with the automation sensor they run once per change, after all
+  classes.
+"""
+
+import hashlib
+import math
+
+import dagster as dg
+import pandas as pd
+
+from mgd3_core import pipeline
+from mgd3_core.config import ExperimentConfig
+from mgd3_core.evaluate import teacher_dir
+
+from ..automation import on_upstream_data_change
+from ..metadata import progress_logger
+from ..partitions import METHOD_DIM, method_partitions
+from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
+from ..versions import checked_config, code_version
+
+
+def frame_table(df: pd.DataFrame) -> dg.MetadataValue:
+    """A DataFrame as a metadata table (NaN as empty cells, numpy scalars as Python ones)."""
+    kinds = {"i": "int", "u": "int", "f": "float", "b": "bool"}
+    columns = [dg.TableColumn(str(c), kinds.get(df[c].dtype.kind, "string")) for c in df.columns]
+
+    def cell(v):
+        v = v.item() if hasattr(v, "item") else v
+        return None if isinstance(v, float) and not math.isfinite(v) else v if isinstance(v, (int, float, bool)) else str(v)
+
+    records = [dg.TableRecord({str(c): cell(v) for c, v in zip(df.columns, row)}) for row in df.itertuples(index=False)]
+    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))
+
+
+def _accuracy_summary(df: pd.DataFrame) -> dict:
+    """Mean final accuracy per (IPC, student, protocol), as flat metadata numbers for the UI's plots."""
+    out = {}
+    for (ipc, student, protocol), g in df.groupby(["ipc", "student", "protocol"], dropna=False):
+        ipc_label = "all" if not (isinstance(ipc, (int, float)) and math.isfinite(ipc)) else int(ipc)
+        out[f"final_acc/ipc{ipc_label}/{student}/{protocol}"] = float(g["final_acc"].mean())
+    return out
+
+
+def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
+    soft = "soft" in cfg.evaluation.protocols
+
+    @dg.asset(
+        name="teacher",
+        code_version=code_version(cfg, "teacher"),
+        pool=ACCELERATOR_POOL,
+        kinds={"pytorch"},
+        automation_condition=on_upstream_data_change(),
+        description="ConvNet trained on the real training split of every configured class: the feature "
+        "space of the diversity metrics, the soft-label teacher, the ConvNet full-data bound. "
+        "Data version: hash of its weights.",
+    )
+    def teacher(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
+        cfg = checked_config(context, experiment, "teacher")
+        meta = pipeline.train_teacher(cfg, experiment.storage(), progress=progress_logger(context.log, "teacher"))
+        weights = teacher_dir(cfg, experiment.storage()) / "model.safetensors"
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(hashlib.sha256(weights.read_bytes()).hexdigest()[:16]),
+            metadata={**{k: v for k, v in meta.items() if isinstance(v, (int, float, str))},
+                      "weights": dg.MetadataValue.path(str(weights))},
+        )
+
+    @dg.asset(
+        name="full_data_students",
+        deps=["teacher"],
+        code_version=code_version(cfg, "full_data_students"),
+        pool=ACCELERATOR_POOL,
+        kinds={"pytorch"},
+        automation_condition=on_upstream_data_change(),
+        description="Every configured student trained on the whole real training split: the upper bound.",
+    )
+    def full_data_students(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
+        cfg = checked_config(context, experiment, "full_data_students")
+        df = pipeline.train_students(cfg, experiment.storage(), pipeline.FULL_DATA,
+                                     progress=progress_logger(context.log, "full_data_students"))
+        return dg.MaterializeResult(metadata={"runs": frame_table(df), **_accuracy_summary(df)})
+
+    @dg.asset(
+        name="students",
+        partitions_def=method_partitions(cfg),
+        deps=[dg.AssetDep("distilled_images",
+                          partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=METHOD_DIM)),
+              *(["teacher"] if soft else [])],
+        code_version=code_version(cfg, "students"),
+        pool=ACCELERATOR_POOL,
+        kinds={"pytorch"},
+        automation_condition=on_upstream_data_change(),
+        description="Student classifiers trained on one method's distilled sets (all classes), for every "
+        "IPC, generation seed, student and protocol, evaluated on the real test split.",
+    )
+    def students(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
+        cfg = checked_config(context, experiment, "students")
+        method = context.partition_key
+        df = pipeline.train_students(cfg, experiment.storage(), method,
+                                     progress=progress_logger(context.log, f"students[{method}]"))
+        return dg.MaterializeResult(metadata={"runs": frame_table(df), **_accuracy_summary(df)})
+
+    @dg.asset(
+        name="diversity_report",
+        # Only the distilled sets, not the modes they were built from: a direct edge to
+        # mode_centroids would let a changed mode trigger this report a tick before the
+        # distilled sets built from that mode are even requested.
+        deps=[dg.AssetDep("distilled_images", partition_mapping=dg.AllPartitionMapping()), "teacher"],
+        code_version=code_version(cfg, "diversity_report"),
+        kinds={"pandas"},
+        automation_condition=on_upstream_data_change(),
+        description="Diversity and representativeness of every method's distilled sets per class, in the "
+        "teacher's feature space, and a t-SNE of real vs synthetic features.",
+    )
+    def diversity_report(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
+        cfg = checked_config(context, experiment, "diversity_report")
+        out = pipeline.diversity_report(cfg, experiment.storage(),
+                                        progress=progress_logger(context.log, "diversity_report"))
+        return dg.MaterializeResult(metadata={
+            "summary": frame_table(out["summary"]),
+            "metrics_csv": dg.MetadataValue.path(out["metrics_csv"]),
+            "tsne_csv": dg.MetadataValue.path(out["tsne_csv"]),
+        })
+
+    @dg.asset(
+        name="evaluation_report",
+        deps=[dg.AssetDep("students", partition_mapping=dg.AllPartitionMapping()),
+              "full_data_students", "diversity_report"],
+        code_version=code_version(cfg, "evaluation_report"),
+        kinds={"pandas", "html"},
+        automation_condition=on_upstream_data_change(),
+        description="Accuracy of every method (mean +- std over generation seeds) next to the baselines and "
+        "the full-data bound, with DD-Ranking scores, feature metrics, plots and image grids "
+        "(report.md, index.html, CSVs).",
+    )
+    def evaluation_report(context: dg.AssetExecutionContext, experiment: ExperimentResource,
+                          backbone: BackboneResource) -> dg.MaterializeResult:
+        cfg = checked_config(context, experiment, "evaluation_report")
+        report = pipeline.evaluation_report(cfg, experiment.storage(), fingerprint=backbone.fingerprint() or "")
+        context.log.info(f"evaluation report: {report.html}\n{report.table_markdown}")
+        metadata = {
+            "results_table": dg.MetadataValue.md(report.table_markdown),
+            "report_html": dg.MetadataValue.path(str(report.html)),
+            "report_markdown": dg.MetadataValue.path(str(report.markdown)),
+            "report_dir": dg.MetadataValue.path(str(report.out_dir)),
+        }
+        if report.summary is not None:
+            metadata["summary"] = frame_table(report.summary)
+        return dg.MaterializeResult(metadata=metadata)
+
+    return [teacher, full_data_students, students, diversity_report, evaluation_report]

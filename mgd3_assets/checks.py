@@ -1,0 +1,142 @@
+"""Asset checks, per partition and blocking: a failed check stops the assets downstream of it.
+
+- ``latent_store_complete``: the store exists, has its completion marker, the
+  current VAE's fingerprint, a latent for every training image of the class
+  (apart from files recorded as undecodable), only finite values and the
+  content hash recorded at writing;
+- ``centroids_valid``: for every IPC and generation seed, exactly IPC finite
+  centroids whose counts cover every latent of the class;
+- ``distilled_complete``: for every IPC and generation seed, exactly IPC PNGs
+  in the class's ImageFolder directory and one manifest row for each, whose
+  recorded hash matches the file.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import dagster as dg
+import h5py
+import numpy as np
+
+from mgd3_core import pipeline
+from mgd3_core.config import ExperimentConfig
+from mgd3_core.distilled import DistilledSetError, read_manifest, set_dir
+from mgd3_core.latents import LatentStoreError, validate_latent_store
+
+from .automation import checks_with_their_asset
+from .partitions import class_partitions, distilled_partitions, method_and_class
+from .resources import BackboneResource, ExperimentResource
+
+
+def _result(problems: list[str], metadata: dict) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=not problems,
+        description="; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        if problems else None,
+        metadata={**metadata, "problems": len(problems)},
+    )
+
+
+def latent_store_problems(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerprint: str) -> tuple[list[str], dict]:
+    path = pipeline.latent_store_file(cfg, home, class_id, vae_fingerprint)
+    try:
+        info = validate_latent_store(path, expected_vae_fingerprint=vae_fingerprint)
+    except LatentStoreError as e:
+        return [str(e)], {"path": str(path)}
+    with h5py.File(path, "r") as f:
+        skipped = json.loads(f.attrs.get("skipped_items", "[]") or "[]")
+    expected = len(pipeline.open_source(cfg).items(class_id, "train"))
+    problems = []
+    if info.n + len(skipped) != expected:
+        problems.append(f"{path}: {info.n} latents + {len(skipped)} skipped files, but class {class_id!r} has "
+                        f"{expected} training images; re-materialize latent_store[{class_id}]")
+    return problems, {"path": str(path), "latents": info.n, "skipped": len(skipped), "training_images": expected}
+
+
+def centroid_problems(cfg: ExperimentConfig, home: Path, class_id: str) -> tuple[list[str], dict]:
+    path = pipeline.modes_file(cfg, home, class_id)
+    problems: list[str] = []
+    try:
+        with h5py.File(path, "r") as f:
+            n = int(f.attrs["n_latents"])
+    except (OSError, KeyError) as e:
+        return [f"{path}: cannot read the modes file ({e}); re-materialize mode_centroids[{class_id}]"], {}
+    for ipc in cfg.ipc:
+        for seed in cfg.evaluation.generation_seeds:
+            where = f"{path} ipc{ipc}/seed{seed}"
+            try:
+                m = pipeline.read_modes(cfg, home, class_id, ipc, seed)
+            except (KeyError, ValueError, OSError) as e:
+                problems.append(str(e))
+                continue
+            if m.centroids.shape[0] != ipc or len(m.counts) != ipc:
+                problems.append(f"{where}: {m.centroids.shape[0]} centroids, {len(m.counts)} counts, expected IPC = {ipc}")
+            if not np.isfinite(m.centroids).all():
+                problems.append(f"{where}: centroids contain NaN or infinity")
+            if int(np.sum(m.counts)) != n:
+                problems.append(f"{where}: counts sum to {int(np.sum(m.counts))}, but the class has {n} latents")
+            if (np.asarray(m.counts) < 1).any():
+                problems.append(f"{where}: empty mode(s) {np.flatnonzero(np.asarray(m.counts) < 1).tolist()}")
+    return problems, {"path": str(path), "latents": n}
+
+
+def distilled_problems(cfg: ExperimentConfig, home: Path, method: str, class_id: str) -> tuple[list[str], dict]:
+    root = pipeline.distilled_root(cfg, home)
+    problems: list[str] = []
+    images = 0
+    for ipc in cfg.ipc:
+        for seed in cfg.evaluation.generation_seeds:
+            sdir = set_dir(root, method, ipc, seed)
+            where = f"{method}/ipc{ipc}/seed{seed}, class {class_id!r}"
+            try:
+                rows = read_manifest(sdir, class_id)
+            except DistilledSetError as e:
+                problems.append(str(e))
+                continue
+            img_dir = sdir / "images" / class_id
+            pngs = sorted(p.name for p in img_dir.glob("*.png")) if img_dir.is_dir() else []
+            images += len(pngs)
+            if len(pngs) != ipc:
+                problems.append(f"{where}: {len(pngs)} PNGs in {img_dir}, expected IPC = {ipc}")
+            if len(rows) != ipc:
+                problems.append(f"{where}: {len(rows)} manifest rows, expected IPC = {ipc}")
+            listed = {r["file"] for r in rows}
+            unlisted = sorted(set(pngs) - listed)
+            if unlisted:
+                problems.append(f"{where}: PNG(s) {unlisted} have no manifest row")
+            for r in rows:
+                p = img_dir / r["file"]
+                if not p.is_file():
+                    problems.append(f"{where}: {p} is in the manifest but missing")
+                elif hashlib.sha256(p.read_bytes()).hexdigest() != r["sha256"]:
+                    problems.append(f"{where}: {p} does not match the hash in its manifest row")
+    return problems, {"images": images, "sets": len(cfg.ipc) * len(cfg.evaluation.generation_seeds)}
+
+
+def build_checks(cfg: ExperimentConfig) -> list[dg.AssetChecksDefinition]:
+    @dg.asset_check(asset="latent_store", partitions_def=class_partitions(cfg), blocking=True,
+                    automation_condition=checks_with_their_asset(),
+                    description="Store complete (a latent per training image), finite, from the current VAE.")
+    def latent_store_complete(context: dg.AssetCheckExecutionContext, experiment: ExperimentResource,
+                              backbone: BackboneResource) -> dg.AssetCheckResult:
+        problems, meta = latent_store_problems(experiment.config(), experiment.storage(), context.partition_key,
+                                               backbone.get().vae_fingerprint)
+        return _result(problems, meta)
+
+    @dg.asset_check(asset="mode_centroids", partitions_def=class_partitions(cfg), blocking=True,
+                    automation_condition=checks_with_their_asset(),
+                    description="Exactly IPC finite centroids per IPC and seed, counts covering every latent.")
+    def centroids_valid(context: dg.AssetCheckExecutionContext, experiment: ExperimentResource) -> dg.AssetCheckResult:
+        problems, meta = centroid_problems(experiment.config(), experiment.storage(), context.partition_key)
+        return _result(problems, meta)
+
+    @dg.asset_check(asset="distilled_images", partitions_def=distilled_partitions(cfg), blocking=True,
+                    automation_condition=checks_with_their_asset(),
+                    description="Exactly IPC PNGs per IPC and seed, each with a manifest row and matching hash.")
+    def distilled_complete(context: dg.AssetCheckExecutionContext, experiment: ExperimentResource) -> dg.AssetCheckResult:
+        method, class_id = method_and_class(context.partition_key)
+        problems, meta = distilled_problems(experiment.config(), experiment.storage(), method, class_id)
+        return _result(problems, meta)
+
+    return [latent_store_complete, centroids_valid, distilled_complete]

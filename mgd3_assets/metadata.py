@@ -1,0 +1,98 @@
+"""Asset metadata the UI shows: thumbnail grids, lineage tables, progress lines.
+
+Thumbnails are embedded in markdown as base64 PNG so they travel with the
+materialization event (no file server needed) and stay a few KB: at most
+``MAX_THUMBNAILS`` images, each scaled to ``THUMB_PX`` pixels on its longer side.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import time
+from typing import Callable
+
+import dagster as dg
+import numpy as np
+from PIL import Image
+
+MAX_THUMBNAILS = 20
+THUMB_PX = 48
+GRID_COLUMNS = 10
+
+
+def image_grid_png(images: np.ndarray, columns: int = GRID_COLUMNS, cell: int = THUMB_PX) -> bytes:
+    """uint8 images (k, C, H, W), C in {1, 3} -> one PNG grid, ``columns`` wide, 2 px gaps."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 images (k, C, H, W) with C in (1, 3), got {images.dtype} {images.shape}")
+    k, c, h, w = images.shape
+    scale = cell / max(h, w)
+    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+    cols = max(1, min(columns, k))
+    rows = max(1, math.ceil(k / cols))
+    mode = "L" if c == 1 else "RGB"
+    grid = Image.new(mode, (cols * (tw + 2) + 2, rows * (th + 2) + 2), color=128 if c == 1 else (128, 128, 128))
+    for i, img in enumerate(images):
+        tile = Image.fromarray(img[0], "L") if c == 1 else Image.fromarray(img.transpose(1, 2, 0), "RGB")
+        if (th, tw) != (h, w):  # crisp pixels when enlarging small images, smooth when shrinking
+            tile = tile.resize((tw, th), Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+        r, q = divmod(i, cols)
+        grid.paste(tile, (2 + q * (tw + 2), 2 + r * (th + 2)))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def thumbnails_markdown(images: np.ndarray, caption: str, columns: int = GRID_COLUMNS) -> dg.MetadataValue:
+    """A markdown thumbnail grid of the first ``MAX_THUMBNAILS`` images."""
+    shown = np.asarray(images)[:MAX_THUMBNAILS]
+    data = base64.b64encode(image_grid_png(shown, columns=columns)).decode()
+    more = f" (first {len(shown)} of {len(images)})" if len(images) > len(shown) else ""
+    return dg.MetadataValue.md(f"**{caption}**{more}\n\n![{caption}](data:image/png;base64,{data})")
+
+
+def _cell(value):
+    """A table cell: plain Python scalars; NaN and empty strings become empty cells."""
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value == "":
+        return None
+    return value
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> dg.MetadataValue:
+    """A metadata table; ``columns`` are (key, type, description), type as in ``TableColumn``."""
+    schema = dg.TableSchema(columns=[dg.TableColumn(k, t, description=d) for k, t, d in columns])
+    records = [dg.TableRecord({k: _cell(r.get(k)) for k, _, _ in columns}) for r in rows]
+    return dg.MetadataValue.table(records=records, schema=schema)
+
+
+def progress_logger(log, label: str, every_s: float = 10.0) -> Callable[[str, float], None]:
+    """A core ``progress(msg, fraction)`` callback that logs at most every ``every_s`` seconds."""
+    last = [float("-inf")]
+
+    def progress(msg: str, fraction: float) -> None:
+        now = time.monotonic()
+        if fraction >= 1.0 or now - last[0] >= every_s:
+            last[0] = now
+            log.info(f"{label}: {msg} ({fraction:.0%})")
+
+    return progress
+
+
+def training_progress_logger(log, label: str, every_s: float = 10.0):
+    """A backbone-training ``progress(stage, step, total, metrics)`` callback, throttled the same way."""
+    last = [float("-inf")]
+
+    def progress(stage: str, step: int, total: int, metrics: dict) -> None:
+        now = time.monotonic()
+        if step >= total or now - last[0] >= every_s:
+            last[0] = now
+            shown = {k: round(v, 5) for k, v in metrics.items() if isinstance(v, float)}
+            log.info(f"{label}: {stage} step {step}/{total} {shown}")
+
+    return progress

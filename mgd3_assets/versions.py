@@ -1,0 +1,93 @@
+"""Code versions: which part of the experiment config each asset's output depends on.
+
+A code version changes when, and only when, a setting that changes the asset's
+output changes, so Dagster marks exactly those assets stale. The class list is
+left out of the per-class stages (classes are partitions: adding one must not
+make the other classes' partitions stale); it is part of the version of the
+embedded backbone, which is trained on the classes, and of the gathering stages
+(teacher, students, reports), which read them all. Bump ``STAGE_VERSIONS`` when
+the code of a stage changes its output for the same config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import dagster as dg
+
+from mgd3_core.config import ExperimentConfig
+
+STAGE_VERSIONS = {
+    "backbone": 1,
+    "latent_store": 1,
+    "mode_centroids": 1,
+    "distilled_images": 1,
+    "teacher": 1,
+    "full_data_students": 1,
+    "students": 1,
+    "evaluation_report": 1,
+    "diversity_report": 1,
+}
+
+
+def _dataset(cfg: ExperimentConfig) -> dict:
+    d = cfg.dataset.model_dump(mode="json")
+    d.pop("classes", None)
+    return d
+
+
+def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
+    """The config values a stage's output depends on (JSON-able)."""
+    dump = cfg.model_dump(mode="json")
+    if stage == "backbone":
+        # The core's identity of the trained weights: training settings, dataset, classes and
+        # labels, training code version (the directory the embedded backbone is saved under).
+        from mgd3_core.backbones.embedded import embedded_training_key
+
+        return {"embedded_training_key": embedded_training_key(cfg)}
+    if stage == "latent_store":
+        return {"dataset": _dataset(cfg), "encode": dump["encode"]}
+    if stage == "mode_centroids":
+        return {"modes": dump["modes"], "ipc": dump["ipc"],
+                "generation_seeds": dump["evaluation"]["generation_seeds"]}
+    if stage == "distilled_images":
+        return {"seed": dump["seed"], "ipc": dump["ipc"], "sampler": dump["sampler"],
+                "method_overrides": dump["method_overrides"],
+                "generation_seeds": dump["evaluation"]["generation_seeds"]}
+    # The gathering stages read every class: the class list is part of what they compute.
+    if stage == "teacher":
+        ev = dump["evaluation"]
+        return {"dataset": dump["dataset"], "hard": ev["hard"], "training_seeds": ev["training_seeds"],
+                "teacher_epochs": ev["teacher_epochs"]}
+    if stage in ("full_data_students", "students", "evaluation_report", "diversity_report"):
+        return {"seed": dump["seed"], "ipc": dump["ipc"], "evaluation": dump["evaluation"],
+                "dataset": dump["dataset"]}
+    raise KeyError(f"no code version rule for stage {stage!r}; add it to mgd3_assets/versions.py")
+
+
+def code_version(cfg: ExperimentConfig, stage: str) -> str:
+    payload = json.dumps([stage, STAGE_VERSIONS[stage], stage_inputs(cfg, stage)], sort_keys=True)
+    return f"v{STAGE_VERSIONS[stage]}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def combined_hash(parts: list[str]) -> str:
+    """One data version for an output made of several content-hashed files."""
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def checked_config(context: dg.AssetExecutionContext, experiment, stage: str) -> ExperimentConfig:
+    """The experiment config at run time, refused if it no longer matches the loaded definitions.
+
+    Partitions and code versions are fixed when the definitions load; running
+    with a config edited since then would record outputs under the wrong version.
+    """
+    cfg = experiment.config()
+    expected = context.assets_def.code_versions_by_key.get(context.asset_key)
+    if expected is not None and code_version(cfg, stage) != expected:
+        raise dg.Failure(
+            f"{stage}: the experiment config changed since the definitions were loaded "
+            f"(code version {expected} loaded, {code_version(cfg, stage)} now); reload the code "
+            "location (UI: Deployment > Reload) and materialize again"
+        )
+    return cfg

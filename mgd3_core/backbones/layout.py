@@ -1,0 +1,121 @@
+"""The diffusers directory layout: finding a component, its config and its weights.
+
+A diffusers model directory holds ``config.json`` and its weights as
+``diffusion_pytorch_model.safetensors`` (or shards listed in
+``diffusion_pytorch_model.safetensors.index.json``). A pipeline root (e.g. a
+copy of ``facebook/DiT-XL-2-256``) holds one such directory per component:
+``transformer/``, ``vae/``, ``scheduler/`` (config only).
+
+Only safetensors weights are accepted: a ``.bin`` file is a pickle and
+unpickling an untrusted file can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .base import hash_files
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+
+
+class BackboneFilesError(FileNotFoundError):
+    """A model directory that is missing, incomplete or in the wrong format.
+
+    The message names the directory (or file) and says what was expected.
+    """
+
+
+class BackboneMismatchError(ValueError):
+    """Components that cannot work together (latent channels, sizes, classes)."""
+
+
+def resolve_component_dir(path: str | os.PathLike, component: str, what: str) -> Path:
+    """The directory holding ``config.json`` of one component.
+
+    ``path`` may be a pipeline root with a ``<component>/`` subfolder or the
+    component folder itself. ``what`` names the setting in errors (e.g.
+    ``"backbone.vae_dir"``).
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise BackboneFilesError(
+            f"{what} = {root}: directory does not exist; point it at a local diffusers-layout "
+            f"directory (a pipeline root with {component}/ or the {component} folder itself)"
+        )
+    if not root.is_dir():
+        raise BackboneFilesError(f"{what} = {root}: is a file, expected a directory in the diffusers layout")
+    for candidate in (root / component, root):
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    raise BackboneFilesError(
+        f"{what} = {root}: no config.json in {root / component} or {root}; expected the diffusers "
+        f"layout (save_pretrained output, or a pipeline root with a {component}/ folder)"
+    )
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BackboneFilesError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BackboneFilesError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise BackboneFilesError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def weight_files(component_dir: Path) -> list[Path]:
+    """The safetensors files ``from_pretrained`` will read from ``component_dir``.
+
+    Raises BackboneFilesError naming the directory when there are none (or only
+    pickled ``.bin`` weights), or when a shard listed in the index is missing.
+    """
+    single = component_dir / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    index = component_dir / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise BackboneFilesError(f"{index}: the weight_map lists no shard files")
+        missing = [s for s in shards if not (component_dir / s).is_file()]
+        if missing:
+            raise BackboneFilesError(f"{index}: shard file(s) {missing} listed in the index are missing")
+        return [index] + [component_dir / s for s in shards]
+    pickled = sorted(p.name for p in component_dir.glob("*.bin"))
+    hint = (
+        f" (found pickled weights {pickled}: they are never loaded because unpickling can run code; "
+        "convert them to safetensors, e.g. load once in a trusted environment and save_pretrained)"
+        if pickled else ""
+    )
+    raise BackboneFilesError(f"{component_dir}: no {WEIGHTS_NAME} (or sharded index){hint}")
+
+
+# In-process memo: (path, size, mtime, inode) of every file -> fingerprint. A
+# multi-GB DiT-XL/2 is re-hashed only when one of its files changes on disk.
+_FINGERPRINT_MEMO: dict[tuple, str] = {}
+
+
+def component_fingerprint(component_dir: Path) -> str:
+    """Hash of a component's ``config.json`` and the weight files it loads from."""
+    files = [component_dir / "config.json"] + weight_files(component_dir)
+    key = tuple((str(p), st.st_size, st.st_mtime_ns, st.st_ino) for p in files for st in [p.stat()])
+    if key not in _FINGERPRINT_MEMO:
+        _FINGERPRINT_MEMO[key] = hash_files(files)
+    return _FINGERPRINT_MEMO[key]
+
+
+def check_class_name(config: dict, config_path: Path, allowed: tuple[str, ...]) -> None:
+    """Refuse a config written for another model class (a UNet where a DiT is expected...)."""
+    name = config.get("_class_name")
+    if name is not None and name not in allowed:
+        raise BackboneFilesError(
+            f"{config_path}: _class_name is {name!r}, expected one of {list(allowed)}; "
+            "point the setting at the right component folder"
+        )

@@ -1,0 +1,122 @@
+"""Embedded backbone training: determinism, checkpoint/resume, reuse, label dropout."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mgd3_core.backbones import build_dit, embedded_backbone_dir, ensure_embedded_backbone
+from mgd3_core.backbones.embedded import training_images
+from mgd3_core.backbones.training import LoopSettings, lr_at
+from mgd3_core.config import EmbeddedDiTConfig
+from mgd3_core.data import open_dataset
+
+from .test_backbones import one_thread, tiny_embedded_config  # noqa: F401 (autouse fixture)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(stage: str, step: int, seen: list):
+    def progress(s, k, total, metrics):
+        seen.append((s, k))
+        if (s, k) == (stage, step):
+            raise Interrupt(f"{s} step {k}")
+    return progress
+
+
+def weight_digests(root: Path) -> dict[str, str]:
+    out = {}
+    for f in sorted(root.rglob("*.safetensors")):
+        for name, t in load_file(f).items():
+            out[f"{f.parent.name}/{name}"] = hashlib.sha256(t.numpy().tobytes()).hexdigest()
+    return out
+
+
+def test_resume_after_interruptions_gives_the_uninterrupted_weights(tmp_path):
+    cfg = tiny_embedded_config(steps=5)  # checkpoint_every = 2
+    straight = ensure_embedded_backbone(cfg, tmp_path / "a", progress=lambda *a: None)
+
+    home, seen = tmp_path / "b", []
+    with pytest.raises(Interrupt):  # killed in the VAE stage after step 3 (checkpoint at 2)
+        ensure_embedded_backbone(cfg, home, progress=interrupt_at("vae", 3, seen))
+    partial = embedded_backbone_dir(cfg, home).with_name(embedded_backbone_dir(cfg, home).name + ".partial")
+    assert (partial / "vae.ckpt.safetensors").is_file() and not embedded_backbone_dir(cfg, home).exists()
+    seen.clear()
+    with pytest.raises(Interrupt):  # killed in the DiT stage after step 5 (checkpoint at 4)
+        ensure_embedded_backbone(cfg, home, progress=interrupt_at("dit", 5, seen))
+    assert seen[0] == ("vae", 3), "the VAE stage restarted instead of resuming from its checkpoint"
+    seen.clear()
+    resumed = ensure_embedded_backbone(cfg, home, progress=interrupt_at("never", 0, seen))
+    assert [s for s in seen if s[0] == "vae"] == [], "the finished VAE stage was trained again"
+    assert [s for s in seen if s[0] == "dit"] == [("dit", 5)]
+
+    a, b = weight_digests(straight), weight_digests(resumed)
+    assert set(a) == set(b) and len(a) > 10
+    assert a == b
+    assert not partial.exists()  # checkpoints are cleaned up once the backbone is saved
+
+
+def test_trained_backbone_is_reused_not_retrained(tmp_path):
+    cfg, seen = tiny_embedded_config(), []
+    first = ensure_embedded_backbone(cfg, tmp_path, progress=lambda *a: None)
+    digests = weight_digests(first)
+    assert ensure_embedded_backbone(cfg, tmp_path, progress=interrupt_at("never", 0, seen)) == first
+    assert seen == [] and weight_digests(first) == digests
+
+
+def test_directory_key_tracks_training_inputs_only(tmp_path):
+    base = tiny_embedded_config()
+    d = embedded_backbone_dir(base, tmp_path)
+    assert embedded_backbone_dir(tiny_embedded_config(steps=5), tmp_path) != d
+    assert embedded_backbone_dir(base.model_copy(update={"dataset": base.dataset.model_copy(
+        update={"max_per_class": 11})}), tmp_path) != d
+    seed = base.model_copy(update={"backbone": base.backbone.model_copy(update={
+        "embedded": base.backbone.embedded.model_copy(update={"seed": 1})})})
+    assert embedded_backbone_dir(seed, tmp_path) != d
+    # How often checkpoints are written does not change the weights.
+    ckpt = base.model_copy(update={"backbone": base.backbone.model_copy(update={
+        "embedded": base.backbone.embedded.model_copy(update={"checkpoint_every": 3})})})
+    assert embedded_backbone_dir(ckpt, tmp_path) == d
+
+
+def test_trains_on_the_training_split_only():
+    cfg = tiny_embedded_config()
+    x, y, n = training_images(cfg)
+    source = open_dataset(cfg.dataset)
+    expected = torch.cat([torch.from_numpy(source.load(c.id, "train", source.items(c.id, "train")))
+                          for c in source.classes()])
+    assert n == 3 and torch.equal(y.bincount(), torch.tensor([12, 12, 12]))
+    assert torch.equal(((x + 1) * 127.5).round().to(torch.uint8), expected)
+
+
+def test_label_dropout_is_not_done_per_block():
+    # diffusers builds a class dropout (p = 0.1) into every DiT block; in train
+    # mode the blocks would drop labels independently. It must be off: the
+    # null label is substituted once, outside the model.
+    cfg = EmbeddedDiTConfig(num_layers=3, num_attention_heads=2, attention_head_dim=8, patch_size=2)
+    torch.manual_seed(0)
+    dit = build_dit(cfg, latent_channels=2, latent_size=4, num_classes=3).train()
+    for p in dit.parameters():  # adaLN-Zero starts at zero: give the label a visible effect
+        torch.nn.init.normal_(p, std=0.2)
+    x, t = torch.randn(512, 2, 4, 4), torch.randint(0, 1000, (512,))
+    y = torch.randint(0, 3, (512,))
+    with torch.no_grad():
+        first = dit(x, timestep=t, class_labels=y).sample
+        again = dit(x, timestep=t, class_labels=y).sample
+        null = dit(x, timestep=t, class_labels=torch.full_like(y, 3)).sample
+    assert torch.equal(first, again)  # no random label drops inside the model
+    assert not torch.allclose(first, null)
+    assert all(b.norm1.emb.class_embedder.dropout_prob == 0 for b in dit.transformer_blocks)
+
+
+def test_learning_rate_schedule():
+    s = LoopSettings(steps=100, lr=1e-3, warmup_steps=10, final_lr_fraction=0.1)
+    assert lr_at(0, s) == pytest.approx(1e-4) and lr_at(9, s) == pytest.approx(1e-3)
+    assert lr_at(10, s) == pytest.approx(1e-3) and lr_at(100, s) == pytest.approx(1e-4)
+    assert all(lr_at(k, s) >= lr_at(k + 1, s) for k in range(10, 100))

@@ -1,0 +1,105 @@
+"""The Dagster UI shows the asset graph and a distilled_images page with its thumbnails.
+
+Starts ``dagster-webserver`` on 127.0.0.1 (a free port) on the session's tiny
+instance, loads the code location through ``workspace.yaml`` as ``make ui``
+does, and renders pages in headless Chromium (Debian's ``chromium``, installed by
+``make browser-deps``). Screenshots go to ``test-output/``.
+"""
+
+import base64
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mgd3_core.config import PROJECT_ROOT
+from tests.dagster_helpers import tiny_graph  # noqa: F401  (session fixture)
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+OUTPUT = PROJECT_ROOT / "test-output"
+ASSETS = ("backbone", "latent_store", "mode_centroids", "distilled_images", "teacher", "full_data_students",
+          "students", "diversity_report", "evaluation_report")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _render(url: str, profile: Path, screenshot: Path, ready, attempts: int = 4) -> str:
+    """Render ``url`` headless: save a screenshot and return the DOM once ``ready(dom)`` holds
+    (the UI loads the code location lazily, so a first render can be early)."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--window-size=1400,1100",
+           f"--screenshot={screenshot}", "--dump-dom", url]
+    dom = ""
+    for _ in range(attempts):
+        dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+        if ready(dom):
+            break
+        time.sleep(3)
+    return dom
+
+
+@pytest.fixture(scope="module")
+def webserver(tiny_graph, tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed; `make browser-deps` installs it")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("webserver") / "webserver.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dagster_webserver", "-w", str(PROJECT_ROOT / "workspace.yaml"),
+             "-h", "127.0.0.1", "-p", str(port)],
+            cwd=PROJECT_ROOT, env=tiny_graph.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/server_info", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"dagster-webserver did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the webserver and the code server it started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_asset_graph_shows_every_asset(webserver, tmp_path):
+    OUTPUT.mkdir(exist_ok=True)
+    url, shot = f"{webserver}/asset-groups", OUTPUT / "ui_asset_graph.png"
+    dom = _render(url, tmp_path / "profile", shot, lambda d: all(a in d for a in ASSETS))
+    missing = [a for a in ASSETS if a not in dom]
+    assert not missing, f"asset graph at {url} does not show {missing}"
+    assert shot.stat().st_size > 10_000
+
+
+def test_the_distilled_images_page_shows_the_lineage_and_the_thumbnails(webserver, tmp_path):
+    OUTPUT.mkdir(exist_ok=True)
+    url, shot = f"{webserver}/assets/distilled_images", OUTPUT / "ui_distilled_images.png"
+    dom = _render(url, tmp_path / "profile", shot, lambda d: "data:image/png;base64," in d)
+    thumbnails = re.findall(r'<img[^>]+src="data:image/png;base64,([A-Za-z0-9+/=]+)"', dom)
+    assert thumbnails, f"no thumbnail image rendered at {url}"
+    assert base64.b64decode(thumbnails[0])[:8] == b"\x89PNG\r\n\x1a\n"
+    for text in ("distilled_images", "lineage", "mode_index", "dist_to_mode", "thumbnails"):
+        assert text in dom, f"{text!r} not shown at {url}"
+    assert shot.stat().st_size > 10_000
