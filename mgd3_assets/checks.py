@@ -30,12 +30,13 @@ from .resources import BackboneResource, ExperimentResource
 
 
 def _result(problems: list[str], metadata: dict) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(
-        passed=not problems,
-        description="; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-        if problems else None,
-        metadata={**metadata, "problems": len(problems)},
-    )
+    description = None
+    if problems:
+        description = "; ".join(problems[:5])
+        if len(problems) > 5:
+            description += f" (and {len(problems) - 5} more)"
+    return dg.AssetCheckResult(passed=not problems, description=description,
+                               metadata={**metadata, "problems": len(problems)})
 
 
 def latent_store_problems(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerprint: str) -> tuple[list[str], dict]:
@@ -50,7 +51,8 @@ def latent_store_problems(cfg: ExperimentConfig, home: Path, class_id: str, vae_
     problems = []
     if info.n + len(skipped) != expected:
         problems.append(f"{path}: {info.n} latents + {len(skipped)} skipped files, but class {class_id!r} has "
-                        f"{expected} training images; re-materialize latent_store[{class_id}]")
+                        f"{expected} training images now; delete the store (a valid one is reused as is) "
+                        f"and re-materialize latent_store[{class_id}]")
     return problems, {"path": str(path), "latents": info.n, "skipped": len(skipped), "training_images": expected}
 
 

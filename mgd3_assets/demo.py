@@ -51,6 +51,8 @@ def run_config(log_level: str = "INFO") -> dict:
     not Dagster's DEBUG event stream."""
     return {"loggers": {"console": {"config": {"log_level": log_level}}}}
 
+
+# Tags of every demo run: who launched it, and which process on which host (release_abandoned_runs).
 LAUNCHED_BY, PID, HOST = DEMO_RUN_TAG, "mgd3/pid", "mgd3/host"
 
 
@@ -204,14 +206,13 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
     from .definitions import build_definitions
-    from .instance import dagster_storage_dir
 
     cfg = load_config()
     defs = build_definitions()
     t0 = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
         print(f"MGD3 demo: experiment {cfg.name!r}, Dagster instance {os.environ['DAGSTER_HOME']} "
-              f"(storage {dagster_storage_dir()})", flush=True)
+              f"(files in {instance.storage_directory()})", flush=True)
         release_abandoned_runs(instance, log=lambda m: print(m, flush=True))
         try:
             reports = materialize_graph(defs, instance, force=args.force,

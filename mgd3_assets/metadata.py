@@ -57,6 +57,8 @@ def _cell(value):
     """A table cell: plain Python scalars; NaN and empty strings become empty cells."""
     if isinstance(value, (np.generic,)):
         value = value.item()
+    if not isinstance(value, (int, float, bool, str, type(None))):
+        value = str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if value == "":
@@ -69,6 +71,13 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> dg.MetadataV
     schema = dg.TableSchema(columns=[dg.TableColumn(k, t, description=d) for k, t, d in columns])
     records = [dg.TableRecord({k: _cell(r.get(k)) for k, _, _ in columns}) for r in rows]
     return dg.MetadataValue.table(records=records, schema=schema)
+
+
+def frame_table(df) -> dg.MetadataValue:
+    """A pandas DataFrame as a metadata table, column types from the dtypes."""
+    kinds = {"i": "int", "u": "int", "f": "float", "b": "bool"}
+    columns = [(str(c), kinds.get(df[c].dtype.kind, "string"), "") for c in df.columns]
+    return table(df.to_dict("records"), columns)
 
 
 def progress_logger(log, label: str, every_s: float = 10.0) -> Callable[[str, float], None]:

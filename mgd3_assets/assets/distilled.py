@@ -69,14 +69,14 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         return dg.MaterializeResult(
             data_version=dg.DataVersion(combined_hash([c.content_hash for c in result.classes])),
             metadata={
-                "images": len(rows),
-                "sets": len(result.classes),
-                "distilled_root": dg.MetadataValue.path(str(root)),
-                "manifest": dg.MetadataValue.path(str(first.manifest)),
-                "lineage": table(rows, LINEAGE_COLUMNS),
                 "thumbnails": thumbnails_markdown(
                     result.preview, f"{method}, class {class_id}: {Path(first.set_dir).relative_to(root)}"),
+                "lineage": table(rows, LINEAGE_COLUMNS),
+                "images": len(rows),
+                "sets": len(result.classes),
                 "backbone_fingerprint": rows[0].get("backbone_fingerprint") or "",
+                "manifest": dg.MetadataValue.path(str(first.manifest)),
+                "distilled_root": dg.MetadataValue.path(str(root)),
             },
         )
 

@@ -23,23 +23,10 @@ from mgd3_core.config import ExperimentConfig
 from mgd3_core.evaluate import teacher_dir
 
 from ..automation import on_upstream_data_change
-from ..metadata import progress_logger
+from ..metadata import frame_table, progress_logger
 from ..partitions import METHOD_DIM, method_partitions
 from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
 from ..versions import checked_config, code_version
-
-
-def frame_table(df: pd.DataFrame) -> dg.MetadataValue:
-    """A DataFrame as a metadata table (NaN as empty cells, numpy scalars as Python ones)."""
-    kinds = {"i": "int", "u": "int", "f": "float", "b": "bool"}
-    columns = [dg.TableColumn(str(c), kinds.get(df[c].dtype.kind, "string")) for c in df.columns]
-
-    def cell(v):
-        v = v.item() if hasattr(v, "item") else v
-        return None if isinstance(v, float) and not math.isfinite(v) else v if isinstance(v, (int, float, bool)) else str(v)
-
-    records = [dg.TableRecord({str(c): cell(v) for c, v in zip(df.columns, row)}) for row in df.itertuples(index=False)]
-    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))
 
 
 def _accuracy_summary(df: pd.DataFrame) -> dict:
@@ -146,7 +133,7 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
                           backbone: BackboneResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment, "evaluation_report")
         report = pipeline.evaluation_report(cfg, experiment.storage(), fingerprint=backbone.fingerprint() or "")
-        context.log.info(f"evaluation report: {report.html}\n{report.table_markdown}")
+        context.log.info(f"evaluation report: {report.html}")
         metadata = {
             "results_table": dg.MetadataValue.md(report.table_markdown),
             "report_html": dg.MetadataValue.path(str(report.html)),

@@ -50,11 +50,11 @@ def build_mode_centroids_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         return dg.MaterializeResult(
             data_version=dg.DataVersion(summary["content_hash"]),
             metadata={
-                "path": dg.MetadataValue.path(summary["path"]),
-                "settings": len(summary["modes"]),
-                "counts_per_mode": table(rows, MODE_COLUMNS),
                 "closest_real_images": thumbnails_markdown(
                     closest, f"class {class_id}: training image closest to each centroid ({first})"),
+                "counts_per_mode": table(rows, MODE_COLUMNS),
+                "path": dg.MetadataValue.path(summary["path"]),
+                "settings": len(summary["modes"]),
                 "inertia": {k: float(v["inertia"]) for k, v in summary["modes"].items()},
                 "content_hash": summary["content_hash"],
             },
