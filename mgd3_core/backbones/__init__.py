@@ -7,7 +7,7 @@
 - :func:`load_vae`: a VAE alone, with its fingerprint.
 """
 
-from .base import Backbone, directory_fingerprint, hash_files
+from .base import Backbone, hash_files
 from .diffusers_backbone import (
     DiffusersBackbone,
     backbone_fingerprint,
@@ -28,7 +28,6 @@ __all__ = [
     "betas_from_scheduler_config",
     "build_dit",
     "build_vae",
-    "directory_fingerprint",
     "embedded_backbone_dir",
     "ensure_embedded_backbone",
     "hash_files",

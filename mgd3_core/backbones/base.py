@@ -59,22 +59,3 @@ def hash_files(paths: list[Path], extra: dict | None = None) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
-
-
-def directory_fingerprint(directory: str | Path) -> str:
-    """Fingerprint of a diffusers model directory: its config and weight files.
-
-    Cheap enough to run on every observation (one sequential read of the
-    weights); changes whenever any config value or weight byte changes.
-    """
-    directory = Path(directory)
-    files = sorted(
-        p for p in directory.iterdir()
-        if p.is_file() and (p.suffix in {".json", ".safetensors", ".bin"})
-    )
-    if not files:
-        raise FileNotFoundError(
-            f"{directory}: no config or weight files found (expected config.json and "
-            "*.safetensors in the diffusers layout)"
-        )
-    return hash_files(files)
