@@ -218,7 +218,6 @@ class EvaluationConfig(_Strict):
     training_seeds: list[int] = [0]
     hard: HardLabelConfig = HardLabelConfig()
     soft: SoftLabelConfig = SoftLabelConfig()
-    teacher_epochs: int = Field(default=15, ge=1)
     representativeness_k: int = Field(default=50, ge=1)
     tsne_classes: int = Field(default=3, ge=0)
     device: str = "cpu"

@@ -269,6 +269,13 @@ class _PerImageNoise:
         return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
 
 
+def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """CPU tensor to ``device``; to a GPU through pinned memory, without blocking the host."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def denoise_with_cfg(
     backbone: Backbone, x: torch.Tensor, t_train: int, labels: torch.Tensor, cfg_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -343,16 +350,18 @@ def sample(
     for b in range(n_batches):
         sl = range(b * batch_size, min(n, (b + 1) * batch_size))
         noise = _PerImageNoise([seeds[i] for i in sl], shape)
-        x = noise.draw().to(device=device, dtype=torch.float32)
+        x = _to_device(noise.draw(), device).float()
         y = labels[sl.start : sl.stop].to(device)
         m = modes[sl.start : sl.stop].to(device) if modes is not None else None
         for t in reversed(range(schedule.steps)):
+            # Draw this step's noise on the CPU before queueing the denoiser, so that on a GPU the
+            # copy overlaps with the forward pass instead of waiting for it (same draw order).
+            z = _to_device(noise.draw(), device) if t > 0 else None
             eps, var = denoise_with_cfg(
                 backbone, x.to(dtype), int(schedule.timesteps[t]), y, settings.cfg_scale
             )
             eps = eps.float()
             var = var.float() if var is not None else None
-            z = noise.draw().to(device) if t > 0 else None
             guided = m is not None and settings.guided_at(t)
             lam = settings.guidance_strength if guided else 0.0
             if settings.kind == "ddpm":

@@ -214,14 +214,18 @@ class DiffusersBackbone:
         t = torch.as_tensor(t, device=self.device).long()
         if t.ndim == 0:
             t = t.expand(b)
-        labels = torch.as_tensor(labels, device=self.device).long()
+        labels = torch.as_tensor(labels)
         if t.shape != (b,) or labels.shape != (b,):
             raise ValueError(f"t and labels must have shape ({b},), got {tuple(t.shape)} and {tuple(labels.shape)}")
-        if b and (int(labels.min()) < 0 or int(labels.max()) > self.null_class):
+        # Range-checked where it costs nothing: on the CPU. Labels already on an accelerator come
+        # from ``sampling.sample``, which checks them on the CPU once per request; reading them back
+        # here would stall the device queue on every step.
+        if b and labels.device.type == "cpu" and (int(labels.min()) < 0 or int(labels.max()) > self.null_class):
             raise ValueError(
                 f"class labels must be in [0, {self.num_classes}] ({self.num_classes} = null class), "
                 f"got [{int(labels.min())}, {int(labels.max())}]"
             )
+        labels = labels.to(self.device).long()
         out = self.transformer(
             x_t.to(device=self.device, dtype=self.dtype), timestep=t, class_labels=labels
         ).sample
