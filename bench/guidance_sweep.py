@@ -1,0 +1,189 @@
+"""Sweep MGD3's guidance settings (lambda, t_stop, CFG) and score each on the validation split.
+
+Issue 6's investigation: when MGD3 does not beat unguided sampling, is it lambda, t_stop or CFG?
+Every setting is scored the way the report scores a method -- a ConvNet student trained on the
+distilled set with the hard-label protocol -- but on the *validation* split, never the test split,
+and with modes found on the "fit" split (train minus validation), so choosing a setting here does
+not leak into the test figures of the report.
+
+Needs a materialized backbone and latent stores for the config (``make demo`` or the
+``backbone`` and ``latent_store`` assets); samples every class in one batched call per setting and
+generation seed (batch ``sampler.batch_size``, across classes), with the same per-image seeds as the
+pipeline, so the unguided row is the pipeline's unguided set (modes aside).
+
+    MGD3_HOME=<home> .venv/bin/python bench/guidance_sweep.py                     # the default grid
+    MGD3_HOME=<home> .venv/bin/python bench/guidance_sweep.py --lambdas 0.1 --t-stops 0,25 --cfg-scales 2
+
+Prints one row per setting: validation top-1 of the student (mean +- std over generation seeds),
+the mean latent distance of the images to their own mode, and the share nearest to their own mode;
+the random-real and closest-real baselines (from the fit split) are scored the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import header, markdown_table, set_threads  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from mgd3_core import pipeline  # noqa: E402
+from mgd3_core.config import load_config, storage_root  # noqa: E402
+from mgd3_core.evaluate import real_split  # noqa: E402
+from mgd3_core.latents import read_latent_store  # noqa: E402
+from mgd3_core.modes import ModeFinder, pairwise_sq_distances  # noqa: E402
+from mgd3_core.sampling import GuidanceSettings, image_seed, sample  # noqa: E402
+from mgd3_core.students import build_student  # noqa: E402
+from mgd3_core.training import train_hard_label  # noqa: E402
+
+
+def floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v]
+
+
+def ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",") if v]
+
+
+def fit_modes(cfg, home, ipc: int, gen_seeds: list[int]):
+    """Per class: fit-split latents, their item ids, and per generation seed the k-means centroids."""
+    source = pipeline.open_source(cfg)
+    vae_fp = pipeline.get_backbone(cfg, home).vae_fingerprint
+    out = {}
+    for info in pipeline.class_infos(cfg):
+        store = read_latent_store(pipeline.latent_store_file(cfg, home, info.id, vae_fp), expected_vae_fingerprint=vae_fp)
+        ids = source.items(info.id, "fit")
+        lat = np.asarray(store.select(ids), dtype=np.float32)
+        per_seed = {}
+        for g in gen_seeds:
+            finder = ModeFinder(ipc, cfg.modes.method, n_init=cfg.modes.n_init, max_iter=cfg.modes.max_iter,
+                                seed=cfg.modes.seed + g, class_name=info.id).fit(lat)
+            per_seed[g] = (finder.centroids_.reshape(ipc, *lat.shape[1:]), finder.closest_real(lat))
+        out[info.id] = (info, ids, lat, per_seed)
+    return out
+
+
+def mode_distances(latents: np.ndarray, centroids: np.ndarray) -> tuple[float, float]:
+    """Mean distance of image i to centroid i, and the share of images whose nearest centroid is their own."""
+    d = np.sqrt(pairwise_sq_distances(latents.reshape(len(latents), -1), centroids.reshape(len(centroids), -1)))
+    own = d[np.arange(len(d)), np.arange(len(d))]
+    return float(own.mean()), float((d.argmin(1) == np.arange(len(d))).mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--ipc", type=int, default=None, help="default: the config's first IPC")
+    ap.add_argument("--lambdas", type=floats, default=floats("0.05,0.1,0.2,0.4"))
+    ap.add_argument("--t-stops", type=ints, default=ints("0,10,25"),
+                    help="guided while t > t_stop (t counts down from steps-1): 0 = no stop")
+    ap.add_argument("--cfg-scales", type=floats, default=None, help="default: the config's sampler.cfg_scale")
+    ap.add_argument("--gen-seeds", type=ints, default=None, help="default: the config's generation seeds")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the config's epochs for this IPC")
+    ap.add_argument("--train-seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-baselines", action="store_true", help="skip the random-real and closest-real rows")
+    ap.add_argument("--csv", default=None, help="also write the per-run rows here")
+    args = ap.parse_args()
+
+    threads = set_threads(args.threads)
+    cfg, home = load_config(args.config), storage_root()
+    ipc = args.ipc or cfg.ipc[0]
+    gen_seeds = args.gen_seeds or list(cfg.evaluation.generation_seeds)
+    cfg_scales = args.cfg_scales or [cfg.sampler.cfg_scale]
+    epochs = args.epochs or cfg.epochs_for_ipc(ipc)
+    print(header(threads, extra=f"config {cfg.name} | home {home}"))
+    print(f"IPC {ipc}; generation seeds {gen_seeds}; ConvNet hard-label student, {epochs} epochs, training seed "
+          f"{args.train_seed}; scored on the validation split; modes from the fit split ({cfg.modes.method})\n")
+
+    backbone = pipeline.get_backbone(cfg, home)
+    classes = fit_modes(cfg, home, ipc, gen_seeds)
+    source = pipeline.open_source(cfg)
+    xv, yv = real_split(cfg, "val")
+    n_classes = len(classes)
+
+    def score(images: np.ndarray, labels: np.ndarray) -> float:
+        model = build_student("convnet", images.shape[1], n_classes, images.shape[-1], seed=args.train_seed)
+        res = train_hard_label(model, images, labels, xv, yv, cfg=cfg.evaluation.hard, epochs=epochs,
+                               seed=args.train_seed, orientation_sensitive=cfg.dataset.orientation_sensitive,
+                               device=cfg.evaluation.device, evaluations=1)
+        return res.final_acc
+
+    settings_list = [("unguided", GuidanceSettings(steps=cfg.sampler.steps, cfg_scale=c, guidance_strength=0.0,
+                                                   t_stop=0, kind=cfg.sampler.kind)) for c in cfg_scales]
+    for c in cfg_scales:
+        for lam in args.lambdas:
+            for ts in args.t_stops:
+                settings_list.append((f"lambda {lam:g}, t_stop {ts}",
+                                      GuidanceSettings(steps=cfg.sampler.steps, cfg_scale=c, guidance_strength=lam,
+                                                       t_stop=ts, kind=cfg.sampler.kind)))
+
+    runs = []
+    t_all = time.perf_counter()
+    for g in [] if args.no_baselines else gen_seeds:  # real baselines: random / closest real images (fit split)
+        for name in ("random_real", "closest_real"):
+            imgs, labs, lats, cents = [], [], [], []
+            for cid, (info, ids, lat, per_seed) in classes.items():
+                centroids, closest = per_seed[g]
+                if name == "closest_real":
+                    idx = closest
+                else:
+                    idx = np.sort(np.random.default_rng([cfg.seed, g, info.index]).choice(len(ids), ipc, replace=False))
+                imgs.append(source.load(cid, "fit", [ids[i] for i in idx]))
+                labs.append(np.full(ipc, info.index))
+                lats.append(lat[idx])
+                cents.append(centroids)
+            d, share = np.mean([mode_distances(a, b) for a, b in zip(lats, cents)], axis=0)
+            acc = score(np.concatenate(imgs), np.concatenate(labs))
+            runs.append(dict(setting=name, cfg_scale=np.nan, guidance_strength=np.nan, t_stop=np.nan, gen_seed=g,
+                             val_acc=acc, dist_to_mode=d, own_mode_nearest=share, sample_s=0.0))
+            print(f"  {name:28s} seed {g}: val {acc:.2f} %  dist {d:.2f}", flush=True)
+
+    for name, st in settings_list:
+        for g in gen_seeds:
+            labels, seeds, modes, student_labels = [], [], [], []
+            for cid, (info, ids, lat, per_seed) in classes.items():
+                for i in range(ipc):
+                    labels.append(info.label)
+                    seeds.append(image_seed(cfg.seed * 1_000_003 + g, cid, ipc, i))
+                    modes.append(per_seed[g][0][i])
+                    student_labels.append(info.index)
+            t0 = time.perf_counter()
+            out = sample(backbone, labels, seeds, modes=torch.from_numpy(np.stack(modes)), settings=st,
+                         batch_size=cfg.sampler.batch_size)
+            images = pipeline._decode(backbone, out.latents, cfg.sampler.batch_size)
+            sample_s = time.perf_counter() - t0
+            lat = out.latents.numpy()
+            d, share = np.mean([mode_distances(lat[k * ipc:(k + 1) * ipc], per_seed[g][0])
+                                for k, (_, _, _, per_seed) in enumerate(classes.values())], axis=0)
+            acc = score(images, np.asarray(student_labels))
+            runs.append(dict(setting=name, cfg_scale=st.cfg_scale, guidance_strength=st.guidance_strength,
+                             t_stop=st.t_stop, gen_seed=g, val_acc=acc, dist_to_mode=d, own_mode_nearest=share,
+                             sample_s=sample_s))
+            print(f"  {name:28s} CFG {st.cfg_scale:g} seed {g}: val {acc:.2f} %  dist {d:.2f}  "
+                  f"({sample_s:.1f} s sampling)", flush=True)
+
+    df = pd.DataFrame(runs)
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    keys = ["setting", "cfg_scale"]
+    agg = (df.fillna({"cfg_scale": -1}).groupby(keys, sort=False)
+           .agg(val_mean=("val_acc", "mean"), val_std=("val_acc", "std"), dist=("dist_to_mode", "mean"),
+                share=("own_mode_nearest", "mean"), n=("val_acc", "size"))
+           .reset_index().sort_values("val_mean", ascending=False))
+    rows = [[r.setting, "-" if r.cfg_scale < 0 else f"{r.cfg_scale:g}", f"{r.val_mean:.2f} ± {r.val_std:.2f}",
+             int(r.n), f"{r.dist:.2f}", f"{100 * r.share:.1f} %"] for r in agg.itertuples()]
+    print()
+    print(markdown_table(["setting", "CFG", "val top-1 % (mean ± std over gen seeds)", "seeds",
+                          "mean latent dist to own mode", "nearest to own mode"], rows))
+    print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
