@@ -37,8 +37,7 @@ from mgd3_core import pipeline  # noqa: E402
 from mgd3_core.config import load_config, storage_root  # noqa: E402
 from mgd3_core.evaluate import real_split  # noqa: E402
 from mgd3_core.latents import read_latent_store  # noqa: E402
-from mgd3_core.modes import ModeFinder, pairwise_sq_distances  # noqa: E402
-from mgd3_core.sampling import GuidanceSettings, image_seed, sample  # noqa: E402
+from mgd3_core.sampling import GuidanceSettings, sample  # noqa: E402
 from mgd3_core.students import build_student  # noqa: E402
 from mgd3_core.training import train_hard_label  # noqa: E402
 
@@ -51,8 +50,8 @@ def ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v]
 
 
-def fit_modes(cfg, home, ipc: int, gen_seeds: list[int]):
-    """Per class: fit-split latents, their item ids, and per generation seed the k-means centroids."""
+def fit_modes(cfg, home, ipc: int, gen_seeds: list[int]) -> dict:
+    """Per class id: (class info, fit-split item ids, their latents, {gen seed: fitted ModeFinder})."""
     source = pipeline.open_source(cfg)
     vae_fp = pipeline.get_backbone(cfg, home).vae_fingerprint
     out = {}
@@ -60,20 +59,15 @@ def fit_modes(cfg, home, ipc: int, gen_seeds: list[int]):
         store = read_latent_store(pipeline.latent_store_file(cfg, home, info.id, vae_fp), expected_vae_fingerprint=vae_fp)
         ids = source.items(info.id, "fit")
         lat = np.asarray(store.select(ids), dtype=np.float32)
-        per_seed = {}
-        for g in gen_seeds:
-            finder = ModeFinder(ipc, cfg.modes.method, n_init=cfg.modes.n_init, max_iter=cfg.modes.max_iter,
-                                seed=cfg.modes.seed + g, class_name=info.id).fit(lat)
-            per_seed[g] = (finder.centroids_.reshape(ipc, *lat.shape[1:]), finder.closest_real(lat))
-        out[info.id] = (info, ids, lat, per_seed)
+        finders = {g: pipeline.mode_finder(cfg, ipc, g, info.id).fit(lat) for g in gen_seeds}
+        out[info.id] = (info, ids, lat, finders)
     return out
 
 
 def mode_distances(latents: np.ndarray, centroids: np.ndarray) -> tuple[float, float]:
-    """Mean distance of image i to centroid i, and the share of images whose nearest centroid is their own."""
-    d = np.sqrt(pairwise_sq_distances(latents.reshape(len(latents), -1), centroids.reshape(len(centroids), -1)))
-    own = d[np.arange(len(d)), np.arange(len(d))]
-    return float(own.mean()), float((d.argmin(1) == np.arange(len(d))).mean())
+    """Mean distance of image i to centroid i, and the share of images nearer to it than to any other."""
+    own, other = pipeline._distances(latents, centroids)
+    return float(own.mean()), float((own < other).mean())
 
 
 def main() -> None:
@@ -128,18 +122,17 @@ def main() -> None:
     t_all = time.perf_counter()
     for g in [] if args.no_baselines else gen_seeds:  # real baselines: random / closest real images (fit split)
         for name in ("random_real", "closest_real"):
-            imgs, labs, lats, cents = [], [], [], []
-            for cid, (info, ids, lat, per_seed) in classes.items():
-                centroids, closest = per_seed[g]
+            imgs, labs, dists = [], [], []
+            for cid, (info, ids, lat, finders) in classes.items():
+                finder = finders[g]
                 if name == "closest_real":
-                    idx = closest
+                    idx = finder.closest_real(lat)
                 else:
                     idx = np.sort(np.random.default_rng([cfg.seed, g, info.index]).choice(len(ids), ipc, replace=False))
                 imgs.append(source.load(cid, "fit", [ids[i] for i in idx]))
                 labs.append(np.full(ipc, info.index))
-                lats.append(lat[idx])
-                cents.append(centroids)
-            d, share = np.mean([mode_distances(a, b) for a, b in zip(lats, cents)], axis=0)
+                dists.append(mode_distances(lat[idx], finder.centroids_))
+            d, share = np.mean(dists, axis=0)
             acc = score(np.concatenate(imgs), np.concatenate(labs))
             runs.append(dict(setting=name, cfg_scale=np.nan, guidance_strength=np.nan, t_stop=np.nan, gen_seed=g,
                              val_acc=acc, dist_to_mode=d, own_mode_nearest=share, sample_s=0.0))
@@ -147,21 +140,20 @@ def main() -> None:
 
     for name, st in settings_list:
         for g in gen_seeds:
-            labels, seeds, modes, student_labels = [], [], [], []
-            for cid, (info, ids, lat, per_seed) in classes.items():
-                for i in range(ipc):
-                    labels.append(info.label)
-                    seeds.append(image_seed(cfg.seed * 1_000_003 + g, cid, ipc, i))
-                    modes.append(per_seed[g][0][i])
-                    student_labels.append(info.index)
+            labels, seeds, student_labels = [], [], []
+            centroids = [finders[g].centroids_.reshape(ipc, *lat.shape[1:]) for _, _, lat, finders in classes.values()]
+            for cid, (info, *_rest) in classes.items():
+                labels += [info.label] * ipc
+                seeds += pipeline.image_seeds(cfg, cid, ipc, g)
+                student_labels += [info.index] * ipc
             t0 = time.perf_counter()
-            out = sample(backbone, labels, seeds, modes=torch.from_numpy(np.stack(modes)), settings=st,
+            out = sample(backbone, labels, seeds, modes=torch.from_numpy(np.concatenate(centroids)), settings=st,
                          batch_size=cfg.sampler.batch_size)
             images = pipeline._decode(backbone, out.latents, cfg.sampler.batch_size)
             sample_s = time.perf_counter() - t0
-            lat = out.latents.numpy()
-            d, share = np.mean([mode_distances(lat[k * ipc:(k + 1) * ipc], per_seed[g][0])
-                                for k, (_, _, _, per_seed) in enumerate(classes.values())], axis=0)
+            generated = out.latents.numpy()
+            d, share = np.mean([mode_distances(generated[k * ipc:(k + 1) * ipc], c) for k, c in enumerate(centroids)],
+                               axis=0)
             acc = score(images, np.asarray(student_labels))
             runs.append(dict(setting=name, cfg_scale=st.cfg_scale, guidance_strength=st.guidance_strength,
                              t_stop=st.t_stop, gen_seed=g, val_acc=acc, dist_to_mode=d, own_mode_nearest=share,

@@ -148,6 +148,12 @@ def modes_file(cfg: ExperimentConfig, home: Path, class_id: str) -> Path:
     return run_dir(cfg, home) / "modes" / f"{class_id}.h5"
 
 
+def mode_finder(cfg: ExperimentConfig, ipc: int, gen_seed: int, class_id: str) -> ModeFinder:
+    """The configured (unfitted) mode finder of one class, IPC and generation seed."""
+    return ModeFinder(ipc, cfg.modes.method, n_init=cfg.modes.n_init, max_iter=cfg.modes.max_iter,
+                      seed=cfg.modes.seed + gen_seed, class_name=class_id)
+
+
 def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerprint: str) -> dict:
     """Cluster one class's latents for every IPC and generation seed; write them atomically.
 
@@ -172,10 +178,7 @@ def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerp
         f.create_dataset("index", data=np.asarray(store.index, dtype=h5py.string_dtype()))
         for ipc in cfg.ipc:
             for gen_seed in cfg.evaluation.generation_seeds:
-                finder = ModeFinder(
-                    ipc, cfg.modes.method, n_init=cfg.modes.n_init, max_iter=cfg.modes.max_iter,
-                    seed=cfg.modes.seed + gen_seed, class_name=class_id,
-                ).fit(lat)
+                finder = mode_finder(cfg, ipc, gen_seed, class_id).fit(lat)
                 closest = finder.closest_real(lat)
                 g = f.create_group(f"ipc{ipc}/seed{gen_seed}")
                 g.create_dataset("centroids", data=finder.centroids_.reshape(ipc, *shape))
@@ -225,6 +228,11 @@ def _distances(latents: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, 
     return own, other
 
 
+def image_seeds(cfg: ExperimentConfig, class_id: str, ipc: int, gen_seed: int) -> list[int]:
+    """Sampling seeds of the ``ipc`` images of one class in one generation seed's set."""
+    return [image_seed(cfg.seed * 1_000_003 + gen_seed, class_id, ipc, i) for i in range(ipc)]
+
+
 @dataclass
 class DistillResult:
     method: str
@@ -253,13 +261,11 @@ def distill_class(
     extra: dict = {}
     if method in DIFFUSION_METHODS:
         settings = GuidanceSettings.from_config(cfg.sampler_for(method))
-        labels, seeds, centroids, owners = [], [], [], []
+        labels, seeds, centroids = [], [], []
         for ipc, s in jobs:
-            for i in range(ipc):
-                labels.append(info.label)
-                seeds.append(image_seed(cfg.seed * 1_000_003 + s, class_id, ipc, i))
-                centroids.append(modes[(ipc, s)].centroids[i])
-                owners.append((ipc, s))
+            labels += [info.label] * ipc
+            seeds += image_seeds(cfg, class_id, ipc, s)
+            centroids += list(modes[(ipc, s)].centroids)
         total_steps = settings.steps * -(-len(labels) // cfg.sampler.batch_size)
         done = [0]
 
