@@ -89,6 +89,23 @@ def test_resnet18_is_torchvisions_with_a_small_input_stem():
     assert isinstance(large.maxpool, torch.nn.MaxPool2d)
 
 
+def test_resnet18_runs_channels_last_and_computes_the_same_function():
+    model = build_student("resnet18", 1, 10, 32, seed=0).eval()
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    model.layer1.register_forward_hook(lambda m, i, out: seen.append(out))
+    reference = torchvision.models.resnet18(num_classes=10)
+    reference.conv1, reference.maxpool = torch.nn.Conv2d(1, 64, 3, 1, 1, bias=False), torch.nn.Identity()
+    reference.load_state_dict(model.state_dict())
+    reference.eval()
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        assert seen[0].is_contiguous(memory_format=torch.channels_last)
+        assert reference.conv1.weight.is_contiguous()
+        torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-4)
+
+
 def test_resnetap10_downsamples_by_average_pooling():
     model = build_student("resnetap10", 3, 10, 32)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
