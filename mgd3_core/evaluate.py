@@ -9,6 +9,7 @@ list (``ClassInfo.index``), not backbone labels.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -142,18 +143,75 @@ def students_file(cfg: ExperimentConfig, home: Path, method: str) -> Path:
     return _run_dir(cfg, home) / "students" / f"{method}.csv"
 
 
+# Bump when the student code (models, protocols, evaluation) changes a run's result for the
+# same inputs: finished runs are kept under a key that includes it (see ``_run_key``).
+STUDENT_RUN_VERSION = 1
+
+
+def student_runs_dir(cfg: ExperimentConfig, home: Path) -> Path:
+    """One JSON record per finished student run, so an interrupted sweep resumes."""
+    return _run_dir(cfg, home) / "students" / "runs"
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _run_key(cfg: ExperimentConfig, spec: dict, train_digest: str, test_digest: str,
+             teacher_digest: str | None) -> str:
+    """Everything a student run's result depends on: the run's settings, the protocol's
+    hyper-parameters, the exact training and test images, the teacher's weights (soft
+    labels), and the code and torch versions."""
+    ev = cfg.evaluation
+    protocol_cfg = ev.hard if spec["protocol"] == "hard" else ev.soft
+    payload = dict(spec, version=STUDENT_RUN_VERSION, torch=torch.__version__, device=str(ev.device),
+                   evaluations=ev.evaluations, orientation_sensitive=cfg.dataset.orientation_sensitive,
+                   protocol_cfg=protocol_cfg.model_dump(mode="json"), train=train_digest,
+                   test=test_digest, teacher=teacher_digest)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+_ROW_KEYS = ("method", "ipc", "student", "protocol", "gen_seed", "train_seed", "final_acc", "best_acc",
+             "epochs", "seconds")
+
+
+def _load_run(path: Path) -> dict | None:
+    """The stored row of a finished run, or None (not run yet, or a damaged record)."""
+    try:
+        row = json.loads(path.read_text())["row"]
+        if not all(k in row for k in _ROW_KEYS):
+            raise ValueError(f"missing {[k for k in _ROW_KEYS if k not in row]}")
+        return row
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:  # torn or foreign: train again, overwrite
+        log.warning("%s: unreadable student-run record (%s); training this run again", path, err)
+        return None
+
+
 def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Progress = _noop) -> pd.DataFrame:
     """Train every configured student on every set of one method; one row per run.
 
     ``method = "full_data"`` trains on the whole real training split (the upper
     bound; the teacher run stands in for ConvNet with the first training seed).
     Rows: method, ipc, student, protocol, gen_seed, train_seed, final_acc,
-    best_acc, epochs, seconds. Written to ``students/<method>.csv``."""
+    best_acc, epochs, seconds. Written to ``students/<method>.csv``.
+
+    Each finished run is also recorded under ``students/runs/`` keyed by all it
+    depends on (settings, images, teacher, code version), so a sweep that is
+    interrupted, or re-run with an added generation seed, student or IPC,
+    trains only the runs it does not already have."""
     from .students import build_student
     from .training import train_hard_label, train_soft_label
 
     ev = cfg.evaluation
     xt, yt = real_split(cfg, "test")
+    test_digest = _digest(xt, yt)
     n_classes = len(np.unique(yt))
     rows: list[dict] = []
     if method == FULL_DATA:
@@ -161,13 +219,18 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Pro
     else:
         jobs = [(ipc, g, s, p, ts) for ipc in cfg.ipc for g in ev.generation_seeds for s in ev.students
                 for p in ev.protocols for ts in ev.training_seeds]
-    teacher = load_teacher(cfg, home) if any(j[3] == "soft" for j in jobs) else None
+    teacher, teacher_digest = None, None
+    if any(j[3] == "soft" for j in jobs):
+        teacher = load_teacher(cfg, home)
+        teacher_digest = _digest(*(v.contiguous().numpy() for _, v in sorted(teacher.state_dict().items())))
+    runs_dir = student_runs_dir(cfg, home)
+    reused = 0
     for n, (ipc, gen_seed, student, protocol, train_seed) in enumerate(jobs):
         label = f"{method} ipc={ipc} seed={gen_seed} {student}/{protocol} train_seed={train_seed}"
-        progress(f"training {label} ({n + 1}/{len(jobs)})", n / len(jobs))
         if method == FULL_DATA:
             x, y = real_split(cfg, "train")
             if student == "convnet" and train_seed == ev.training_seeds[0]:
+                progress(f"{label}: the teacher run ({n + 1}/{len(jobs)})", n / len(jobs))
                 meta = teacher_meta(cfg, home)
                 rows.append(dict(method=method, ipc=np.nan, student=student, protocol="hard", gen_seed=0,
                                  train_seed=train_seed, final_acc=meta["final_acc"], best_acc=meta["best_acc"],
@@ -177,6 +240,17 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Pro
         else:
             x, y = distilled_set(cfg, home, method, ipc, gen_seed)
             epochs = cfg.epochs_for_ipc(ipc) if protocol == "hard" else ev.soft.epochs
+        spec = dict(method=method, ipc=ipc, gen_seed=gen_seed, student=student, protocol=protocol,
+                    train_seed=train_seed, epochs=epochs)
+        record_path = runs_dir / f"{_run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest)}.json"
+        done = _load_run(record_path)
+        if done is not None:
+            reused += 1
+            progress(f"{label}: already trained, final {done['final_acc']:.2f}% ({n + 1}/{len(jobs)})",
+                     n / len(jobs))
+            rows.append(done)
+            continue
+        progress(f"training {label} ({n + 1}/{len(jobs)})", n / len(jobs))
         model = build_student(student, x.shape[1], n_classes, x.shape[-1], seed=train_seed)
         t0 = time.perf_counter()
         if protocol == "hard":
@@ -187,15 +261,23 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Pro
             res = train_soft_label(model, x, teacher, xt, yt, cfg=ev.soft, epochs=epochs, seed=train_seed,
                                    orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device,
                                    evaluations=ev.evaluations)
-        rows.append(dict(method=method, ipc=ipc if ipc is not None else np.nan, student=student,
-                         protocol=protocol, gen_seed=gen_seed if gen_seed is not None else 0,
-                         train_seed=train_seed, final_acc=res.final_acc, best_acc=res.best_acc,
-                         epochs=epochs, seconds=time.perf_counter() - t0))
+        row = dict(method=method, ipc=ipc if ipc is not None else np.nan, student=student,
+                   protocol=protocol, gen_seed=gen_seed if gen_seed is not None else 0,
+                   train_seed=train_seed, final_acc=res.final_acc, best_acc=res.best_acc,
+                   epochs=epochs, seconds=time.perf_counter() - t0)
+        _atomic_text(record_path, json.dumps({"spec": spec, "row": row}, default=_json_default))
+        rows.append(row)
         log.info("%s: final %.2f%% (best %.2f%%)", label, res.final_acc, res.best_acc)
     df = pd.DataFrame(rows)
     _atomic_text(students_file(cfg, home, method), df.to_csv(index=False))
-    progress(f"{method}: {len(rows)} runs done", 1.0)
+    progress(f"{method}: {len(rows)} runs done ({reused} reused from earlier runs)", 1.0)
     return df
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a student-run record")
 
 
 # --------------------------------------------------------------------------- feature metrics

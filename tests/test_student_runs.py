@@ -1,0 +1,94 @@
+"""Student sweeps resume: each finished run is kept, keyed by everything it depends on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mgd3_core import evaluate, training
+from mgd3_core.config import config_from_dict
+from mgd3_core.training import TrainResult
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def sweep(tmp_path, monkeypatch):
+    """train_students on tiny fake sets, with the trainer replaced by a counting stand-in
+    whose accuracy identifies the run (so reused rows can be told from retrained ones)."""
+    rng = np.random.default_rng(0)
+    sets = {(m, ipc, g): rng.integers(0, 256, (2 * ipc, 1, 8, 8), dtype=np.uint8)
+            for m in ("mgd3",) for ipc in (1, 2) for g in (0, 1, 2)}
+    test = (rng.integers(0, 256, (6, 1, 8, 8), dtype=np.uint8), np.array([0, 1, 0, 1, 0, 1]))
+    monkeypatch.setattr(evaluate, "real_split", lambda cfg, split: test)
+    monkeypatch.setattr(evaluate, "distilled_set",
+                        lambda cfg, home, m, ipc, g: (sets[m, ipc, g], np.repeat([0, 1], ipc)))
+    state = {"calls": [], "crash_at": None}
+
+    def fake_train(model, x, y, xt, yt, *, epochs, seed, **kw):
+        state["calls"].append((len(x), int(x.sum()) % 1000, seed))
+        if state["crash_at"] is not None and len(state["calls"]) == state["crash_at"]:
+            raise Crash("killed mid-sweep")
+        acc = float(int(x.sum()) % 97)
+        return TrainResult(final_acc=acc, best_acc=acc + 1, best_epoch=epochs, epochs=epochs, seconds=0.0,
+                           history=[])
+
+    monkeypatch.setattr(training, "train_hard_label", fake_train)
+
+    def run(**evaluation):
+        cfg = config_from_dict({"name": "t", "ipc": [1, 2], "evaluation": {
+            "students": ["convnet"], "generation_seeds": [0, 1], **evaluation}})
+        return evaluate.train_students(cfg, tmp_path, "mgd3")
+
+    return run, state, sets, tmp_path
+
+
+def test_an_interrupted_sweep_trains_only_the_runs_it_lacks(sweep):
+    run, state, _, _ = sweep
+    state["crash_at"] = 3
+    with pytest.raises(Crash):
+        run()
+    assert len(state["calls"]) == 3                       # 2 runs finished, the 3rd died
+    state["calls"].clear()
+    state["crash_at"] = None
+    df = run()
+    assert len(state["calls"]) == 2                       # only the dead run and the last one
+    assert len(df) == 4 and df[["ipc", "gen_seed"]].drop_duplicates().shape[0] == 4
+    state["calls"].clear()
+    again = run()
+    assert state["calls"] == []                           # everything reused
+    np.testing.assert_array_equal(again["final_acc"].to_numpy(), df["final_acc"].to_numpy())
+
+
+def test_an_added_seed_or_a_changed_set_or_setting_retrains_exactly_what_changed(sweep):
+    run, state, sets, _ = sweep
+    first = run()
+    assert len(state["calls"]) == 4
+    state["calls"].clear()
+    more = run(generation_seeds=[0, 1, 2])
+    assert len(state["calls"]) == 2 and len(more) == 6    # the new seed at IPC 1 and 2
+    state["calls"].clear()
+    sets["mgd3", 2, 1][0, 0, 0, 0] ^= 1                   # one pixel of one set changes
+    changed = run()
+    assert len(state["calls"]) == 1
+    row = changed[(changed.ipc == 2) & (changed.gen_seed == 1)].iloc[0]
+    assert row.final_acc == float(int(sets["mgd3", 2, 1].sum()) % 97)
+    same = first[(first.ipc == 1)].final_acc.to_numpy()
+    np.testing.assert_array_equal(changed[changed.ipc == 1].final_acc.to_numpy(), same)
+    state["calls"].clear()
+    run(hard={"lr": 0.02})                                # a protocol setting: everything again
+    assert len(state["calls"]) == 4
+
+
+def test_a_torn_record_is_trained_again(sweep):
+    run, state, _, home = sweep
+    run()
+    state["calls"].clear()
+    records = sorted(evaluate.student_runs_dir(config_from_dict({"name": "t"}), home).glob("*.json"))
+    assert len(records) == 4
+    records[0].write_text('{"row": ')
+    run()
+    assert len(state["calls"]) == 1
+
