@@ -253,14 +253,13 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Pro
         progress(f"training {label} ({n + 1}/{len(jobs)})", n / len(jobs))
         model = build_student(student, x.shape[1], n_classes, x.shape[-1], seed=train_seed)
         t0 = time.perf_counter()
+        kwargs = dict(epochs=epochs, seed=train_seed, orientation_sensitive=cfg.dataset.orientation_sensitive,
+                      device=ev.device, evaluations=ev.evaluations,
+                      progress=_epoch_progress(progress, label, n, len(jobs)))
         if protocol == "hard":
-            res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, epochs=epochs, seed=train_seed,
-                                   orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device,
-                                   evaluations=ev.evaluations)
+            res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, **kwargs)
         else:
-            res = train_soft_label(model, x, teacher, xt, yt, cfg=ev.soft, epochs=epochs, seed=train_seed,
-                                   orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device,
-                                   evaluations=ev.evaluations)
+            res = train_soft_label(model, x, teacher, xt, yt, cfg=ev.soft, **kwargs)
         row = dict(method=method, ipc=ipc if ipc is not None else np.nan, student=student,
                    protocol=protocol, gen_seed=gen_seed if gen_seed is not None else 0,
                    train_seed=train_seed, final_acc=res.final_acc, best_acc=res.best_acc,
@@ -272,6 +271,18 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Pro
     _atomic_text(students_file(cfg, home, method), df.to_csv(index=False))
     progress(f"{method}: {len(rows)} runs done ({reused} reused from earlier runs)", 1.0)
     return df
+
+
+def _epoch_progress(progress: Progress, label: str, n: int, total: int) -> Callable[[dict], None]:
+    """Per-epoch records of one run -> about five progress lines per run, and every evaluation."""
+    def report(r: dict) -> None:
+        epochs = r["epochs"]
+        if r["eval_acc"] is None and r["epoch"] % max(1, epochs // 5):
+            return
+        acc = f", test {r['eval_acc']:.2f}%" if r["eval_acc"] is not None else ""
+        progress(f"{label}: epoch {r['epoch']}/{epochs} loss {r['loss']:.3f}{acc} ({n + 1}/{total})",
+                 (n + r["epoch"] / epochs) / total)
+    return report
 
 
 def _json_default(value):

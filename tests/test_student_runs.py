@@ -32,15 +32,17 @@ def sweep(tmp_path, monkeypatch):
         if state["crash_at"] is not None and len(state["calls"]) == state["crash_at"]:
             raise Crash("killed mid-sweep")
         acc = float(int(x.sum()) % 97)
+        for e in range(1, epochs + 1):
+            kw["progress"]({"epoch": e, "epochs": epochs, "loss": 1.0 / e, "eval_acc": acc if e == epochs else None})
         return TrainResult(final_acc=acc, best_acc=acc + 1, best_epoch=epochs, epochs=epochs, seconds=0.0,
                            history=[])
 
     monkeypatch.setattr(training, "train_hard_label", fake_train)
 
-    def run(**evaluation):
+    def run(progress=evaluate._noop, **evaluation):
         cfg = config_from_dict({"name": "t", "ipc": [1, 2], "evaluation": {
             "students": ["convnet"], "generation_seeds": [0, 1], **evaluation}})
-        return evaluate.train_students(cfg, tmp_path, "mgd3")
+        return evaluate.train_students(cfg, tmp_path, "mgd3", progress=progress)
 
     return run, state, sets, tmp_path
 
@@ -92,3 +94,14 @@ def test_a_torn_record_is_trained_again(sweep):
     run()
     assert len(state["calls"]) == 1
 
+
+
+def test_long_runs_report_about_five_epoch_lines_and_each_evaluation(sweep):
+    run, _, _, _ = sweep
+    lines: list[tuple[str, float]] = []
+    run(progress=lambda msg, frac: lines.append((msg, frac)), hard={"epochs_by_ipc": {1: 300, 2: 30}})
+    ipc1 = [m for m, _ in lines if "ipc=1 seed=0" in m and "epoch" in m]
+    assert [m.split("epoch ")[1].split(" ")[0] for m in ipc1] == [f"{e}/300" for e in (60, 120, 180, 240, 300)]
+    assert "test " in ipc1[-1] and "test " not in ipc1[0]
+    fracs = [f for _, f in lines]
+    assert fracs == sorted(fracs) and fracs[-1] == 1.0
