@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mgd3_core.config import DIFFUSION_METHODS, load_config, storage_root
-from mgd3_core.distilled import load_distilled_class, read_manifest, set_dir
-from mgd3_core.pipeline import class_infos, distilled_root
-from mgd3_core.report import image_grid
+from mgd3_core.config import DIFFUSION_METHODS, load_config
+from mgd3_core.distilled import load_distilled_class, read_manifest
+from mgd3_core.images import image_grid
+from mgd3_core.pipeline import class_infos
+from mgd3_core.storage import distilled_root, report_dir, set_dir, storage_root
 
 
 def main() -> None:
@@ -57,7 +58,7 @@ def main() -> None:
     for c in class_infos(cfg):
         for method in ("unguided", "mgd3"):
             tiles.append(load_distilled_class(set_dir(root, method, ipc, g0), c.id)[0][:10])
-    out = Path(args.out) if args.out else root.parent / "report" / "mgd3_vs_unguided.png"
+    out = Path(args.out) if args.out else report_dir(cfg, home) / "mgd3_vs_unguided.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(np.concatenate(tiles), nrow=min(ipc, 10)).save(out)
     print(f"grid (per class: unguided row, then MGD3 row, same seeds): {out}")

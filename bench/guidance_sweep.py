@@ -34,7 +34,8 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from mgd3_core import pipeline  # noqa: E402
-from mgd3_core.config import load_config, storage_root  # noqa: E402
+from mgd3_core.config import load_config  # noqa: E402
+from mgd3_core.storage import latent_store_file, storage_root  # noqa: E402
 from mgd3_core.evaluate import real_split  # noqa: E402
 from mgd3_core.latents import read_latent_store  # noqa: E402
 from mgd3_core.sampling import GuidanceSettings, sample  # noqa: E402
@@ -56,7 +57,7 @@ def fit_modes(cfg, home, ipc: int, gen_seeds: list[int]) -> dict:
     vae_fp = pipeline.get_backbone(cfg, home).vae_fingerprint
     out = {}
     for info in pipeline.class_infos(cfg):
-        store = read_latent_store(pipeline.latent_store_file(cfg, home, info.id, vae_fp), expected_vae_fingerprint=vae_fp)
+        store = read_latent_store(latent_store_file(cfg, home, info.id, vae_fp), expected_vae_fingerprint=vae_fp)
         ids = source.items(info.id, "fit")
         lat = np.asarray(store.select(ids), dtype=np.float32)
         finders = {g: pipeline.mode_finder(cfg, ipc, g, info.id).fit(lat) for g in gen_seeds}

@@ -66,7 +66,7 @@ def main() -> None:
 
     print(header(threads, extra=f"BLAS/OpenMP threads {threads} (threadpoolctl) | repeats {args.repeats}"))
     print(f"mode finder: ModeFinder(method={args.method!r}, n_init={args.n_init}, max_iter={args.max_iter}, "
-          f"seed={cfg.seed}) (ModesConfig defaults unless overridden); synthetic float32 latents: "
+          f"random_state={cfg.seed}) (ModesConfig defaults unless overridden); synthetic float32 latents: "
           f"20 clusters, noise std {args.noise}")
     print()
     rows = []
@@ -82,7 +82,7 @@ def main() -> None:
                     times = []
                     for _ in range(args.repeats):
                         finder = ModeFinder(ipc, args.method, n_init=args.n_init, max_iter=args.max_iter,
-                                            seed=cfg.seed)
+                                            random_state=cfg.seed)
                         t0 = time.perf_counter()
                         finder.fit(x)
                         times.append(time.perf_counter() - t0)

@@ -19,9 +19,9 @@ import dagster as dg
 import h5py
 import numpy as np
 
-from mgd3_core import pipeline
+from mgd3_core import pipeline, storage
 from mgd3_core.config import ExperimentConfig
-from mgd3_core.distilled import DistilledSetError, read_manifest, set_dir
+from mgd3_core.distilled import DistilledSetError, read_manifest
 from mgd3_core.latents import LatentStoreError, validate_latent_store
 
 from .automation import checks_with_their_asset
@@ -40,7 +40,7 @@ def _result(problems: list[str], metadata: dict) -> dg.AssetCheckResult:
 
 
 def latent_store_problems(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerprint: str) -> tuple[list[str], dict]:
-    path = pipeline.latent_store_file(cfg, home, class_id, vae_fingerprint)
+    path = storage.latent_store_file(cfg, home, class_id, vae_fingerprint)
     try:
         info = validate_latent_store(path, expected_vae_fingerprint=vae_fingerprint)
     except LatentStoreError as e:
@@ -57,7 +57,7 @@ def latent_store_problems(cfg: ExperimentConfig, home: Path, class_id: str, vae_
 
 
 def centroid_problems(cfg: ExperimentConfig, home: Path, class_id: str) -> tuple[list[str], dict]:
-    path = pipeline.modes_file(cfg, home, class_id)
+    path = storage.modes_file(cfg, home, class_id)
     problems: list[str] = []
     try:
         with h5py.File(path, "r") as f:
@@ -84,19 +84,18 @@ def centroid_problems(cfg: ExperimentConfig, home: Path, class_id: str) -> tuple
 
 
 def distilled_problems(cfg: ExperimentConfig, home: Path, method: str, class_id: str) -> tuple[list[str], dict]:
-    root = pipeline.distilled_root(cfg, home)
     problems: list[str] = []
     images = 0
     for ipc in cfg.ipc:
         for seed in cfg.evaluation.generation_seeds:
-            sdir = set_dir(root, method, ipc, seed)
+            sdir = storage.distilled_set_dir(cfg, home, method, ipc, seed)
             where = f"{method}/ipc{ipc}/seed{seed}, class {class_id!r}"
             try:
                 rows = read_manifest(sdir, class_id)
             except DistilledSetError as e:
                 problems.append(str(e))
                 continue
-            img_dir = sdir / "images" / class_id
+            img_dir = storage.set_images_dir(sdir, class_id)
             pngs = sorted(p.name for p in img_dir.glob("*.png")) if img_dir.is_dir() else []
             images += len(pngs)
             if len(pngs) != ipc:

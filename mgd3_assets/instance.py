@@ -4,7 +4,7 @@
 storage root is ``$MGD3_HOME`` *or* a default inside the checkout. These three
 thin subclasses of Dagster's SQLite storage, compute-log manager and artifact
 storage resolve the directory the same way the core does
-(``mgd3_core.config.storage_root``), so runs, event logs, schedules and step
+(``mgd3_core.storage.storage_root``), so runs, event logs, schedules and step
 logs land next to the data they describe, whatever launched Dagster
 (``make demo``, ``make ui``, ``dagster dev`` by hand). For production, replace
 the ``storage`` block of ``dagster.yaml`` with the commented Postgres one.
@@ -21,12 +21,12 @@ from dagster._core.storage.root import LocalArtifactStorage
 from dagster._core.storage.sqlite_storage import DagsterSqliteStorage
 from dagster._serdes import ConfigurableClassData
 
-from mgd3_core.config import storage_root
+from mgd3_core.storage import dagster_dir, storage_root
 
 
 def dagster_storage_dir() -> Path:
     """``<storage root>/dagster``: ``$MGD3_HOME/dagster`` or ``<repo>/mgd3_home/dagster``."""
-    return storage_root() / "dagster"
+    return dagster_dir(storage_root())
 
 
 class Mgd3SqliteStorage(DagsterSqliteStorage):

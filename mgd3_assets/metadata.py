@@ -8,14 +8,14 @@ materialization event (no file server needed) and stay a few KB: at most
 from __future__ import annotations
 
 import base64
-import io
 import math
 import time
 from typing import Callable
 
 import dagster as dg
 import numpy as np
-from PIL import Image
+
+from mgd3_core.images import image_grid, png_bytes
 
 MAX_THUMBNAILS = 20
 THUMB_PX = 48
@@ -23,26 +23,9 @@ GRID_COLUMNS = 10
 
 
 def image_grid_png(images: np.ndarray, columns: int = GRID_COLUMNS, cell: int = THUMB_PX) -> bytes:
-    """uint8 images (k, C, H, W), C in {1, 3} -> one PNG grid, ``columns`` wide, 2 px gaps."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected uint8 images (k, C, H, W) with C in (1, 3), got {images.dtype} {images.shape}")
-    k, c, h, w = images.shape
-    scale = cell / max(h, w)
-    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
-    cols = max(1, min(columns, k))
-    rows = max(1, math.ceil(k / cols))
-    mode = "L" if c == 1 else "RGB"
-    grid = Image.new(mode, (cols * (tw + 2) + 2, rows * (th + 2) + 2), color=128 if c == 1 else (128, 128, 128))
-    for i, img in enumerate(images):
-        tile = Image.fromarray(img[0], "L") if c == 1 else Image.fromarray(img.transpose(1, 2, 0), "RGB")
-        if (th, tw) != (h, w):  # crisp pixels when enlarging small images, smooth when shrinking
-            tile = tile.resize((tw, th), Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
-        r, q = divmod(i, cols)
-        grid.paste(tile, (2 + q * (tw + 2), 2 + r * (th + 2)))
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
+    """uint8 images (k, C, H, W), C in {1, 3} -> one PNG grid of ``cell``-px thumbnails,
+    ``columns`` wide, 2 px grey gaps."""
+    return png_bytes(image_grid(images, nrow=columns, padding=2, pad_value=128, cell=cell), optimize=True)
 
 
 def thumbnails_markdown(images: np.ndarray, caption: str, columns: int = GRID_COLUMNS) -> dg.MetadataValue:

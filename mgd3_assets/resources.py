@@ -15,7 +15,8 @@ from typing import Callable
 import dagster as dg
 
 from mgd3_core import pipeline
-from mgd3_core.config import ExperimentConfig, load_config, storage_root
+from mgd3_core.config import ExperimentConfig, load_config
+from mgd3_core.storage import storage_root
 
 # The concurrency pool of every step that holds the accelerator (dagster.yaml limits it to 1).
 ACCELERATOR_POOL = "accelerator"

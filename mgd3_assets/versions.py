@@ -41,11 +41,10 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
     """The config values a stage's output depends on (JSON-able)."""
     dump = cfg.model_dump(mode="json")
     if stage == "backbone":
-        # The core's identity of the trained weights: training settings, dataset, classes and
-        # labels, training code version (the directory the embedded backbone is saved under).
-        from mgd3_core.backbones.embedded import embedded_training_key
+        # The backbone kind says what its trained weights depend on (backbones/registry.py).
+        from mgd3_core.backbones.registry import backbone_kind
 
-        return {"embedded_training_key": embedded_training_key(cfg)}
+        return backbone_kind(cfg).version_inputs(cfg)
     if stage == "latent_store":
         return {"dataset": _dataset(cfg), "encode": dump["encode"]}
     if stage == "mode_centroids":

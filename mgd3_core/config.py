@@ -32,6 +32,10 @@ DIFFUSION_METHODS = ("mgd3", "unguided", "mgd3_no_stop")
 REAL_METHODS = ("random_real", "closest_real", "decoded_centroids")
 ALL_METHODS = DIFFUSION_METHODS + REAL_METHODS
 
+# One module per kind in mgd3_core/backbones/ (registry.KINDS); a kind's own settings are a
+# field of BackboneConfig named after it.
+BACKBONE_KINDS = ("embedded", "pretrained")
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message says where and why."""
@@ -120,7 +124,7 @@ class EmbeddedBackboneConfig(_Strict):
 
 
 class BackboneConfig(_Strict):
-    kind: Literal["embedded", "pretrained"] = "embedded"
+    kind: Literal[BACKBONE_KINDS] = "embedded"  # type: ignore[valid-type]
     # Pretrained: diffusers-layout directories (e.g. DiT-XL-2-256 and sd-vae-ft-mse).
     transformer_dir: str | None = None
     vae_dir: str | None = None
@@ -339,8 +343,3 @@ def config_from_dict(raw: dict, source: str = "<dict>") -> ExperimentConfig:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(f"{source}: invalid configuration:\n{_format_errors(e)}") from None
-
-
-def storage_root() -> Path:
-    """The storage root: ``$MGD3_HOME`` or ``<project>/mgd3_home`` (git-ignored)."""
-    return Path(os.environ.get("MGD3_HOME") or DEFAULT_HOME).resolve()

@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,8 +21,10 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import storage
 from .config import ExperimentConfig
-from .distilled import load_distilled_class, set_dir
+from .distilled import load_distilled_class
+from .files import atomic_output, atomic_write
 
 log = logging.getLogger("mgd3")
 
@@ -35,18 +36,11 @@ def _noop(msg: str, frac: float) -> None:  # pragma: no cover - trivial
     pass
 
 
-def _run_dir(cfg: ExperimentConfig, home: Path) -> Path:
-    from .pipeline import run_dir
+def _classes(cfg: ExperimentConfig) -> list:
+    """The configured classes (``data.ClassInfo``), in label order."""
+    from .data import open_dataset
 
-    return run_dir(cfg, home)
-
-
-def _atomic_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return open_dataset(cfg.dataset).classes()
 
 
 # --------------------------------------------------------------------------- real data
@@ -71,11 +65,9 @@ def real_split(cfg: ExperimentConfig, split: str) -> tuple[np.ndarray, np.ndarra
 
 def distilled_set(cfg: ExperimentConfig, home: Path, method: str, ipc: int, gen_seed: int):
     """All classes of one distilled set: uint8 (N, C, H, W), labels (N,)."""
-    from .pipeline import class_infos, distilled_root
-
-    root = set_dir(distilled_root(cfg, home), method, ipc, gen_seed)
+    root = storage.distilled_set_dir(cfg, home, method, ipc, gen_seed)
     images, labels = [], []
-    for info in class_infos(cfg):
+    for info in _classes(cfg):
         imgs, _ = load_distilled_class(root, info.id)
         images.append(imgs)
         labels.append(np.full(len(imgs), info.index, dtype=np.int64))
@@ -83,10 +75,6 @@ def distilled_set(cfg: ExperimentConfig, home: Path, method: str, ipc: int, gen_
 
 
 # --------------------------------------------------------------------------- teacher
-def teacher_dir(cfg: ExperimentConfig, home: Path) -> Path:
-    return _run_dir(cfg, home) / "teacher"
-
-
 def train_teacher(cfg: ExperimentConfig, home: Path, progress: Progress = _noop) -> dict:
     """Train the real-data teacher (ConvNet, hard-label protocol, whole training split).
 
@@ -110,19 +98,24 @@ def train_teacher(cfg: ExperimentConfig, home: Path, progress: Progress = _noop)
     )
     meta = {"student": "convnet", "train_seed": seed, "epochs": epochs, "final_acc": res.final_acc,
             "best_acc": res.best_acc, "seconds": time.perf_counter() - t0, "n_train": int(len(x))}
-    out = teacher_dir(cfg, home)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".model.{os.getpid()}.tmp"
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, out / "model.safetensors")
-    _atomic_text(out / "meta.json", json.dumps(meta, indent=2))
+    with atomic_output(storage.teacher_weights_file(cfg, home)) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    atomic_write(storage.teacher_dir(cfg, home) / "meta.json", json.dumps(meta, indent=2))
     return meta
+
+
+def teacher_fingerprint(cfg: ExperimentConfig, home: Path) -> str:
+    """Hash of the teacher's weight file: the teacher's data version."""
+    path = storage.teacher_weights_file(cfg, home)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no teacher yet; materialize the teacher asset first")
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def load_teacher(cfg: ExperimentConfig, home: Path) -> torch.nn.Module:
     from .students import build_student
 
-    path = teacher_dir(cfg, home) / "model.safetensors"
+    path = storage.teacher_weights_file(cfg, home)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no teacher yet; materialize the teacher asset first")
     x, y = real_split(cfg, "test")
@@ -132,25 +125,16 @@ def load_teacher(cfg: ExperimentConfig, home: Path) -> torch.nn.Module:
 
 
 def teacher_meta(cfg: ExperimentConfig, home: Path) -> dict:
-    path = teacher_dir(cfg, home) / "meta.json"
+    path = storage.teacher_dir(cfg, home) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no teacher yet; materialize the teacher asset first")
     return json.loads(path.read_text())
 
 
 # --------------------------------------------------------------------------- students
-def students_file(cfg: ExperimentConfig, home: Path, method: str) -> Path:
-    return _run_dir(cfg, home) / "students" / f"{method}.csv"
-
-
 # Bump when the student code (models, protocols, evaluation) changes a run's result for the
 # same inputs: finished runs are kept under a key that includes it (see ``_run_key``).
 STUDENT_RUN_VERSION = 1
-
-
-def student_runs_dir(cfg: ExperimentConfig, home: Path) -> Path:
-    """One JSON record per finished student run, so an interrupted sweep resumes."""
-    return _run_dir(cfg, home) / "students" / "runs"
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -206,35 +190,25 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Pro
     depends on (settings, images, teacher, code version), so a sweep that is
     interrupted, or re-run with an added generation seed, student or IPC,
     trains only the runs it does not already have."""
-    from .students import build_student
-    from .training import train_hard_label, train_soft_label
-
     ev = cfg.evaluation
-    xt, yt = real_split(cfg, "test")
-    test_digest = _digest(xt, yt)
-    n_classes = len(np.unique(yt))
-    rows: list[dict] = []
-    if method == FULL_DATA:
-        jobs = [(None, None, s, "hard", ts) for s in ev.students for ts in ev.training_seeds]
-    else:
-        jobs = [(ipc, g, s, p, ts) for ipc in cfg.ipc for g in ev.generation_seeds for s in ev.students
-                for p in ev.protocols for ts in ev.training_seeds]
+    test = real_split(cfg, "test")
+    test_digest = _digest(*test)
+    runs = _student_runs(cfg, method)
     teacher, teacher_digest = None, None
-    if any(j[3] == "soft" for j in jobs):
+    if any(r[3] == "soft" for r in runs):
         teacher = load_teacher(cfg, home)
         teacher_digest = _digest(*(v.contiguous().numpy() for _, v in sorted(teacher.state_dict().items())))
-    runs_dir = student_runs_dir(cfg, home)
+    runs_dir = storage.student_runs_dir(cfg, home)
+    rows: list[dict] = []
     reused = 0
-    for n, (ipc, gen_seed, student, protocol, train_seed) in enumerate(jobs):
+    for n, (ipc, gen_seed, student, protocol, train_seed) in enumerate(runs):
         label = f"{method} ipc={ipc} seed={gen_seed} {student}/{protocol} train_seed={train_seed}"
+        where = f"({n + 1}/{len(runs)})"
         if method == FULL_DATA:
             x, y = real_split(cfg, "train")
             if student == "convnet" and train_seed == ev.training_seeds[0]:
-                progress(f"{label}: the teacher run ({n + 1}/{len(jobs)})", n / len(jobs))
-                meta = teacher_meta(cfg, home)
-                rows.append(dict(method=method, ipc=np.nan, student=student, protocol="hard", gen_seed=0,
-                                 train_seed=train_seed, final_acc=meta["final_acc"], best_acc=meta["best_acc"],
-                                 epochs=meta["epochs"], seconds=meta["seconds"]))
+                progress(f"{label}: the teacher run {where}", n / len(runs))
+                rows.append(_teacher_row(cfg, home, method, student, train_seed))
                 continue
             epochs = ev.hard.full_data_epochs
         else:
@@ -246,31 +220,59 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Pro
         done = _load_run(record_path)
         if done is not None:
             reused += 1
-            progress(f"{label}: already trained, final {done['final_acc']:.2f}% ({n + 1}/{len(jobs)})",
-                     n / len(jobs))
+            progress(f"{label}: already trained, final {done['final_acc']:.2f}% {where}", n / len(runs))
             rows.append(done)
             continue
-        progress(f"training {label} ({n + 1}/{len(jobs)})", n / len(jobs))
-        model = build_student(student, x.shape[1], n_classes, x.shape[-1], seed=train_seed)
-        t0 = time.perf_counter()
-        kwargs = dict(epochs=epochs, seed=train_seed, orientation_sensitive=cfg.dataset.orientation_sensitive,
-                      device=ev.device, evaluations=ev.evaluations,
-                      progress=_epoch_progress(progress, label, n, len(jobs)))
-        if protocol == "hard":
-            res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, **kwargs)
-        else:
-            res = train_soft_label(model, x, teacher, xt, yt, cfg=ev.soft, **kwargs)
-        row = dict(method=method, ipc=ipc if ipc is not None else np.nan, student=student,
-                   protocol=protocol, gen_seed=gen_seed if gen_seed is not None else 0,
-                   train_seed=train_seed, final_acc=res.final_acc, best_acc=res.best_acc,
-                   epochs=epochs, seconds=time.perf_counter() - t0)
-        _atomic_text(record_path, json.dumps({"spec": spec, "row": row}, default=_json_default))
+        progress(f"training {label} {where}", n / len(runs))
+        row = _train_student(cfg, spec, (x, y), test, teacher, _epoch_progress(progress, label, n, len(runs)))
+        atomic_write(record_path, json.dumps({"spec": spec, "row": row}, default=_json_default))
         rows.append(row)
-        log.info("%s: final %.2f%% (best %.2f%%)", label, res.final_acc, res.best_acc)
+        log.info("%s: final %.2f%% (best %.2f%%)", label, row["final_acc"], row["best_acc"])
     df = pd.DataFrame(rows)
-    _atomic_text(students_file(cfg, home, method), df.to_csv(index=False))
+    atomic_write(storage.students_file(cfg, home, method), df.to_csv(index=False))
     progress(f"{method}: {len(rows)} runs done ({reused} reused from earlier runs)", 1.0)
     return df
+
+
+def _student_runs(cfg: ExperimentConfig, method: str) -> list[tuple]:
+    """(ipc, generation seed, student, protocol, training seed) of every run of a method's sweep;
+    IPC and generation seed are None for the full-data runs (hard labels only)."""
+    ev = cfg.evaluation
+    if method == FULL_DATA:
+        return [(None, None, s, "hard", ts) for s in ev.students for ts in ev.training_seeds]
+    return [(ipc, g, s, p, ts) for ipc in cfg.ipc for g in ev.generation_seeds for s in ev.students
+            for p in ev.protocols for ts in ev.training_seeds]
+
+
+def _teacher_row(cfg: ExperimentConfig, home: Path, method: str, student: str, train_seed: int) -> dict:
+    """The full-data ConvNet row of the first training seed: the teacher run itself."""
+    meta = teacher_meta(cfg, home)
+    return dict(method=method, ipc=np.nan, student=student, protocol="hard", gen_seed=0, train_seed=train_seed,
+                final_acc=meta["final_acc"], best_acc=meta["best_acc"], epochs=meta["epochs"],
+                seconds=meta["seconds"])
+
+
+def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple, teacher,
+                   on_epoch: Callable[[dict], None]) -> dict:
+    """Train one student run (``spec``) on ``train`` = (x, y) and evaluate it on ``test``; its row."""
+    from .students import build_student
+    from .training import train_hard_label, train_soft_label
+
+    ev = cfg.evaluation
+    (x, y), (xt, yt) = train, test
+    epochs, seed = spec["epochs"], spec["train_seed"]
+    model = build_student(spec["student"], x.shape[1], len(np.unique(yt)), x.shape[-1], seed=seed)
+    t0 = time.perf_counter()
+    kwargs = dict(epochs=epochs, seed=seed, orientation_sensitive=cfg.dataset.orientation_sensitive,
+                  device=ev.device, evaluations=ev.evaluations, progress=on_epoch)
+    if spec["protocol"] == "hard":
+        res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, **kwargs)
+    else:
+        res = train_soft_label(model, x, teacher, xt, yt, cfg=ev.soft, **kwargs)
+    ipc, gen_seed = spec["ipc"], spec["gen_seed"]
+    return dict(method=spec["method"], ipc=ipc if ipc is not None else np.nan, student=spec["student"],
+                protocol=spec["protocol"], gen_seed=gen_seed if gen_seed is not None else 0, train_seed=seed,
+                final_acc=res.final_acc, best_acc=res.best_acc, epochs=epochs, seconds=time.perf_counter() - t0)
 
 
 def _epoch_progress(progress: Progress, label: str, n: int, total: int) -> Callable[[dict], None]:
@@ -292,10 +294,6 @@ def _json_default(value):
 
 
 # --------------------------------------------------------------------------- feature metrics
-def diversity_dir(cfg: ExperimentConfig, home: Path) -> Path:
-    return _run_dir(cfg, home) / "diversity"
-
-
 def diversity_report(cfg: ExperimentConfig, home: Path, progress: Progress = _noop) -> dict:
     """Diversity / representativeness per (method, IPC, generation seed, class) in the
     teacher's penultimate feature space, plus a t-SNE of real vs synthetic for a few
@@ -327,34 +325,30 @@ def diversity_report(cfg: ExperimentConfig, home: Path, progress: Progress = _no
             t.insert(0, "ipc", ipc)
             tsne_frames.append(t)
     metrics = pd.concat(frames, ignore_index=True)
-    out = diversity_dir(cfg, home)
-    _atomic_text(out / "metrics.csv", metrics.to_csv(index=False))
+    out = storage.diversity_dir(cfg, home)
+    atomic_write(out / "metrics.csv", metrics.to_csv(index=False))
     tsne = pd.concat(tsne_frames, ignore_index=True) if tsne_frames else pd.DataFrame()
-    _atomic_text(out / "tsne.csv", tsne.to_csv(index=False))
+    atomic_write(out / "tsne.csv", tsne.to_csv(index=False))
     summary = mean_over_classes(metrics)
     return {"metrics_csv": str(out / "metrics.csv"), "tsne_csv": str(out / "tsne.csv"), "summary": summary}
 
 
 # --------------------------------------------------------------------------- the report
-def report_dir(cfg: ExperimentConfig, home: Path) -> Path:
-    return _run_dir(cfg, home) / "report"
-
-
 def evaluation_report(cfg: ExperimentConfig, home: Path, fingerprint: str = ""):
     """Gather students and feature metrics of every method into the report
     (Markdown, CSV, PNGs, HTML) under ``report/``. Returns ``report.Report``."""
-    from .pipeline import class_infos, distilled_root
-    from .report import image_grid, write_report
+    from .images import image_grid
+    from .report import write_report
 
     frames = []
     for method in [FULL_DATA, *cfg.methods]:
-        path = students_file(cfg, home, method)
+        path = storage.students_file(cfg, home, method)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: students of {method!r} missing; materialize students first")
         frames.append(pd.read_csv(path))
     accuracy = pd.concat(frames, ignore_index=True)
     metrics = tsne = None
-    ddir = diversity_dir(cfg, home)
+    ddir = storage.diversity_dir(cfg, home)
     if (ddir / "metrics.csv").is_file():
         metrics = pd.read_csv(ddir / "metrics.csv")
         metrics["class"] = metrics["class"].astype(str)
@@ -362,13 +356,13 @@ def evaluation_report(cfg: ExperimentConfig, home: Path, fingerprint: str = ""):
         tsne = pd.read_csv(ddir / "tsne.csv")
     grids = {}
     ipc, g = cfg.ipc[0], cfg.evaluation.generation_seeds[0]
-    infos = class_infos(cfg)
+    infos = _classes(cfg)
     for method in cfg.methods:
-        root = set_dir(distilled_root(cfg, home), method, ipc, g)
+        root = storage.distilled_set_dir(cfg, home, method, ipc, g)
         per_class = [load_distilled_class(root, c.id)[0][: min(ipc, 10)] for c in infos]
         grids[f"{method} (IPC {ipc}, seed {g})"] = image_grid(np.concatenate(per_class), nrow=min(ipc, 10))
     notes = (f"Config `{cfg.name}`; backbone fingerprint `{fingerprint}`; sampler: {cfg.sampler.kind}, "
              f"{cfg.sampler.steps} steps, CFG {cfg.sampler.cfg_scale}, λ {cfg.sampler.guidance_strength}, "
              f"t_stop {cfg.sampler.t_stop}; modes: {cfg.modes.method}.")
-    return write_report(report_dir(cfg, home), accuracy, metrics, tsne=tsne, image_grids=grids,
+    return write_report(storage.report_dir(cfg, home), accuracy, metrics, tsne=tsne, image_grids=grids,
                         title=f"MGD³ evaluation — {cfg.name}", notes=notes)

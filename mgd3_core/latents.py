@@ -47,7 +47,7 @@ import h5py
 import numpy as np
 import torch
 
-from mgd3_core.data import DatasetError, ImageSource, UnreadableImageError, check_path_component
+from mgd3_core.data import DatasetError, ImageSource, UnreadableImageError
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +114,7 @@ class LatentStore:
         return self.latents[[pos[i] for i in ids]]
 
 
-# --------------------------------------------------------------------------- paths & locking
-def latent_store_path(home: Path, dataset_key: str, vae_fingerprint: str, class_id: str, split: str = "train") -> Path:
-    """``<home>/latents/<dataset_key>/<vae_fingerprint>/<class_id>.h5``.
-
-    Stores of a split other than "train" (e.g. "test") get ``<class_id>@<split>.h5``;
-    "val" and "fit" are subsets of "train": select their rows with ``LatentStore.select``.
-    """
-    for value, what in ((dataset_key, "dataset_key"), (vae_fingerprint, "vae_fingerprint"),
-                        (class_id, "class id"), (split, "split")):
-        check_path_component(value, what)
-    name = class_id if split == "train" else f"{class_id}@{split}"
-    return Path(home) / "latents" / dataset_key / vae_fingerprint / f"{name}.h5"
-
-
+# --------------------------------------------------------------------------- partial stores & locking
 def partial_path(path: Path) -> Path:
     """Where an unfinished store is written (never read as a store)."""
     return path.with_name(path.name + ".partial")

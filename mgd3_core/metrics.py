@@ -31,6 +31,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .distances import pairwise_distances
+
 # DD-Ranking (Li et al., 2025) default weight between IOR and HLR.
 LRS_WEIGHT = 0.5
 
@@ -43,12 +45,6 @@ def _as_points(x, name: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf features")
     return x
-
-
-def _pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(n, m) Euclidean distances; the expansion is clipped at 0 against rounding."""
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return np.sqrt(np.maximum(sq, 0.0))
 
 
 def _unit(x: np.ndarray, name: str) -> np.ndarray:
@@ -68,7 +64,7 @@ def diversity(syn) -> float:
     syn = _as_points(syn, "syn")
     if len(syn) < 2:
         return float("nan")
-    d = _pairwise_distances(syn, syn)
+    d = pairwise_distances(syn, syn, dtype=None)
     np.fill_diagonal(d, np.inf)
     return float(d.min(axis=1).mean())
 
@@ -87,7 +83,7 @@ def representativeness(syn, real, k: int = 50) -> float:
     if syn.shape[1] != real.shape[1]:
         raise ValueError(f"syn has {syn.shape[1]} features but real has {real.shape[1]}")
     k = min(int(k), len(real))
-    d = _pairwise_distances(syn, real)
+    d = pairwise_distances(syn, real, dtype=None)
     nearest = np.partition(d, k - 1, axis=1)[:, :k]
     return float(nearest.mean())
 

@@ -1,8 +1,9 @@
 """Mode discovery: per-class clustering of VAE latents (MGD3, section 3.1).
 
-``ModeFinder`` is a scikit-learn style estimator: ``__init__`` stores
-parameters, ``fit`` does the work and returns ``self``, learned attributes end
-in ``_``. The modes of a class are the cluster centres of its latents, k = IPC.
+``ModeFinder`` is a scikit-learn estimator (``BaseEstimator``, ``ClusterMixin``):
+``__init__`` stores parameters, ``fit`` does the work and returns ``self``,
+learned attributes end in ``_``, ``predict`` assigns latents to their nearest
+mode. The modes of a class are the cluster centres of its latents, k = IPC.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClusterMixin
+
+from .distances import pairwise_sq_distances
 
 Method = Literal["kmeans", "gmm", "bisecting_kmeans"]
 
@@ -31,7 +35,7 @@ def _as_matrix(latents: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
-class ModeFinder:
+class ModeFinder(ClusterMixin, BaseEstimator):
     """Find ``n_modes`` modes in one class's latents.
 
     Parameters
@@ -40,12 +44,13 @@ class ModeFinder:
     method: "kmeans" (default, the paper), "gmm" (diagonal Gaussian mixture,
         the paper's best variant) or "bisecting_kmeans" (hierarchical modes,
         ManifoldGD, CVPR 2026).
-    n_init, max_iter, seed: passed to the clustering algorithm.
+    n_init, max_iter, random_state: passed to the clustering algorithm.
     class_name: used in error messages only.
 
     Fitted attributes
     -----------------
-    centroids_: (k, D) float32 mode centres in flattened latent space.
+    cluster_centers_: (k, D) float32 mode centres in flattened latent space, largest
+        mode first (``centroids_`` is the same array).
     counts_: (k,) number of latents assigned to each mode.
     labels_: (N,) mode index of each latent.
     inertia_: sum of squared distances of latents to their assigned centre.
@@ -58,18 +63,18 @@ class ModeFinder:
         *,
         n_init: int = 3,
         max_iter: int = 300,
-        seed: int = 0,
+        random_state: int = 0,
         class_name: str = "<class>",
     ):
         self.n_modes = n_modes
         self.method = method
         self.n_init = n_init
         self.max_iter = max_iter
-        self.seed = seed
+        self.random_state = random_state
         self.class_name = class_name
 
-    def fit(self, latents: np.ndarray) -> "ModeFinder":
-        """latents: (N, ...) one class's latents; flattened to (N, D)."""
+    def fit(self, latents: np.ndarray, y=None) -> "ModeFinder":
+        """latents: (N, ...) one class's latents; flattened to (N, D). ``y`` is ignored."""
         what = f"class {self.class_name!r}"
         x = _as_matrix(latents, what)
         n, k = x.shape[0], int(self.n_modes)
@@ -83,19 +88,19 @@ class ModeFinder:
         if self.method == "kmeans":
             from sklearn.cluster import KMeans
 
-            est = KMeans(k, n_init=self.n_init, max_iter=self.max_iter, random_state=self.seed).fit(x)
+            est = KMeans(k, n_init=self.n_init, max_iter=self.max_iter, random_state=self.random_state).fit(x)
             centroids, labels = est.cluster_centers_, est.labels_
         elif self.method == "bisecting_kmeans":
             from sklearn.cluster import BisectingKMeans
 
-            est = BisectingKMeans(k, n_init=self.n_init, max_iter=self.max_iter, random_state=self.seed).fit(x)
+            est = BisectingKMeans(k, n_init=self.n_init, max_iter=self.max_iter, random_state=self.random_state).fit(x)
             centroids, labels = est.cluster_centers_, est.labels_
         elif self.method == "gmm":
             from sklearn.mixture import GaussianMixture
 
             est = GaussianMixture(
                 k, covariance_type="diag", n_init=self.n_init, max_iter=self.max_iter,
-                random_state=self.seed, reg_covar=1e-4,
+                random_state=self.random_state, reg_covar=1e-4,
             ).fit(x)
             centroids, labels = est.means_, est.predict(x)
         else:
@@ -109,15 +114,31 @@ class ModeFinder:
         order = np.lexsort((np.arange(k), -counts))
         remap = np.empty(k, dtype=np.int64)
         remap[order] = np.arange(k)
-        self.centroids_ = centroids[order].astype(np.float32)
+        self.cluster_centers_ = centroids[order].astype(np.float32)
         self.labels_ = remap[labels]
         self.counts_ = counts[order]
         self.inertia_ = float(((x - centroids[labels]) ** 2).sum())
         return self
 
+    @property
+    def centroids_(self) -> np.ndarray:
+        """Alias of ``cluster_centers_`` (the paper's word)."""
+        return self.cluster_centers_
+
+    def predict(self, latents: np.ndarray) -> np.ndarray:
+        """(N,) index of the nearest mode of each latent (N, ...)."""
+        return nearest_mode(latents, self.cluster_centers_)
+
     def closest_real(self, latents: np.ndarray) -> np.ndarray:
         """Indices (k,) of the training latents closest to each mode (all distinct)."""
-        return closest_real_indices(latents, self.centroids_)
+        return closest_real_indices(latents, self.cluster_centers_)
+
+
+def nearest_mode(latents: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """(N,) index of the nearest of ``centroids`` (k, ...) for each of ``latents`` (N, ...),
+    by squared L2 distance in flattened latent space (ties: the lower index)."""
+    x = np.asarray(latents).reshape(len(latents), -1)
+    return pairwise_sq_distances(x, np.asarray(centroids).reshape(len(centroids), -1)).argmin(1)
 
 
 def closest_real_indices(latents: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -140,11 +161,3 @@ def closest_real_indices(latents: np.ndarray, centroids: np.ndarray) -> np.ndarr
             if len(taken) == len(c):
                 break
     return chosen
-
-
-def pairwise_sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Squared L2 distances (len(a), len(b)) between rows, without a 3-D temporary."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return np.maximum(d, 0.0)

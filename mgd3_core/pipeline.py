@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +19,13 @@ import h5py
 import numpy as np
 import torch
 
+from . import storage
 from .config import DIFFUSION_METHODS, ExperimentConfig
-from .distilled import DistilledClass, set_dir, to_uint8, write_distilled_class
-from .evaluate import (  # noqa: F401  (the evaluation stages, re-exported: one facade)
-    FULL_DATA,
-    diversity_report,
-    evaluation_report,
-    train_students,
-    train_teacher,
-)
-from .modes import ModeFinder, pairwise_sq_distances
+from .distances import pairwise_distances
+from .distilled import DistilledClass, write_distilled_class
+from .files import atomic_output
+from .images import to_uint8
+from .modes import ModeFinder, nearest_mode
 from .sampling import GuidanceSettings, image_seed, sample
 
 log = logging.getLogger("mgd3")
@@ -39,15 +35,6 @@ Progress = Callable[[str, float], None]
 
 def _noop(msg: str, frac: float) -> None:  # pragma: no cover - trivial
     pass
-
-
-def run_dir(cfg: ExperimentConfig, home: Path) -> Path:
-    """Outputs that depend on the experiment (modes, distilled sets, students, reports)."""
-    return Path(home) / "runs" / cfg.name
-
-
-def distilled_root(cfg: ExperimentConfig, home: Path) -> Path:
-    return run_dir(cfg, home) / "distilled"
 
 
 # --------------------------------------------------------------------------- dataset
@@ -75,48 +62,39 @@ _BACKBONE_LOCK = threading.Lock()
 
 
 def backbone_fingerprint(cfg: ExperimentConfig, home: Path) -> str | None:
-    from .backbones import backbone_fingerprint as _fp
+    from . import backbones
 
-    return _fp(cfg, Path(home))
+    return backbones.backbone_fingerprint(cfg, Path(home))
 
 
 def ensure_backbone(cfg: ExperimentConfig, home: Path, progress=None) -> str:
-    """Train (or reuse) the embedded backbone, or check a pretrained one loads.
+    """Train (or reuse) a backbone the pipeline trains, check it loads; returns its fingerprint."""
+    from . import backbones
 
-    Returns the backbone fingerprint."""
-    if cfg.backbone.kind == "embedded":
-        from .backbones import ensure_embedded_backbone
-
-        ensure_embedded_backbone(cfg, Path(home), progress=progress)
+    backbones.ensure_backbone(cfg, Path(home), progress=progress)
     return get_backbone(cfg, home).fingerprint
 
 
 def get_backbone(cfg: ExperimentConfig, home: Path):
     """The configured backbone, loaded once per process and fingerprint."""
-    from .backbones import load_backbone
+    from . import backbones
 
     key = (cfg.backbone.model_dump_json(), str(home), backbone_fingerprint(cfg, home))
     with _BACKBONE_LOCK:
         if key not in _BACKBONES:
             _BACKBONES.clear()  # one backbone at a time: they can be large
-            _BACKBONES[key] = load_backbone(cfg, Path(home))
+            _BACKBONES[key] = backbones.load_backbone(cfg, Path(home))
         return _BACKBONES[key]
 
 
 # --------------------------------------------------------------------------- latents
-def latent_store_file(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerprint: str) -> Path:
-    from .latents import latent_store_path
-
-    return latent_store_path(Path(home), open_source(cfg).dataset_key, vae_fingerprint, class_id)
-
-
 def encode_latents(cfg: ExperimentConfig, home: Path, class_id: str, progress: Progress = _noop):
     """Encode one class's training images into its latent store (reused when valid)."""
     from .latents import LatentStoreError, encode_class, validate_latent_store
 
     backbone = get_backbone(cfg, home)
     source = open_source(cfg)
-    path = latent_store_file(cfg, home, class_id, backbone.vae_fingerprint)
+    path = storage.latent_store_file(cfg, home, class_id, backbone.vae_fingerprint)
     if path.exists():
         try:
             return validate_latent_store(path, expected_vae_fingerprint=backbone.vae_fingerprint)
@@ -144,14 +122,10 @@ class ClassModes:
     closest_items: list[str]  # their item ids
 
 
-def modes_file(cfg: ExperimentConfig, home: Path, class_id: str) -> Path:
-    return run_dir(cfg, home) / "modes" / f"{class_id}.h5"
-
-
 def mode_finder(cfg: ExperimentConfig, ipc: int, gen_seed: int, class_id: str) -> ModeFinder:
     """The configured (unfitted) mode finder of one class, IPC and generation seed."""
     return ModeFinder(ipc, cfg.modes.method, n_init=cfg.modes.n_init, max_iter=cfg.modes.max_iter,
-                      seed=cfg.modes.seed + gen_seed, class_name=class_id)
+                      random_state=cfg.modes.seed + gen_seed, class_name=class_id)
 
 
 def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerprint: str) -> dict:
@@ -161,16 +135,14 @@ def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerp
     from .latents import read_latent_store
 
     store = read_latent_store(
-        latent_store_file(cfg, home, class_id, vae_fingerprint), expected_vae_fingerprint=vae_fingerprint
+        storage.latent_store_file(cfg, home, class_id, vae_fingerprint), expected_vae_fingerprint=vae_fingerprint
     )
     lat = np.asarray(store.latents, dtype=np.float32)
     shape = lat.shape[1:]
-    path = modes_file(cfg, home, class_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path = storage.modes_file(cfg, home, class_id)
     summary: dict = {"path": str(path), "modes": {}}
     h = hashlib.sha256()
-    with h5py.File(tmp, "w") as f:
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(
             class_id=class_id, vae_fingerprint=vae_fingerprint, method=cfg.modes.method,
             n_init=cfg.modes.n_init, base_seed=cfg.modes.seed, n_latents=len(lat),
@@ -191,13 +163,12 @@ def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerp
                     "counts": finder.counts_.tolist(), "inertia": finder.inertia_,
                     "closest_items": [store.index[i] for i in closest],
                 }
-    os.replace(tmp, path)
     summary["content_hash"] = h.hexdigest()[:16]
     return summary
 
 
 def read_modes(cfg: ExperimentConfig, home: Path, class_id: str, ipc: int, gen_seed: int) -> ClassModes:
-    path = modes_file(cfg, home, class_id)
+    path = storage.modes_file(cfg, home, class_id)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no modes for class {class_id!r}; materialize mode_centroids first")
     with h5py.File(path, "r") as f:
@@ -217,7 +188,7 @@ def read_modes(cfg: ExperimentConfig, home: Path, class_id: str, ipc: int, gen_s
 # --------------------------------------------------------------------------- distillation
 def _distances(latents: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distance of image i to its own mode i, and to the nearest other mode."""
-    d = np.sqrt(pairwise_sq_distances(latents.reshape(len(latents), -1), centroids.reshape(len(centroids), -1)))
+    d = pairwise_distances(latents.reshape(len(latents), -1), centroids.reshape(len(centroids), -1))
     own = d[np.arange(len(d)), np.arange(len(d))]
     if d.shape[1] > 1:
         d_other = d.copy()
@@ -231,6 +202,23 @@ def _distances(latents: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, 
 def image_seeds(cfg: ExperimentConfig, class_id: str, ipc: int, gen_seed: int) -> list[int]:
     """Sampling seeds of the ``ipc`` images of one class in one generation seed's set."""
     return [image_seed(cfg.seed * 1_000_003 + gen_seed, class_id, ipc, i) for i in range(ipc)]
+
+
+SetKey = tuple[int, int]  # (IPC, generation seed): one distilled set of a method
+
+
+def set_keys(cfg: ExperimentConfig) -> list[SetKey]:
+    """Every (IPC, generation seed) set a method writes, in a fixed order."""
+    return [(ipc, s) for ipc in cfg.ipc for s in cfg.evaluation.generation_seeds]
+
+
+@dataclass
+class SetContent:
+    """One class of one distilled set, before it is written."""
+
+    latents: np.ndarray  # (ipc, C, h, w) float32
+    images: np.ndarray  # (ipc, C, H, W) uint8
+    extra: list[dict]  # per image: the method's own manifest columns
 
 
 @dataclass
@@ -247,95 +235,109 @@ def distill_class(
 ) -> DistillResult:
     """Write every (IPC, generation seed) set of one method for one class."""
     info = class_info(cfg, class_id)
-    result = DistillResult(method, class_id)
+    keys = set_keys(cfg)
+    modes = {key: read_modes(cfg, home, class_id, *key) for key in keys}
     needs_backbone = method in DIFFUSION_METHODS or method == "decoded_centroids"
     backbone = get_backbone(cfg, home) if needs_backbone else None
     fingerprint = backbone.fingerprint if backbone else (backbone_fingerprint(cfg, home) or "")
-    jobs = [(ipc, s) for ipc in cfg.ipc for s in cfg.evaluation.generation_seeds]
-    modes = {(ipc, s): read_modes(cfg, home, class_id, ipc, s) for ipc, s in jobs}
-    base = {"method": method, "class_id": class_id, "class_name": info.name, "class_label": info.label,
-            "backbone_fingerprint": fingerprint, "config": cfg.name}
-
-    latents_by_job: dict = {}
-    images_by_job: dict = {}
-    extra: dict = {}
     if method in DIFFUSION_METHODS:
-        settings = GuidanceSettings.from_config(cfg.sampler_for(method))
-        labels, seeds, centroids = [], [], []
-        for ipc, s in jobs:
-            labels += [info.label] * ipc
-            seeds += image_seeds(cfg, class_id, ipc, s)
-            centroids += list(modes[(ipc, s)].centroids)
-        total_steps = settings.steps * -(-len(labels) // cfg.sampler.batch_size)
-        done = [0]
-
-        def on_step(info_):
-            done[0] += 1
-            if done[0] % 10 == 0 or done[0] == total_steps:
-                progress(f"{method}/{class_id}: sampling step {done[0]}/{total_steps}", done[0] / total_steps)
-
-        out = sample(backbone, labels, seeds, modes=torch.from_numpy(np.stack(centroids)), settings=settings,
-                     batch_size=cfg.sampler.batch_size, callback=on_step)
-        images = _decode(backbone, out.latents, cfg.sampler.batch_size)
-        pos = 0
-        for ipc, s in jobs:
-            latents_by_job[(ipc, s)] = out.latents[pos:pos + ipc].numpy()
-            images_by_job[(ipc, s)] = images[pos:pos + ipc]
-            extra[(ipc, s)] = [{"seed": seeds[pos + i], **_settings_row(settings)} for i in range(ipc)]
-            pos += ipc
+        contents = _sampled_sets(cfg, backbone, method, info, keys, modes, progress)
     elif method == "decoded_centroids":
-        for ipc, s in jobs:
-            c = torch.from_numpy(modes[(ipc, s)].centroids)
-            latents_by_job[(ipc, s)] = c.numpy()
-            images_by_job[(ipc, s)] = _decode(backbone, c, cfg.sampler.batch_size)
-            extra[(ipc, s)] = [{} for _ in range(ipc)]
+        contents = _decoded_centroid_sets(cfg, backbone, keys, modes)
     elif method in ("random_real", "closest_real"):
-        from .latents import read_latent_store
-
-        source = open_source(cfg)
-        vae_fp = get_backbone(cfg, home).vae_fingerprint
-        store = read_latent_store(latent_store_file(cfg, home, class_id, vae_fp), expected_vae_fingerprint=vae_fp)
-        for ipc, s in jobs:
-            if method == "closest_real":
-                idx = modes[(ipc, s)].closest_index
-            else:
-                rng = np.random.default_rng([cfg.seed, s, int(hashlib.sha256(class_id.encode()).hexdigest()[:8], 16)])
-                idx = np.sort(rng.choice(len(store.index), size=ipc, replace=False))
-            items = [store.index[i] for i in idx]
-            latents_by_job[(ipc, s)] = np.asarray(store.latents[np.asarray(idx)], dtype=np.float32)
-            images_by_job[(ipc, s)] = source.load(class_id, "train", items)
-            extra[(ipc, s)] = [{"source_item": it} for it in items]
+        contents = _real_image_sets(cfg, home, method, class_id, keys, modes)
     else:
         raise ValueError(f"unknown method {method!r}")
 
-    for ipc, s in jobs:
-        m = modes[(ipc, s)]
-        lat = latents_by_job[(ipc, s)]
-        own, other = _distances(lat, m.centroids)
-        if method == "random_real":  # not tied to a mode: report the nearest one
-            d = np.sqrt(pairwise_sq_distances(lat.reshape(ipc, -1), m.centroids.reshape(ipc, -1)))
-            mode_idx = d.argmin(1)
-        else:
-            mode_idx = np.arange(ipc)
-        rows = []
-        for i in range(ipc):
-            r = dict(base, set=f"{method}/ipc{ipc}/seed{s}", ipc=ipc, gen_seed=s, mode_index=int(mode_idx[i]),
-                     mode_count=int(m.counts[mode_idx[i]]), dist_to_mode=float(own[i]),
-                     dist_to_nearest_other_mode=float(other[i]))
-            r.update(extra[(ipc, s)][i])
-            rows.append(r)
-        written = write_distilled_class(set_dir(distilled_root(cfg, home), method, ipc, s), class_id,
-                                        images_by_job[(ipc, s)], lat, rows)
+    base = {"method": method, "class_id": class_id, "class_name": info.name, "class_label": info.label,
+            "backbone_fingerprint": fingerprint, "config": cfg.name}
+    result = DistillResult(method, class_id)
+    for ipc, s in keys:
+        content = contents[(ipc, s)]
+        rows = _lineage_rows(base, method, ipc, s, content, modes[(ipc, s)])
+        written = write_distilled_class(storage.distilled_set_dir(cfg, home, method, ipc, s), class_id,
+                                        content.images, content.latents, rows)
         result.classes.append(written)
         result.rows.extend(rows)
         if result.preview is None:
-            result.preview = images_by_job[(ipc, s)]
+            result.preview = content.images
     return result
 
 
-def _settings_row(settings: GuidanceSettings) -> dict:
-    return {"lambda": settings.guidance_strength, "t_stop": settings.t_stop, "cfg_scale": settings.cfg_scale,
-            "steps": settings.steps, "sampler": settings.kind}
+def _sampled_sets(cfg: ExperimentConfig, backbone, method: str, info, keys: list[SetKey],
+                  modes: dict[SetKey, ClassModes], progress: Progress) -> dict[SetKey, SetContent]:
+    """A diffusion method: every set of the class sampled in one batched run (MGD3 Sec. 3.2)."""
+    settings = GuidanceSettings.from_config(cfg.sampler_for(method))
+    labels, seeds, centroids = [], [], []
+    for ipc, s in keys:
+        labels += [info.label] * ipc
+        seeds += image_seeds(cfg, info.id, ipc, s)
+        centroids += list(modes[(ipc, s)].centroids)
+    total_steps = settings.steps * -(-len(labels) // cfg.sampler.batch_size)
+    done = [0]
+
+    def on_step(_step):
+        done[0] += 1
+        if done[0] % 10 == 0 or done[0] == total_steps:
+            progress(f"{method}/{info.id}: sampling step {done[0]}/{total_steps}", done[0] / total_steps)
+
+    out = sample(backbone, labels, seeds, modes=torch.from_numpy(np.stack(centroids)), settings=settings,
+                 batch_size=cfg.sampler.batch_size, callback=on_step)
+    images = _decode(backbone, out.latents, cfg.sampler.batch_size)
+    contents, pos = {}, 0
+    for ipc, s in keys:
+        contents[(ipc, s)] = SetContent(out.latents[pos:pos + ipc].numpy(), images[pos:pos + ipc],
+                                        [{"seed": seeds[pos + i], **settings.as_dict()} for i in range(ipc)])
+        pos += ipc
+    return contents
+
+
+def _decoded_centroid_sets(cfg: ExperimentConfig, backbone, keys: list[SetKey],
+                           modes: dict[SetKey, ClassModes]) -> dict[SetKey, SetContent]:
+    """The baseline that decodes the mode centroids themselves."""
+    contents = {}
+    for key in keys:
+        c = torch.from_numpy(modes[key].centroids)
+        contents[key] = SetContent(c.numpy(), _decode(backbone, c, cfg.sampler.batch_size), [{} for _ in c])
+    return contents
+
+
+def _real_image_sets(cfg: ExperimentConfig, home: Path, method: str, class_id: str, keys: list[SetKey],
+                     modes: dict[SetKey, ClassModes]) -> dict[SetKey, SetContent]:
+    """The real-image baselines: ``ipc`` random training images, or the one closest to each mode."""
+    from .latents import read_latent_store
+
+    source = open_source(cfg)
+    vae_fp = get_backbone(cfg, home).vae_fingerprint
+    store = read_latent_store(storage.latent_store_file(cfg, home, class_id, vae_fp),
+                              expected_vae_fingerprint=vae_fp)
+    contents = {}
+    for ipc, s in keys:
+        if method == "closest_real":
+            idx = modes[(ipc, s)].closest_index
+        else:
+            rng = np.random.default_rng([cfg.seed, s, int(hashlib.sha256(class_id.encode()).hexdigest()[:8], 16)])
+            idx = np.sort(rng.choice(len(store.index), size=ipc, replace=False))
+        items = [store.index[i] for i in idx]
+        contents[(ipc, s)] = SetContent(np.asarray(store.latents[np.asarray(idx)], dtype=np.float32),
+                                        source.load(class_id, "train", items), [{"source_item": it} for it in items])
+    return contents
+
+
+def _lineage_rows(base: dict, method: str, ipc: int, gen_seed: int, content: SetContent,
+                  modes: ClassModes) -> list[dict]:
+    """The manifest rows of one class of one set (``distilled.MANIFEST_COLUMNS``)."""
+    own, other = _distances(content.latents, modes.centroids)
+    # A random real image is not tied to a mode: report the nearest one.
+    mode_idx = nearest_mode(content.latents, modes.centroids) if method == "random_real" else np.arange(ipc)
+    rows = []
+    for i in range(ipc):
+        r = dict(base, set=f"{method}/ipc{ipc}/seed{gen_seed}", ipc=ipc, gen_seed=gen_seed,
+                 mode_index=int(mode_idx[i]), mode_count=int(modes.counts[mode_idx[i]]), dist_to_mode=float(own[i]),
+                 dist_to_nearest_other_mode=float(other[i]))
+        r.update(content.extra[i])
+        rows.append(r)
+    return rows
 
 
 @torch.inference_mode()

@@ -11,7 +11,7 @@ Inputs are tidy frames, one row per run or per class:
 - t-SNE rows (optional): ``ipc, class, method, x, y``
   (:func:`mgd3_core.metrics.tsne_table` plus ``ipc``), ``method = "real"`` for
   real points.
-- image grids (optional): ``{title: PIL.Image}`` from :func:`image_grid`.
+- image grids (optional): ``{title: PIL.Image}`` from :func:`mgd3_core.images.image_grid`.
 
 :func:`write_report` writes ``report.md``, ``results.csv`` (the run rows),
 ``metrics.csv``, ``summary.csv`` (the table's numbers), PNGs and a
@@ -28,7 +28,6 @@ import io
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +37,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from .files import atomic_write
+from .images import png_bytes
 from .metrics import aggregate, dd_ranking_scores, mean_over_classes
 
 # Baselines first, then the diffusion methods, the method last (DESIGN.md Sec. 6).
@@ -61,51 +62,6 @@ class Report:
     summary: pd.DataFrame | None = field(default=None, repr=False)
 
 
-# ---------------------------------------------------------------- images
-def image_grid(images, nrow: int = 10, padding: int = 2, pad_value: int = 255) -> Image.Image:
-    """Tile uint8 images ``(N, C, H, W)`` (C = 1 or 3) into a PIL image, ``nrow`` per row."""
-    arr = np.asarray(images)
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1] not in (1, 3):
-        raise ValueError(f"image_grid: images must be uint8 (N, C in (1, 3), H, W), got {arr.dtype} {arr.shape}")
-    if nrow < 1:
-        raise ValueError(f"image_grid: nrow must be >= 1, got {nrow}")
-    n, c, h, w = arr.shape
-    cols = min(nrow, max(n, 1))
-    rows = max(1, math.ceil(n / cols))
-    canvas = np.full((c, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value, np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        top, left = padding + r * (h + padding), padding + q * (w + padding)
-        canvas[:, top:top + h, left:left + w] = arr[i]
-    return Image.fromarray(canvas[0], "L") if c == 1 else Image.fromarray(canvas.transpose(1, 2, 0), "RGB")
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    """PNG-encoded bytes of a PIL image."""
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-# ---------------------------------------------------------------- files
-def _atomic_write(path: Path, data: bytes | str) -> Path:
-    """Write to a temporary file in the same directory, then rename over ``path``.
-
-    Readers (the UI, another process) see the old file or the new one, never a
-    half-written one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the report is meant to be read by others (UI, web server)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _slug(text: str) -> str:
@@ -267,9 +223,9 @@ def write_report(out_dir: str | os.PathLike, accuracy: pd.DataFrame, metrics: pd
 
     summary = summary_table(accuracy, metrics)
     table = table_markdown(summary)
-    results_csv = _atomic_write(out / "results.csv", accuracy.to_csv(index=False))
-    summary_csv = _atomic_write(out / "summary.csv", summary.to_csv(index=False))
-    metrics_csv = _atomic_write(out / "metrics.csv", metrics.to_csv(index=False)) if metrics is not None else None
+    results_csv = atomic_write(out / "results.csv", accuracy.to_csv(index=False))
+    summary_csv = atomic_write(out / "summary.csv", summary.to_csv(index=False))
+    metrics_csv = atomic_write(out / "metrics.csv", metrics.to_csv(index=False)) if metrics is not None else None
 
     figures: list[tuple[str, str, bytes]] = [("accuracy.png", "Final top-1 accuracy (mean ± std over seeds)",
                                                accuracy_plot(summary))]
@@ -283,7 +239,7 @@ def write_report(out_dir: str | os.PathLike, accuracy: pd.DataFrame, metrics: pd
             figures.append((f"tsne_ipc{int(ipc)}.png", caption, tsne_plot(tsne[tsne["ipc"] == ipc])))
     for name, img in (image_grids or {}).items():
         figures.append((f"grid_{_slug(name)}.png", f"Images: {name}", png_bytes(img)))
-    pngs = {fname: _atomic_write(out / fname, data) for fname, _, data in figures}
+    pngs = {fname: atomic_write(out / fname, data) for fname, _, data in figures}
 
     n_gen = accuracy["gen_seed"].nunique()
     n_train = accuracy["train_seed"].nunique()
@@ -304,7 +260,7 @@ def write_report(out_dir: str | os.PathLike, accuracy: pd.DataFrame, metrics: pd
     md += [f"## {caption}\n\n![{caption}]({fname})\n" for fname, caption, _ in figures]
     md += ["Files: `results.csv` (one row per run), `summary.csv` (this table's numbers)"
            + (", `metrics.csv` (one row per method, IPC and class)." if metrics_csv else ".")]
-    markdown = _atomic_write(out / "report.md", "\n".join(md))
+    markdown = atomic_write(out / "report.md", "\n".join(md))
 
     def b64(data: bytes) -> str:
         return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
@@ -324,6 +280,6 @@ def write_report(out_dir: str | os.PathLike, accuracy: pd.DataFrame, metrics: pd
                   for _, caption, data in figures)
         + "</body></html>"
     )
-    index = _atomic_write(out / "index.html", page)
+    index = atomic_write(out / "index.html", page)
     return Report(out_dir=out, markdown=markdown, html=index, results_csv=results_csv, metrics_csv=metrics_csv,
                   summary_csv=summary_csv, pngs=pngs, table_markdown=table, summary=summary)

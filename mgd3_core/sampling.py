@@ -23,62 +23,7 @@ from typing import Callable, Literal, Protocol, Sequence
 import torch
 
 from .backbones.base import Backbone
-
-
-# --------------------------------------------------------------------------- schedule
-@dataclass(frozen=True)
-class RespacedSchedule:
-    """A training schedule respaced to S steps (improved-DDPM / DiT ``space_timesteps``).
-
-    All tensors are (S,) float64 on the CPU, indexed by the step index t;
-    ``timesteps[t]`` is the training-schedule index the denoiser is called with.
-    """
-
-    timesteps: torch.Tensor  # (S,) long
-    betas: torch.Tensor
-    alphas_cumprod: torch.Tensor
-    alphas_cumprod_prev: torch.Tensor
-    posterior_variance: torch.Tensor
-    posterior_log_variance_clipped: torch.Tensor
-    posterior_mean_coef1: torch.Tensor  # multiplies x0_hat
-    posterior_mean_coef2: torch.Tensor  # multiplies x_t
-
-    @property
-    def steps(self) -> int:
-        return int(self.timesteps.numel())
-
-
-def respace_schedule(train_betas: torch.Tensor, steps: int) -> RespacedSchedule:
-    """Keep ``steps`` evenly spaced training timesteps (first and last included) and
-    recompute the betas so that the kept ``abar`` values are unchanged."""
-    train_betas = train_betas.detach().to(torch.float64).cpu()
-    T = train_betas.numel()
-    if not 1 <= steps <= T:
-        raise ValueError(f"sampler.steps = {steps} must be in [1, {T}] (the backbone's training steps)")
-    train_abar = torch.cumprod(1.0 - train_betas, dim=0)
-    if steps == 1:
-        kept = [T - 1]
-    else:
-        stride = (T - 1) / (steps - 1)
-        kept = sorted({round(i * stride) for i in range(steps)})
-    timesteps = torch.tensor(kept, dtype=torch.long)
-    abar = train_abar[timesteps]
-    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    betas = 1.0 - abar / abar_prev
-    # q(x_{t-1} | x_t, x_0): Ho et al. 2020, eq. 6-7.
-    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
-    # The variance is 0 at t = 0; clip the log like improved-DDPM does.
-    post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]])) if steps > 1 else torch.log(betas)
-    return RespacedSchedule(
-        timesteps=timesteps,
-        betas=betas,
-        alphas_cumprod=abar,
-        alphas_cumprod_prev=abar_prev,
-        posterior_variance=post_var,
-        posterior_log_variance_clipped=post_log_var,
-        posterior_mean_coef1=betas * torch.sqrt(abar_prev) / (1.0 - abar),
-        posterior_mean_coef2=(1.0 - abar_prev) * torch.sqrt(1.0 - betas) / (1.0 - abar),
-    )
+from .backbones.schedule import RespacedSchedule, respace_schedule
 
 
 # --------------------------------------------------------------------------- settings
@@ -116,12 +61,13 @@ class GuidanceSettings:
         return self.guidance_strength > 0 and t > self.t_stop
 
     def as_dict(self) -> dict:
+        """The settings as manifest columns (``distilled.MANIFEST_COLUMNS``), in that order."""
         return {
-            "sampler": self.kind,
-            "steps": self.steps,
-            "cfg_scale": self.cfg_scale,
             "lambda": self.guidance_strength,
             "t_stop": self.t_stop,
+            "cfg_scale": self.cfg_scale,
+            "steps": self.steps,
+            "sampler": self.kind,
         }
 
 

@@ -15,7 +15,7 @@ import dagster as dg
 import pytest
 
 from mgd3_assets import demo
-from mgd3_core import backbones, pipeline
+from mgd3_core import backbones, pipeline, storage
 from mgd3_core.backbones import embedded_backbone_dir
 from mgd3_core.distilled import lineage_of
 from mgd3_core.latents import validate_latent_store
@@ -78,7 +78,7 @@ def test_distilled_images_carry_a_lineage_table_and_a_small_thumbnail_grid(tiny_
         assert (r["seed"] is not None) == (method == "mgd3")  # sampling seed for diffusion methods
         assert (r["source_item"] is not None) == (method == "random_real")  # source image for real ones
         # The metadata row and the manifest row of the same PNG agree (lineage_of reads the manifest).
-        png = pipeline.distilled_root(cfg, home) / r["image"]
+        png = storage.distilled_root(cfg, home) / r["image"]
         lineage = lineage_of(png)
         assert lineage["verified"] and int(lineage["mode_index"]) == r["mode_index"]
         assert lineage["backbone_fingerprint"] == _meta(mat, "backbone_fingerprint")

@@ -14,8 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mgd3_core import pipeline
-from mgd3_core.distilled import set_dir
+from mgd3_core import pipeline, storage
 from tests.dagster_helpers import latest_materialization, tiny_graph  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
@@ -71,7 +70,7 @@ def test_latent_store_check_fails_on_a_non_finite_latent(tiny_graph):
 
 
 def test_centroid_check_fails_on_a_missing_centroid(tiny_graph):
-    path = pipeline.modes_file(tiny_graph.cfg, tiny_graph.home, "1")
+    path = storage.modes_file(tiny_graph.cfg, tiny_graph.home, "1")
     with restored(path):
         with h5py.File(path, "r+") as f:
             g = f["ipc2/seed0"]
@@ -84,7 +83,7 @@ def test_centroid_check_fails_on_a_missing_centroid(tiny_graph):
 
 @pytest.mark.parametrize("damage", ["missing_png", "unlisted_png", "edited_png"])
 def test_distilled_check_fails_on_a_broken_partition(tiny_graph, damage):
-    sdir = set_dir(pipeline.distilled_root(tiny_graph.cfg, tiny_graph.home), "mgd3", 2, 0)
+    sdir = storage.distilled_set_dir(tiny_graph.cfg, tiny_graph.home, "mgd3", 2, 0)
     images = sdir / "images" / "1"
     with restored(images):
         if damage == "missing_png":

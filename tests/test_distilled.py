@@ -8,6 +8,7 @@ import torch
 from torchvision.datasets import ImageFolder
 
 from mgd3_core import distilled as D
+from mgd3_core import images, storage
 
 
 def _rows(k, cls="3"):
@@ -21,7 +22,7 @@ def _images(k, seed=0, c=1):
 
 
 def test_writes_an_imagefolder_readable_set_with_manifest_and_latents(tmp_path):
-    root = D.set_dir(tmp_path, "mgd3", 4, 0)
+    root = storage.set_dir(tmp_path, "mgd3", 4, 0)
     for cls in ("3", "7"):
         D.write_distilled_class(root, cls, _images(4), np.zeros((4, 2, 2, 2)), _rows(4, cls))
     ds = ImageFolder(root / "images")
@@ -33,7 +34,7 @@ def test_writes_an_imagefolder_readable_set_with_manifest_and_latents(tmp_path):
 
 
 def test_rewrite_replaces_the_class_and_staging_never_shows_in_imagefolder(tmp_path):
-    root = D.set_dir(tmp_path, "unguided", 2, 1)
+    root = storage.set_dir(tmp_path, "unguided", 2, 1)
     D.write_distilled_class(root, "3", _images(3), None, _rows(3))
     D.write_distilled_class(root, "3", _images(2, seed=1), None, _rows(2))
     assert sorted(p.name for p in (root / "images" / "3").iterdir()) == ["0.png", "1.png"]
@@ -42,13 +43,13 @@ def test_rewrite_replaces_the_class_and_staging_never_shows_in_imagefolder(tmp_p
 
 
 def test_a_crash_before_the_manifest_leaves_the_class_incomplete(tmp_path, monkeypatch):
-    root = D.set_dir(tmp_path, "mgd3", 2, 0)
+    root = storage.set_dir(tmp_path, "mgd3", 2, 0)
     D.write_distilled_class(root, "3", _images(2), None, _rows(2))
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(D, "_atomic_write_bytes", boom)
+    monkeypatch.setattr(D, "atomic_write", boom)
     with pytest.raises(OSError):
         D.write_distilled_class(root, "3", _images(2, seed=5), None, _rows(2))
     with pytest.raises(D.DistilledSetError, match="incomplete"):
@@ -56,12 +57,12 @@ def test_a_crash_before_the_manifest_leaves_the_class_incomplete(tmp_path, monke
 
 
 def test_lineage_answers_which_mode_and_seed_made_a_png(tmp_path):
-    root = D.set_dir(tmp_path, "mgd3", 3, 0)
+    root = storage.set_dir(tmp_path, "mgd3", 3, 0)
     D.write_distilled_class(root, "3", _images(3), None, _rows(3))
     info = D.lineage_of(root / "images" / "3" / "2.png")
     assert info["mode_index"] == "2" and info["seed"] == "102" and info["class_name"] == "three"
     assert info["backbone_fingerprint"] == "abc" and info["verified"] is True
-    (root / "images" / "3" / "2.png").write_bytes(D.png_bytes(_images(1, seed=9)[0]))
+    (root / "images" / "3" / "2.png").write_bytes(images.png_bytes(_images(1, seed=9)[0]))
     assert D.lineage_of(root / "images" / "3" / "2.png")["verified"] is False
     with pytest.raises(D.DistilledSetError, match="not inside a distilled set"):
         D.lineage_of(tmp_path / "x.png")
@@ -74,6 +75,6 @@ def test_mismatched_counts_are_refused(tmp_path):
 
 def test_png_bytes_are_deterministic_and_rgb_supported():
     img = _images(1, c=3)[0]
-    assert D.png_bytes(img) == D.png_bytes(img.copy())
+    assert images.png_bytes(img) == images.png_bytes(img.copy())
     x = torch.tensor([[[[-1.0, 0.0, 1.0, 2.0]]]])
-    assert D.to_uint8(x).tolist() == [[[[0, 128, 255, 255]]]]
+    assert images.to_uint8(x).tolist() == [[[[0, 128, 255, 255]]]]

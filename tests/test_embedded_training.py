@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from mgd3_core.backbones import build_dit, embedded_backbone_dir, ensure_embedded_backbone
-from mgd3_core.backbones.embedded import training_images
-from mgd3_core.backbones.training import LoopSettings, lr_at
+from mgd3_core.backbones.embedded_training import training_images
+from mgd3_core.backbones.train_loop import LoopSettings, lr_at
 from mgd3_core.config import EmbeddedDiTConfig
 from mgd3_core.data import open_dataset
 

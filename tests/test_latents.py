@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from mgd3_core.data import DatasetError, SyntheticSource, UnreadableImageError
+from mgd3_core.storage import latent_store_path
 from mgd3_core.latents import (
     LatentStoreError,
     LatentStoreLockedError,
     content_hash,
     encode_class,
-    latent_store_path,
     partial_path,
     read_latent_store,
     validate_latent_store,

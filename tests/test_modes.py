@@ -16,7 +16,7 @@ def _blobs(k=4, n_per=30, d=8, seed=0):
 @pytest.mark.parametrize("method", ["kmeans", "gmm", "bisecting_kmeans"])
 def test_mode_finder_recovers_separated_modes(method):
     x, centres = _blobs()
-    f = ModeFinder(4, method, seed=0).fit(x)
+    f = ModeFinder(4, method, random_state=0).fit(x)
     assert f.centroids_.shape == (4, 8)
     assert f.labels_.shape == (len(x),)
     assert f.counts_.sum() == len(x) and list(f.counts_) == sorted(f.counts_, reverse=True)
@@ -31,10 +31,28 @@ def test_mode_finder_recovers_separated_modes(method):
 
 def test_fit_returns_self_and_is_seeded():
     x, _ = _blobs(k=6, n_per=10)
-    a = ModeFinder(5, seed=3)
+    a = ModeFinder(5, random_state=3)
     assert a.fit(x) is a
-    b = ModeFinder(5, seed=3).fit(x)
+    b = ModeFinder(5, random_state=3).fit(x)
     assert np.array_equal(a.centroids_, b.centroids_)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "gmm", "bisecting_kmeans"])
+def test_mode_finder_is_a_scikit_learn_clusterer_whose_predict_gives_the_nearest_mode(method):
+    from sklearn.base import ClusterMixin, clone
+
+    x, _ = _blobs()
+    f = ModeFinder(4, method, n_init=2, random_state=5, class_name="7")
+    assert isinstance(f, ClusterMixin)
+    assert clone(f).get_params() == f.get_params() == {
+        "n_modes": 4, "method": method, "n_init": 2, "max_iter": 300, "random_state": 5, "class_name": "7"}
+    labels = f.fit_predict(x)  # ClusterMixin: fit, then the training labels
+    assert f.cluster_centers_ is f.centroids_
+    # Well-separated blobs: every training latent's nearest centre is the mode it was assigned.
+    assert np.array_equal(f.predict(x), labels)
+    # predict on new points: the nearest centre by L2 distance in flattened latent space.
+    probe = f.cluster_centers_[[2, 0, 3]] + 0.01
+    assert f.predict(probe.reshape(3, 2, 2, 2)).tolist() == [2, 0, 3]
 
 
 def test_closest_real_is_distinct_and_nearest():

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mgd3_core.report import METHOD_ORDER, image_grid, png_bytes, write_report
+from mgd3_core.images import image_grid, png_bytes
+from mgd3_core.report import METHOD_ORDER, write_report
 
 METHODS = ["mgd3", "unguided", "mgd3_no_stop", "random_real", "closest_real", "decoded_centroids"]  # shuffled order
 

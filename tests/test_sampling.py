@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mgd3_core.distilled import png_bytes, to_uint8
+from mgd3_core.images import png_bytes, to_uint8
 from mgd3_core.sampling import (
     GuidanceSettings,
     denoise_with_cfg,

@@ -9,6 +9,7 @@ fingerprint, which is what the automation downstream reacts to.
 
 import dagster as dg
 
+from mgd3_core.backbones.registry import backbone_kind
 from mgd3_core.config import ExperimentConfig
 
 from ..automation import observe_backbone_on_schedule, on_backbone_config_change
@@ -32,20 +33,20 @@ def _backbone_metadata(model, fingerprint: str, kind: str) -> dict:
 
 
 def build_backbone_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition | dg.SourceAsset:
-    if cfg.backbone.kind == "embedded":
-        return _embedded_backbone(cfg)
-    return _pretrained_backbone(cfg)
+    """A materialized asset for a backbone the pipeline trains, an observed source asset otherwise."""
+    if backbone_kind(cfg).TRAINED_BY_PIPELINE:
+        return _trained_backbone(cfg)
+    return _observed_backbone(cfg)
 
 
-def _embedded_backbone(cfg: ExperimentConfig) -> dg.AssetsDefinition:
+def _trained_backbone(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     @dg.asset(
         name="backbone",
         code_version=code_version(cfg, "backbone"),
         pool=ACCELERATOR_POOL,
         kinds={"pytorch"},
         automation_condition=on_backbone_config_change(),
-        description="The embedded latent diffusion backbone (VAE + class-conditional DiT), trained on the "
-        "training split or reused when a checkpoint for this config exists. Data version: its fingerprint.",
+        description=f"{backbone_kind(cfg).describe(cfg)} Data version: its fingerprint.",
     )
     def backbone(context: dg.AssetExecutionContext, backbone: BackboneResource) -> dg.MaterializeResult:
         checked_config(context, backbone.experiment, "backbone")
@@ -54,31 +55,30 @@ def _embedded_backbone(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         context.log.info(f"backbone fingerprint {fingerprint}")
         return dg.MaterializeResult(
             data_version=dg.DataVersion(fingerprint),
-            metadata=_backbone_metadata(model, fingerprint, "embedded"),
+            metadata=_backbone_metadata(model, fingerprint, cfg.backbone.kind),
         )
 
     return backbone
 
 
-def _pretrained_backbone(cfg: ExperimentConfig) -> dg.SourceAsset:
+def _observed_backbone(cfg: ExperimentConfig) -> dg.SourceAsset:
     @dg.observable_source_asset(
         name="backbone",
         automation_condition=observe_backbone_on_schedule(),
-        description=f"Pretrained backbone: DiT {cfg.backbone.transformer_dir}, VAE {cfg.backbone.vae_dir}. "
-        "Each observation fingerprints the weight files; the fingerprint is the data version.",
+        description=f"{backbone_kind(cfg).describe(cfg)} Each observation fingerprints the weight files; "
+        "the fingerprint is the data version.",
     )
     def backbone(context, backbone: BackboneResource) -> dg.ObserveResult:
         fingerprint = backbone.fingerprint()
         if fingerprint is None:
             raise FileNotFoundError(
-                f"backbone.transformer_dir {cfg.backbone.transformer_dir} / backbone.vae_dir "
-                f"{cfg.backbone.vae_dir}: no model found to fingerprint; point the config at local "
-                "directories in the diffusers layout"
+                f"{backbone_kind(cfg).describe(cfg)} No model found to fingerprint; point the config's "
+                "backbone section at local directories in the diffusers layout"
             )
         return dg.ObserveResult(
             data_version=dg.DataVersion(fingerprint),
-            metadata={"fingerprint": fingerprint, "kind": "pretrained",
-                      "transformer_dir": cfg.backbone.transformer_dir, "vae_dir": cfg.backbone.vae_dir},
+            metadata={"fingerprint": fingerprint, "kind": cfg.backbone.kind,
+                      **cfg.backbone.model_dump(include={"transformer_dir", "vae_dir"}, exclude_none=True)},
         )
 
     return backbone

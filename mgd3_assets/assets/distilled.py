@@ -9,7 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mgd3_core import pipeline
+from mgd3_core import pipeline, storage
 from mgd3_core.config import ExperimentConfig
 
 from ..automation import on_upstream_data_change
@@ -59,11 +59,11 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         backbone.get()  # load once per process; the core reuses it
         result = pipeline.distill_class(cfg, home, method, class_id,
                                         progress=progress_logger(context.log, f"distilled_images[{method}/{class_id}]"))
-        root = pipeline.distilled_root(cfg, home)
+        root = storage.distilled_root(cfg, home)
         rows = []
         for written, rows_of_set in _rows_by_set(result):
             for r in rows_of_set:
-                rows.append(dict(r, image=str((written.set_dir / "images" / class_id / r["file"]).relative_to(root))))
+                rows.append(dict(r, image=str((storage.set_images_dir(written.set_dir, class_id) / r["file"]).relative_to(root))))
         context.log.info(f"{method}/{class_id}: wrote {len(rows)} images in {len(result.classes)} sets")
         first = result.classes[0]
         return dg.MaterializeResult(

@@ -12,15 +12,13 @@
   classes.
 """
 
-import hashlib
 import math
 
 import dagster as dg
 import pandas as pd
 
-from mgd3_core import pipeline
+from mgd3_core import evaluate, storage
 from mgd3_core.config import ExperimentConfig
-from mgd3_core.evaluate import teacher_dir
 
 from ..automation import on_upstream_data_change
 from ..metadata import frame_table, progress_logger
@@ -53,10 +51,10 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
     )
     def teacher(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment, "teacher")
-        meta = pipeline.train_teacher(cfg, experiment.storage(), progress=progress_logger(context.log, "teacher"))
-        weights = teacher_dir(cfg, experiment.storage()) / "model.safetensors"
+        meta = evaluate.train_teacher(cfg, experiment.storage(), progress=progress_logger(context.log, "teacher"))
+        weights = storage.teacher_weights_file(cfg, experiment.storage())
         return dg.MaterializeResult(
-            data_version=dg.DataVersion(hashlib.sha256(weights.read_bytes()).hexdigest()[:16]),
+            data_version=dg.DataVersion(evaluate.teacher_fingerprint(cfg, experiment.storage())),
             metadata={**{k: v for k, v in meta.items() if isinstance(v, (int, float, str))},
                       "weights": dg.MetadataValue.path(str(weights))},
         )
@@ -72,7 +70,7 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
     )
     def full_data_students(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment, "full_data_students")
-        df = pipeline.train_students(cfg, experiment.storage(), pipeline.FULL_DATA,
+        df = evaluate.train_students(cfg, experiment.storage(), evaluate.FULL_DATA,
                                      progress=progress_logger(context.log, "full_data_students"))
         return dg.MaterializeResult(metadata={"runs": frame_table(df), **_accuracy_summary(df)})
 
@@ -92,7 +90,7 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
     def students(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment, "students")
         method = context.partition_key
-        df = pipeline.train_students(cfg, experiment.storage(), method,
+        df = evaluate.train_students(cfg, experiment.storage(), method,
                                      progress=progress_logger(context.log, f"students[{method}]"))
         return dg.MaterializeResult(metadata={"runs": frame_table(df), **_accuracy_summary(df)})
 
@@ -110,7 +108,7 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
     )
     def diversity_report(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment, "diversity_report")
-        out = pipeline.diversity_report(cfg, experiment.storage(),
+        out = evaluate.diversity_report(cfg, experiment.storage(),
                                         progress=progress_logger(context.log, "diversity_report"))
         return dg.MaterializeResult(metadata={
             "summary": frame_table(out["summary"]),
@@ -132,7 +130,7 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
     def evaluation_report(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                           backbone: BackboneResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment, "evaluation_report")
-        report = pipeline.evaluation_report(cfg, experiment.storage(), fingerprint=backbone.fingerprint() or "")
+        report = evaluate.evaluation_report(cfg, experiment.storage(), fingerprint=backbone.fingerprint() or "")
         context.log.info(f"evaluation report: {report.html}")
         metadata = {
             "results_table": dg.MetadataValue.md(report.table_markdown),

@@ -1,22 +1,21 @@
-"""Backbones: the ``Backbone`` interface and its diffusers implementation.
+"""Backbones: the ``Backbone`` interface, one module per ``backbone.kind``, and the registry.
 
-- :func:`load_backbone` / :func:`backbone_fingerprint`: the configured backbone
-  (a pretrained DiT + VAE from local directories, or the embedded one) and its
-  cheap fingerprint for change detection.
-- :func:`ensure_embedded_backbone`: train (or reuse) the embedded backbone.
-- :func:`load_vae`: a VAE alone, with its fingerprint.
+- :func:`load_backbone` / :func:`backbone_fingerprint` / :func:`ensure_backbone`:
+  the configured backbone, its cheap fingerprint for change detection, and
+  training it when the pipeline trains it (``registry.py``).
+- kinds: ``embedded.py`` (trained here), ``pretrained_dit.py`` (local DiT + VAE).
+- shared: ``base.py`` (interface), ``diffusers_backbone.py`` (DiT + VAE loaded with
+  diffusers), ``diffusers_files.py`` (the diffusers folder layout), ``schedule.py``
+  (noise schedules), ``vae.py``, ``train_loop.py``.
 """
 
 from .base import Backbone, hash_files
-from .diffusers_backbone import (
-    DiffusersBackbone,
-    backbone_fingerprint,
-    betas_from_scheduler_config,
-    load_backbone,
-    load_diffusers_backbone,
-)
-from .embedded import build_dit, build_vae, embedded_backbone_dir, ensure_embedded_backbone
-from .layout import BackboneFilesError, BackboneMismatchError
+from .diffusers_backbone import DiffusersBackbone, load_diffusers_backbone
+from .diffusers_files import BackboneFilesError, BackboneMismatchError
+from .embedded import embedded_backbone_dir, ensure_embedded_backbone
+from .embedded_training import build_dit, build_vae
+from .registry import backbone_fingerprint, ensure_backbone, load_backbone
+from .schedule import betas_from_scheduler_config
 from .vae import load_vae, vae_fingerprint
 
 __all__ = [
@@ -29,6 +28,7 @@ __all__ = [
     "build_dit",
     "build_vae",
     "embedded_backbone_dir",
+    "ensure_backbone",
     "ensure_embedded_backbone",
     "hash_files",
     "load_backbone",

@@ -20,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..config import BackboneConfig, ExperimentConfig
+
 
 @runtime_checkable
 class Backbone(Protocol):
@@ -59,3 +61,22 @@ def hash_files(paths: list[Path], extra: dict | None = None) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
+
+
+def configs_of(cfg: ExperimentConfig | BackboneConfig) -> tuple[BackboneConfig, ExperimentConfig | None]:
+    """(backbone config, experiment config or None) of what a caller passed."""
+    if isinstance(cfg, ExperimentConfig):
+        return cfg.backbone, cfg
+    if isinstance(cfg, BackboneConfig):
+        return cfg, None
+    raise TypeError(f"expected an ExperimentConfig or BackboneConfig, got {type(cfg).__name__}")
+
+
+def experiment_of(cfg: ExperimentConfig | BackboneConfig, why: str) -> ExperimentConfig:
+    """The experiment config, for a backbone kind that needs more than ``cfg.backbone``."""
+    _, exp = configs_of(cfg)
+    if exp is None:
+        raise TypeError(
+            f"{why}: pass the ExperimentConfig (not cfg.backbone) to load_backbone / backbone_fingerprint"
+        )
+    return exp

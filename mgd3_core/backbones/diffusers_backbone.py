@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -28,8 +27,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from torch import nn
 
-from ..config import BackboneConfig, ExperimentConfig
-from .layout import (
+from .diffusers_files import (
     SCHEDULER_CONFIG_NAME,
     BackboneFilesError,
     BackboneMismatchError,
@@ -39,61 +37,16 @@ from .layout import (
     resolve_component_dir,
     weight_files,
 )
+from .schedule import DIT_DEFAULT_SCHEDULE, betas_from_scheduler_config
 from .vae import find_vae_dir, load_vae, vae_downsampling_factor, vae_sample_size
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# DiT (Peebles & Xie 2023) was trained with the ADM linear schedule; used when a
-# transformer directory comes without a scheduler config.
-DIT_DEFAULT_SCHEDULE = {
-    "num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
-}
-
 # Older diffusers releases saved DiT as the generic Transformer2DModel (norm_type
 # "ada_norm_zero"); its weights use the same names as DiTTransformer2DModel's.
 TRANSFORMER_CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")
-
-
-# --------------------------------------------------------------------------- schedule
-def betas_from_scheduler_config(config: dict, where: str) -> torch.Tensor:
-    """(T,) float64 betas of a diffusers scheduler config (same formulas as
-    ``DDPMScheduler``, computed in float64). ``where`` names the file in errors."""
-    if config.get("prediction_type", "epsilon") != "epsilon":
-        raise BackboneMismatchError(
-            f"{where}: prediction_type is {config.get('prediction_type')!r}; the sampler needs an "
-            "epsilon-prediction model"
-        )
-    if config.get("rescale_betas_zero_snr"):
-        raise BackboneMismatchError(
-            f"{where}: rescale_betas_zero_snr is not supported (x0 is undefined at zero terminal SNR)"
-        )
-    if config.get("trained_betas") is not None:
-        betas = torch.tensor(config["trained_betas"], dtype=torch.float64)
-    else:
-        n = int(config.get("num_train_timesteps", 1000))
-        start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
-        kind = config.get("beta_schedule", "linear")
-        if kind == "linear":
-            betas = torch.linspace(start, end, n, dtype=torch.float64)
-        elif kind == "scaled_linear":  # latent diffusion's schedule
-            betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
-        elif kind == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, eq. 17
-            def abar(t: float) -> float:
-                return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-            betas = torch.tensor(
-                [min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=torch.float64
-            )
-        else:
-            raise BackboneMismatchError(
-                f"{where}: beta_schedule {kind!r} is not supported; use linear, scaled_linear, "
-                "squaredcos_cap_v2 or trained_betas"
-            )
-    if betas.ndim != 1 or betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
-        raise BackboneMismatchError(f"{where}: betas must be a 1-D list of values in (0, 1)")
-    return betas
 
 
 def find_scheduler_config(transformer_path: Path, transformer_dir: Path) -> Path | None:
@@ -331,69 +284,7 @@ def load_diffusers_backbone(
     )
 
 
-def _configs(cfg: ExperimentConfig | BackboneConfig) -> tuple[BackboneConfig, ExperimentConfig | None]:
-    if isinstance(cfg, ExperimentConfig):
-        return cfg.backbone, cfg
-    if isinstance(cfg, BackboneConfig):
-        return cfg, None
-    raise TypeError(f"expected an ExperimentConfig or BackboneConfig, got {type(cfg).__name__}")
-
-
-def _backbone_paths(cfg: ExperimentConfig | BackboneConfig, home: Path) -> tuple[Path, Path] | None:
-    """(transformer path, VAE path) of the configured backbone; None for an
-    embedded backbone that has not been trained yet."""
-    bcfg, exp = _configs(cfg)
-    if bcfg.kind == "pretrained":
-        return Path(bcfg.transformer_dir), Path(bcfg.vae_dir)
-    if exp is None:
-        raise TypeError(
-            "the embedded backbone depends on the dataset it is trained on: pass the ExperimentConfig "
-            "(not cfg.backbone) to load_backbone / backbone_fingerprint"
-        )
-    from .embedded import embedded_backbone_dir
-
-    root = embedded_backbone_dir(exp, home)
-    return (root, root) if root.is_dir() else None
-
-
-def load_backbone(cfg: ExperimentConfig | BackboneConfig, home: Path) -> DiffusersBackbone:
-    """The configured backbone, on ``backbone.device`` in ``backbone.dtype``.
-
-    ``pretrained``: loads ``backbone.transformer_dir`` + ``backbone.vae_dir``.
-    ``embedded``: loads the trained embedded backbone of this experiment from
-    ``home/backbones/`` (pass the ExperimentConfig; train it first with
-    ``ensure_embedded_backbone``). With an ExperimentConfig, the dataset's
-    image size and channels must match the backbone's.
-    """
-    bcfg, exp = _configs(cfg)
-    paths = _backbone_paths(cfg, Path(home))
-    if paths is None:
-        from .embedded import embedded_backbone_dir
-
-        raise BackboneFilesError(
-            f"{embedded_backbone_dir(exp, Path(home))}: the embedded backbone has not been trained yet; "
-            "run ensure_embedded_backbone (the backbone asset) first"
-        )
-    backbone = load_diffusers_backbone(*paths, device=bcfg.device, dtype=DTYPES[bcfg.dtype])
-    if exp is not None and (
-        exp.dataset.image_size != backbone.image_size or exp.dataset.channels != backbone.image_channels
-    ):
-        raise BackboneMismatchError(
-            f"dataset.image_size = {exp.dataset.image_size}, dataset.channels = {exp.dataset.channels} but the "
-            f"backbone in {paths[0]} works on {backbone.image_size} px images with "
-            f"{backbone.image_channels} channels; set the dataset to match the backbone"
-        )
-    return backbone
-
-
-def backbone_fingerprint(cfg: ExperimentConfig | BackboneConfig, home: Path) -> str | None:
-    """The fingerprint ``load_backbone`` would give, without loading any weights.
-
-    Hashes configs and weight files (memoised per process on file size and
-    mtime). None when the embedded backbone has not been trained yet.
-    Raises like ``load_backbone`` for missing or mismatched pretrained files.
-    """
-    paths = _backbone_paths(cfg, Path(home))
-    if paths is None:
-        return None
-    return _Resolved(*paths).fingerprints()[0]
+def diffusers_fingerprint(transformer_path: str | os.PathLike, vae_path: str | os.PathLike) -> str:
+    """The fingerprint ``load_diffusers_backbone`` would give, without loading any weights:
+    configs and weight files (memoised per process on file size and mtime) and the betas."""
+    return _Resolved(transformer_path, vae_path).fingerprints()[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from .layout import (
+from .diffusers_files import (
     BackboneFilesError,
     BackboneMismatchError,
     check_class_name,
