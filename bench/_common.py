@@ -2,9 +2,9 @@
 
 - ``header``: the exact command, date, machine and thread count, printed first.
 - ``markdown_table``: the table every script prints (and may write to a file).
-- ``RandomDiTBackbone``: a ``Backbone`` (mgd3_core/backbones/base.py) around a
-  diffusers ``DiTTransformer2DModel`` + ``AutoencoderKL`` with random weights;
-  throughput does not depend on the weights, and nothing is downloaded.
+- ``random_weights_backbone`` / ``embedded_backbone``: the pipeline's own
+  ``DiffusersBackbone`` and model builders with random weights (throughput does
+  not depend on the weights, and nothing is downloaded): no model code here.
 """
 
 from __future__ import annotations
@@ -136,105 +136,26 @@ class Stopwatch:
 
 
 # --------------------------------------------------------------------------- models
-def linear_train_betas(T: int = 1000) -> torch.Tensor:
-    """DiT's training schedule: linear betas 1e-4 .. 0.02 over T steps."""
-    return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+def dit_train_betas() -> torch.Tensor:
+    """DiT's training schedule (linear betas 1e-4 .. 0.02 over 1000 steps), from the core."""
+    from mgd3_core.backbones.schedule import DIT_DEFAULT_SCHEDULE, betas_from_scheduler_config
+
+    return betas_from_scheduler_config(DIT_DEFAULT_SCHEDULE, "DiT's default schedule")
 
 
-def build_dit(
-    *, num_layers: int, num_attention_heads: int, attention_head_dim: int, in_channels: int,
-    learned_sigma: bool, sample_size: int, patch_size: int, num_classes: int,
-):
-    from diffusers import DiTTransformer2DModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
+def random_weights_backbone(transformer, vae, betas: torch.Tensor, *, device: str | torch.device = "cpu",
+                            dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None):
+    """The pipeline's ``DiffusersBackbone`` around models with random weights (throughput does
+    not depend on them). ``autocast``: the backbone runs its models under torch.autocast.
+    Returns (backbone, a description of it)."""
+    from mgd3_core.backbones import DiffusersBackbone
 
-    model = DiTTransformer2DModel(
-        num_attention_heads=num_attention_heads,
-        attention_head_dim=attention_head_dim,
-        in_channels=in_channels,
-        out_channels=2 * in_channels if learned_sigma else in_channels,
-        num_layers=num_layers,
-        sample_size=sample_size,
-        patch_size=patch_size,
-        num_embeds_ada_norm=num_classes,
-    )
-    for module in model.modules():  # torch SDPA attention (diffusers' default processor)
-        if hasattr(module, "set_processor") and not isinstance(module.processor, AttnProcessor2_0):
-            module.set_processor(AttnProcessor2_0())
-    return model.eval().requires_grad_(False)
+    bb = DiffusersBackbone(transformer, vae, betas, fingerprint="random-weights",
+                           vae_fingerprint="random-weights-vae", device=device, dtype=dtype, autocast=autocast)
+    return bb, "mgd3_core DiffusersBackbone" + (f" under torch.autocast({autocast})" if autocast else "")
 
 
-def build_vae(*, image_channels: int, block_out_channels: Sequence[int], latent_channels: int,
-              layers_per_block: int, image_size: int, scaling_factor: float = 0.18215):
-    from diffusers import AutoencoderKL
-
-    n = len(block_out_channels)
-    groups = min(32, min(block_out_channels))
-    vae = AutoencoderKL(
-        in_channels=image_channels,
-        out_channels=image_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=layers_per_block,
-        latent_channels=latent_channels,
-        norm_num_groups=groups,
-        sample_size=image_size,
-        scaling_factor=scaling_factor,
-    )
-    return vae.eval().requires_grad_(False)
-
-
-class RandomDiTBackbone:
-    """The ``Backbone`` protocol over a diffusers DiT + VAE (random weights allowed).
-
-    ``autocast``: run the denoiser and the VAE under ``torch.autocast`` with this
-    dtype (bf16 on GPUs) while the sampler keeps its state in float32.
-    """
-
-    fingerprint = "random-weights"
-    vae_fingerprint = "random-weights-vae"
-
-    def __init__(self, transformer, vae, *, num_classes: int, image_size: int, image_channels: int,
-                 device: str | torch.device = "cpu", autocast: torch.dtype | None = None,
-                 train_steps: int = 1000):
-        self.device = torch.device(device)
-        self.transformer = transformer.to(self.device)
-        self.vae = vae.to(self.device) if vae is not None else None
-        self.num_classes = num_classes
-        self.null_class = num_classes  # diffusers' label table has the CFG row at index num_classes
-        c = transformer.config.in_channels
-        self.learned_variance = transformer.config.out_channels == 2 * c
-        self.scaling_factor = float(vae.config.scaling_factor) if vae is not None else 1.0
-        self.latent_shape = (c, transformer.config.sample_size, transformer.config.sample_size)
-        self.image_size = image_size
-        self.image_channels = image_channels
-        self.dtype = torch.float32
-        self.autocast = autocast
-        self._betas = linear_train_betas(train_steps)
-
-    def _amp(self):
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast)
-
-    def train_betas(self) -> torch.Tensor:
-        return self._betas
-
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with self._amp():
-            return self.transformer(x_t, timestep=t, class_labels=labels).sample
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        with self._amp():
-            return self.vae.encode(images).latent_dist.mean * self.scaling_factor
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        with self._amp():
-            return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
-
-
-def _randomize_zero_init_(model: torch.nn.Module, std: float = 0.02) -> None:
+def randomize_zero_init_(model: torch.nn.Module, std: float = 0.02) -> None:
     """adaLN-Zero starts with zero modulation and output layers (every block is the
     identity); give those tensors small random values so the activations look like a
     trained model's (same FLOPs either way; avoids an all-zero output)."""
@@ -245,79 +166,22 @@ def _randomize_zero_init_(model: torch.nn.Module, std: float = 0.02) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
 
 
-def wrap_backbone(transformer, vae, *, num_classes: int, image_size: int, image_channels: int,
-                  betas: torch.Tensor, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None):
-    """The project's ``DiffusersBackbone`` around these models when it is importable
-    (what the pipeline runs), else ``RandomDiTBackbone``. ``autocast``: run the
-    denoiser and the VAE decoder under torch.autocast with that dtype.
-    Returns (backbone, name of the class used)."""
-    try:
-        from mgd3_core.backbones.diffusers_backbone import DiffusersBackbone
-    except ImportError:
-        bb = RandomDiTBackbone(transformer, vae, num_classes=num_classes, image_size=image_size,
-                               image_channels=image_channels, device=device, autocast=autocast,
-                               train_steps=betas.numel())
-        bb._betas = betas
-        if dtype != torch.float32:
-            bb.transformer, bb.vae, bb.dtype = bb.transformer.to(dtype), bb.vae.to(dtype), dtype
-        return bb, "bench/_common.py RandomDiTBackbone (mgd3_core.backbones.diffusers_backbone not found)"
-
-    class AutocastBackbone(DiffusersBackbone):
-        def denoise(self, x_t, t, labels):
-            with torch.autocast(self.device.type, dtype=autocast):
-                return super().denoise(x_t, t, labels)
-
-        def decode(self, latents):
-            with torch.autocast(self.device.type, dtype=autocast):
-                return super().decode(latents)
-
-    cls = DiffusersBackbone if autocast is None else AutocastBackbone
-    bb = cls(transformer, vae, betas, fingerprint="random-weights", vae_fingerprint="random-weights-vae",
-             device=device, dtype=dtype)
-    return bb, "mgd3_core DiffusersBackbone" + (f" under torch.autocast({autocast})" if autocast else "")
-
-
 def embedded_backbone(device: str = "cpu", num_classes: int = 10):
-    """The embedded default's backbone *architecture* with random weights.
-
-    Sizes come from mgd3_core.config at run time (``EmbeddedDiTConfig``,
-    ``EmbeddedVAEConfig``, ``DatasetConfig``), so a retuned default is measured as
-    is; the models are built by mgd3_core.backbones.embedded when it exists (the
-    pipeline's own builders), else by the helpers above. Returns (backbone, description).
-    """
+    """The embedded default's backbone *architecture* with random weights, built by the
+    pipeline's own builders (``mgd3_core.backbones.embedded_training``) at the sizes of
+    ``mgd3_core.config`` at run time, so a retuned default is measured as is.
+    Returns (backbone, description)."""
+    from mgd3_core.backbones.embedded_training import build_dit, build_scheduler, build_vae
+    from mgd3_core.backbones.schedule import betas_from_scheduler_config
     from mgd3_core.config import DatasetConfig, EmbeddedDiTConfig, EmbeddedVAEConfig
 
     dit, vae_cfg, data = EmbeddedDiTConfig(), EmbeddedVAEConfig(), DatasetConfig()
     factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
-    latent = data.image_size // factor
-    try:
-        from mgd3_core.backbones import embedded as core
-    except ImportError:
-        core = None
-    if core is not None:
-        transformer = core.build_dit(dit, vae_cfg.latent_channels, latent, num_classes)
-        vae = core.build_vae(vae_cfg, data.channels, data.image_size)
-        from mgd3_core.backbones.diffusers_backbone import betas_from_scheduler_config
-
-        betas = betas_from_scheduler_config(dict(core.build_scheduler(dit).config), "embedded scheduler")
-        built_by = "mgd3_core.backbones.embedded.build_dit/build_vae"
-    else:
-        transformer = build_dit(
-            num_layers=dit.num_layers, num_attention_heads=dit.num_attention_heads,
-            attention_head_dim=dit.attention_head_dim, in_channels=vae_cfg.latent_channels,
-            learned_sigma=False, sample_size=latent, patch_size=dit.patch_size, num_classes=num_classes,
-        )
-        vae = build_vae(
-            image_channels=data.channels, block_out_channels=vae_cfg.block_out_channels,
-            latent_channels=vae_cfg.latent_channels, layers_per_block=vae_cfg.layers_per_block,
-            image_size=data.image_size,
-        )
-        betas = linear_train_betas(dit.num_train_timesteps)
-        built_by = "bench/_common.py build_dit/build_vae"
-    _randomize_zero_init_(transformer)
-    bb, wrapper = wrap_backbone(transformer, vae, num_classes=num_classes, image_size=data.image_size,
-                                image_channels=data.channels, betas=betas, device=device)
+    transformer = build_dit(dit, vae_cfg.latent_channels, data.image_size // factor, num_classes)
+    vae = build_vae(vae_cfg, data.channels, data.image_size)
+    betas = betas_from_scheduler_config(dict(build_scheduler(dit).config), "embedded scheduler")
+    randomize_zero_init_(transformer)
+    bb, wrapper = random_weights_backbone(transformer, vae, betas, device=device)
     n_params = sum(p.numel() for p in transformer.parameters())
     desc = (
         f"embedded DiT {dit.num_layers} layers x {dit.num_attention_heads} heads x "
@@ -325,6 +189,6 @@ def embedded_backbone(device: str = "cpu", num_classes: int = 10):
         f"patch {dit.patch_size}, {n_params / 1e6:.2f} M params, random weights; "
         f"{data.image_size}x{data.image_size}x{data.channels} images -> latent "
         f"{tuple(bb.latent_shape)} (VAE factor {factor}); learned sigma {bb.learned_variance}; "
-        f"{num_classes} classes; built by {built_by}; backbone {wrapper}"
+        f"{num_classes} classes; built by mgd3_core.backbones.embedded_training; backbone {wrapper}"
     )
     return bb, desc

@@ -2,8 +2,9 @@
 
 Issue 7 part 3 (and the encode figures of issue 2). Encodes one class of
 ``SyntheticSource`` images (32 x 32 x 1, the embedded default's geometry) with
-an ``AutoencoderKL`` of the embedded VAE's architecture (``EmbeddedVAEConfig``
-in mgd3_core/config.py, random weights: throughput does not depend on them)
+the pipeline's embedded VAE (``EmbeddedVAEConfig`` in mgd3_core/config.py, built by
+``mgd3_core.backbones.embedded_training.build_vae``, random weights: throughput
+does not depend on them), posterior mean x scaling factor as ``DiffusersBackbone.encode``
 through ``mgd3_core.latents.encode_class`` exactly as the pipeline does, at
 ``EncodeConfig``'s batch and chunk sizes.
 
@@ -33,17 +34,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    build_vae, current_rss_mib, header, markdown_table, median, peak_rss_mib, set_threads,
+    current_rss_mib, header, markdown_table, median, peak_rss_mib, set_threads,
 )
 
 
 def _vae(image_size: int, channels: int):
     from mgd3_core.config import EmbeddedVAEConfig
 
+    from mgd3_core.backbones.embedded_training import build_vae
+
     cfg = EmbeddedVAEConfig()
-    vae = build_vae(image_channels=channels, block_out_channels=cfg.block_out_channels,
-                    latent_channels=cfg.latent_channels, layers_per_block=cfg.layers_per_block,
-                    image_size=image_size)
+    vae = build_vae(cfg, channels, image_size).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in vae.encoder.parameters()) + sum(p.numel() for p in vae.quant_conv.parameters())
     desc = (f"AutoencoderKL block_out_channels {list(cfg.block_out_channels)}, latent_channels "
             f"{cfg.latent_channels}, layers_per_block {cfg.layers_per_block}; encoder {n_params / 1e6:.2f} M params, "

@@ -39,8 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    Stopwatch, build_dit, build_vae, header, linear_train_betas, markdown_table, median, reset_peak_rss,
-    set_threads, window_peak_rss_mib, wrap_backbone,
+    Stopwatch, dit_train_betas, header, markdown_table, median, random_weights_backbone, randomize_zero_init_,
+    reset_peak_rss, set_threads, window_peak_rss_mib,
 )
 
 import torch  # noqa: E402
@@ -56,6 +56,33 @@ TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=32, in_chann
             sample_size=8, patch_size=2, num_classes=1000)
 TINY_VAE = dict(image_channels=3, block_out_channels=[32, 32, 32, 32], latent_channels=4,
                 layers_per_block=1, image_size=64, scaling_factor=0.18215)
+
+
+def build_dit(*, num_layers: int, num_attention_heads: int, attention_head_dim: int, in_channels: int,
+              learned_sigma: bool, sample_size: int, patch_size: int, num_classes: int):
+    """A DiT of this architecture, built by the pipeline's builder."""
+    from mgd3_core.backbones.embedded_training import build_dit as core_build_dit
+    from mgd3_core.config import EmbeddedDiTConfig
+
+    arch = EmbeddedDiTConfig(num_layers=num_layers, num_attention_heads=num_attention_heads,
+                             attention_head_dim=attention_head_dim, patch_size=patch_size)
+    model = core_build_dit(arch, in_channels, sample_size, num_classes, learned_sigma=learned_sigma)
+    return model.eval().requires_grad_(False)
+
+
+def build_vae(*, image_channels: int, block_out_channels: list[int], latent_channels: int,
+              layers_per_block: int, image_size: int, scaling_factor: float):
+    """SD-VAE's architecture (mid-block attention on), built by the pipeline's builder."""
+    from mgd3_core.backbones.embedded_training import build_vae as core_build_vae
+    from mgd3_core.config import EmbeddedVAEConfig
+
+    arch = EmbeddedVAEConfig(block_out_channels=block_out_channels, latent_channels=latent_channels,
+                             layers_per_block=layers_per_block)
+    vae = core_build_vae(arch, image_channels, image_size, mid_block_attention=True)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    return vae.eval().requires_grad_(False)
+
+
 DTYPES = {"fp32": (torch.float32, None), "bf16": (torch.float32, torch.bfloat16),
           "bf16w": (torch.bfloat16, None)}
 
@@ -258,14 +285,13 @@ def main() -> None:
     emit()
 
     base_transformer = build_dit(**dit_kwargs)
+    randomize_zero_init_(base_transformer)  # adaLN-Zero: avoid an all-zero denoiser output
     base_vae = build_vae(**vae_kwargs)
     rows, vae_rows = [], []
     for dname in dtypes:
         weight_dtype, amp = DTYPES[dname]
-        backbone, wrapper = wrap_backbone(
-            base_transformer, base_vae, num_classes=dit_kwargs["num_classes"],
-            image_size=vae_kwargs["image_size"], image_channels=vae_kwargs["image_channels"],
-            betas=linear_train_betas(), device=device, dtype=weight_dtype, autocast=amp)
+        backbone, wrapper = random_weights_backbone(base_transformer, base_vae, dit_train_betas(), device=device,
+                                                    dtype=weight_dtype, autocast=amp)
         if args.compile:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             backbone.transformer = torch.compile(backbone.transformer, mode=args.compile_mode)

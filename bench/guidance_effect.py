@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mgd3_core.config import DIFFUSION_METHODS, load_config
-from mgd3_core.distilled import load_distilled_class, read_manifest
-from mgd3_core.images import image_grid
-from mgd3_core.pipeline import class_infos
-from mgd3_core.storage import distilled_root, report_dir, set_dir, storage_root
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's mgd3_core, not an installed one
+from mgd3_core.config import DIFFUSION_METHODS, load_config  # noqa: E402
+from mgd3_core.distilled import load_distilled_class, read_manifest  # noqa: E402
+from mgd3_core.images import image_grid  # noqa: E402
+from mgd3_core.pipeline import class_infos  # noqa: E402
+from mgd3_core.storage import distilled_root, report_dir, set_dir, storage_root  # noqa: E402
 
 
 def main() -> None:

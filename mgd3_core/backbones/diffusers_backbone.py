@@ -16,6 +16,7 @@ there is none, DiT's own schedule (linear betas 1e-4 .. 0.02, 1000 steps) is use
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -94,6 +95,7 @@ class DiffusersBackbone:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         source: dict | None = None,
+        autocast: torch.dtype | None = None,
     ):
         tcfg, vcfg = transformer.config, vae.config
         c_lat = int(tcfg.in_channels)
@@ -128,6 +130,9 @@ class DiffusersBackbone:
         self.fingerprint = fingerprint
         self.vae_fingerprint = vae_fingerprint
         self.source = dict(source or {})
+        # Mixed precision (e.g. bf16 on a GPU): the models run under torch.autocast with this
+        # dtype while their weights and the sampler's state stay in ``dtype``.
+        self.autocast = autocast
         self._betas = betas.detach().to(torch.float64).cpu().clone()
 
     def __repr__(self) -> str:
@@ -141,6 +146,11 @@ class DiffusersBackbone:
         """(T,) float64 betas of the training noise schedule (a copy)."""
         return self._betas.clone()
 
+    def _amp(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
     def _check(self, x: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
         if x.ndim != 4 or tuple(x.shape[1:]) != shape:
             raise ValueError(f"{name} must have shape (B, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
@@ -149,14 +159,16 @@ class DiffusersBackbone:
         """(B, C_img, H, W) in [-1, 1] -> posterior mean x scaling factor (B, C_lat, h, w) float32."""
         self._check(images, (self.image_channels, self.image_size, self.image_size), "images")
         x = images.to(device=self.device, dtype=self.dtype)
-        mean = self.vae.encode(x).latent_dist.mean
+        with self._amp():
+            mean = self.vae.encode(x).latent_dist.mean
         return ((mean - self.shift_factor) * self.scaling_factor).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C_lat, h, w) -> (B, C_img, H, W) float32 in [-1, 1] (clamped)."""
         self._check(latents, self.latent_shape, "latents")
         z = latents.to(device=self.device, dtype=self.dtype) / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z).sample.clamp(-1.0, 1.0).float()
+        with self._amp():
+            return self.vae.decode(z).sample.clamp(-1.0, 1.0).float()
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Noise prediction. x_t (B, C_lat, h, w); t (B,) or scalar training-step index;
@@ -179,9 +191,10 @@ class DiffusersBackbone:
                 f"got [{int(labels.min())}, {int(labels.max())}]"
             )
         labels = labels.to(self.device).long()
-        out = self.transformer(
-            x_t.to(device=self.device, dtype=self.dtype), timestep=t, class_labels=labels
-        ).sample
+        with self._amp():
+            out = self.transformer(
+                x_t.to(device=self.device, dtype=self.dtype), timestep=t, class_labels=labels
+            ).sample
         return out.float()
 
 

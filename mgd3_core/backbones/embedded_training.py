@@ -29,10 +29,11 @@ def _norm_groups(channels: list[int]) -> int:
     return g
 
 
-def build_vae(vae_cfg: EmbeddedVAEConfig, image_channels: int, image_size: int) -> AutoencoderKL:
+def build_vae(vae_cfg: EmbeddedVAEConfig, image_channels: int, image_size: int, *,
+              mid_block_attention: bool = False) -> AutoencoderKL:
     """An untrained ``AutoencoderKL``: (B, C, S, S) <-> (B, latent_channels, S/f, S/f),
-    f = 2 ** (len(block_out_channels) - 1). No mid-block attention: at these
-    sizes it costs more than it gives."""
+    f = 2 ** (len(block_out_channels) - 1). The embedded VAE has no mid-block attention
+    (at its sizes it costs more than it gives); SD-VAE's architecture has it."""
     n = len(vae_cfg.block_out_channels)
     return AutoencoderKL(
         in_channels=image_channels,
@@ -44,7 +45,7 @@ def build_vae(vae_cfg: EmbeddedVAEConfig, image_channels: int, image_size: int) 
         latent_channels=vae_cfg.latent_channels,
         norm_num_groups=_norm_groups(vae_cfg.block_out_channels),
         sample_size=image_size,
-        mid_block_add_attention=False,
+        mid_block_add_attention=mid_block_attention,
     )
 
 
@@ -55,15 +56,16 @@ def disable_block_label_dropout(transformer: DiTTransformer2DModel) -> None:
         block.norm1.emb.class_embedder.dropout_prob = 0.0
 
 
-def build_dit(dit_cfg: EmbeddedDiTConfig, latent_channels: int, latent_size: int, num_classes: int
-              ) -> DiTTransformer2DModel:
-    """An untrained class-conditional DiT on (B, C_lat, h, w) latents, fixed variance
-    (out_channels = in_channels), labels 0 .. num_classes-1 plus the null label."""
+def build_dit(dit_cfg: EmbeddedDiTConfig, latent_channels: int, latent_size: int, num_classes: int, *,
+              learned_sigma: bool = False) -> DiTTransformer2DModel:
+    """An untrained class-conditional DiT on (B, C_lat, h, w) latents, labels 0 .. num_classes-1
+    plus the null label; fixed variance (out_channels = in_channels, the embedded backbone) or,
+    with ``learned_sigma``, DiT-XL/2's 2 x in_channels outputs."""
     model = DiTTransformer2DModel(
         num_attention_heads=dit_cfg.num_attention_heads,
         attention_head_dim=dit_cfg.attention_head_dim,
         in_channels=latent_channels,
-        out_channels=latent_channels,
+        out_channels=2 * latent_channels if learned_sigma else latent_channels,
         num_layers=dit_cfg.num_layers,
         sample_size=latent_size,
         patch_size=dit_cfg.patch_size,
