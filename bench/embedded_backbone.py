@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from mgd3_core.backbones import embedded_backbone_dir, ensure_embedded_backbone, load_backbone
 from mgd3_core.config import DEFAULT_CONFIG, config_from_dict
 from mgd3_core.data import open_dataset
-from mgd3_core.sampling import GuidanceSettings, sample
+from mgd3_core.sampling import SamplerSettings, sample
 from mgd3_core.students import as_model_input, build_student, uint8_from_signed
 
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.tensor([c.label for c in classes for _ in range(args.per_class)])
         intended = torch.tensor([c.index for c in classes for _ in range(args.per_class)])
         seeds = list(range(len(labels)))
-        settings = GuidanceSettings(steps=50, cfg_scale=w, guidance_strength=0.0, t_stop=0, kind="ddpm")
+        settings = SamplerSettings(steps=50, cfg_scale=w, guidance_strength=0.0, t_stop=0, kind="ddpm")
         t2 = time.perf_counter()
         lat = sample(backbone, labels, seeds, modes=None, settings=settings, batch_size=500).latents
         with torch.no_grad():

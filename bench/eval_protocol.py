@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mgd3_core.config import HardLabelConfig, SoftLabelConfig  # noqa: E402
 from mgd3_core.metrics import per_class_metrics  # noqa: E402
 from mgd3_core.students import build_student, penultimate_features  # noqa: E402
-from mgd3_core.training import train_hard_label, train_soft_label, train_teacher  # noqa: E402
+from mgd3_core.training import train_hard_label, train_soft_label  # noqa: E402
 
 
 def mnist_split(seed: int = 0, n_train: int = 400):
@@ -130,9 +130,11 @@ def soft(args, cfg) -> None:
     train_x, train_y, test_x, test_y = mnist_split()
     teacher_model = build_student("convnet", 1, 10, 32, seed=0, width=args.width)
     wall, cpu = time.perf_counter(), time.process_time()
-    teacher = train_teacher(teacher_model, train_x, train_y, test_x, test_y, cfg=cfg, epochs=args.full_epochs,
-                            seed=0, orientation_sensitive=True, evaluations=args.evaluations)
-    print(f"teacher (full data, {args.full_epochs} epochs): {teacher.acc:.1f} % | wall "
+    # The teacher is the full-data hard-label run (as mgd3_core.evaluate.train_teacher trains it).
+    result = train_hard_label(teacher_model, train_x, train_y, test_x, test_y, cfg=cfg, epochs=args.full_epochs,
+                              seed=0, orientation_sensitive=True, evaluations=args.evaluations)
+    teacher_model.eval().requires_grad_(False)
+    print(f"teacher (full data, {args.full_epochs} epochs): {result.final_acc:.1f} % | wall "
           f"{time.perf_counter() - wall:.1f} s cpu {time.process_time() - cpu:.1f} s", flush=True)
     soft_cfg = SoftLabelConfig()
     for epochs in args.epochs:
@@ -140,7 +142,7 @@ def soft(args, cfg) -> None:
             idx = random_subset(train_y, args.ipc, seed)
             student = build_student("convnet", 1, 10, 32, seed=seed, width=args.width)
             load, wall, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
-            r = train_soft_label(student, train_x[idx], teacher.model, test_x, test_y, cfg=soft_cfg, epochs=epochs,
+            r = train_soft_label(student, train_x[idx], teacher_model, test_x, test_y, cfg=soft_cfg, epochs=epochs,
                                  seed=seed, orientation_sensitive=True, evaluations=args.evaluations)
             print(f"soft n={len(idx)} epochs={epochs} seed={seed}: final {r.final_acc:.1f} % | wall "
                   f"{time.perf_counter() - wall:.1f} s cpu {time.process_time() - cpu:.1f} s load {load:.1f}",

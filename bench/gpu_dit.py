@@ -120,8 +120,8 @@ def request(backbone, n: int):
     return labels, seeds, modes
 
 
-def settings(steps: int, cfg: float, guided: bool) -> sampling.GuidanceSettings:
-    return sampling.GuidanceSettings(steps=steps, cfg_scale=cfg, guidance_strength=0.1 if guided else 0.0,
+def settings(steps: int, cfg: float, guided: bool) -> sampling.SamplerSettings:
+    return sampling.SamplerSettings(steps=steps, cfg_scale=cfg, guidance_strength=0.1 if guided else 0.0,
                                      t_stop=round(25 * steps / 50))
 
 

@@ -38,7 +38,7 @@ from mgd3_core.config import load_config  # noqa: E402
 from mgd3_core.storage import latent_store_file, storage_root  # noqa: E402
 from mgd3_core.evaluate import real_split  # noqa: E402
 from mgd3_core.latents import read_latent_store  # noqa: E402
-from mgd3_core.sampling import GuidanceSettings, sample  # noqa: E402
+from mgd3_core.sampling import SamplerSettings, sample  # noqa: E402
 from mgd3_core.students import build_student  # noqa: E402
 from mgd3_core.training import train_hard_label  # noqa: E402
 
@@ -110,13 +110,13 @@ def main() -> None:
                                device=cfg.evaluation.device, evaluations=1)
         return res.final_acc
 
-    settings_list = [("unguided", GuidanceSettings(steps=cfg.sampler.steps, cfg_scale=c, guidance_strength=0.0,
+    settings_list = [("unguided", SamplerSettings(steps=cfg.sampler.steps, cfg_scale=c, guidance_strength=0.0,
                                                    t_stop=0, kind=cfg.sampler.kind)) for c in cfg_scales]
     for c in cfg_scales:
         for lam in args.lambdas:
             for ts in args.t_stops:
                 settings_list.append((f"lambda {lam:g}, t_stop {ts}",
-                                      GuidanceSettings(steps=cfg.sampler.steps, cfg_scale=c, guidance_strength=lam,
+                                      SamplerSettings(steps=cfg.sampler.steps, cfg_scale=c, guidance_strength=lam,
                                                        t_stop=ts, kind=cfg.sampler.kind)))
 
     runs = []

@@ -95,11 +95,11 @@ def request(backbone, n: int, seed: int = 0):
     return labels, seeds, modes
 
 
-def settings_for(kind: str, steps: int) -> sampling.GuidanceSettings:
+def settings_for(kind: str, steps: int) -> sampling.SamplerSettings:
     cfg = SamplerConfig()
     lam = 0.0 if kind == "unguided" else cfg.guidance_strength
     t_stop = round(cfg.t_stop * steps / cfg.steps)  # the same fraction of the steps when --steps differs
-    return sampling.GuidanceSettings(steps=steps, cfg_scale=cfg.cfg_scale, guidance_strength=lam,
+    return sampling.SamplerSettings(steps=steps, cfg_scale=cfg.cfg_scale, guidance_strength=lam,
                                      t_stop=t_stop, kind=cfg.kind)
 
 

@@ -6,8 +6,6 @@ error names the file, the dotted key at fault and the allowed values.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -302,13 +300,6 @@ class ExperimentConfig(_Strict):
         table = self.evaluation.hard.epochs_by_ipc
         keys = sorted(k for k in table if k <= ipc) or [min(table)]
         return table[keys[-1]]
-
-    def fingerprint(self, *sections: str) -> str:
-        """Stable hash of the named sections (all when none): for code/data versions."""
-        dump = self.model_dump(mode="json")
-        if sections:
-            dump = {s: dump[s] for s in sections}
-        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format_errors(err: ValidationError) -> str:

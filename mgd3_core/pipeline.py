@@ -26,7 +26,7 @@ from .distilled import DistilledClass, write_distilled_class
 from .files import atomic_output
 from .images import to_uint8
 from .modes import ModeFinder, nearest_mode
-from .sampling import GuidanceSettings, image_seed, sample
+from .sampling import SamplerSettings, image_seed, sample
 
 log = logging.getLogger("mgd3")
 
@@ -267,7 +267,7 @@ def distill_class(
 def _sampled_sets(cfg: ExperimentConfig, backbone, method: str, info, keys: list[SetKey],
                   modes: dict[SetKey, ClassModes], progress: Progress) -> dict[SetKey, SetContent]:
     """A diffusion method: every set of the class sampled in one batched run (MGD3 Sec. 3.2)."""
-    settings = GuidanceSettings.from_config(cfg.sampler_for(method))
+    settings = SamplerSettings.from_config(cfg.sampler_for(method))
     labels, seeds, centroids = [], [], []
     for ipc, s in keys:
         labels += [info.label] * ipc

@@ -6,10 +6,10 @@ Nothing here knows about files or Dagster.
 
 Notation (DESIGN.md section 2): the training schedule is respaced to S steps;
 step index ``t = S-1 ... 0``; ``abar_t`` is the cumulative alpha at step t;
-``w`` the classifier-free guidance scale; ``lam`` the mode-guidance strength;
+``w`` the classifier-free guidance scale; ``lambda`` the mode-guidance strength (``guidance_strength``);
 guidance is applied while ``t > t_stop``.
 
-Unguided sampling is *the same loop* with ``lam = 0`` (or ``t_stop = S``, or no
+Unguided sampling is *the same loop* with ``lambda = 0`` (or ``t_stop = S``, or no
 modes): the guidance line is then skipped, so the result is bit-identical.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
@@ -28,15 +28,15 @@ from .backbones.schedule import RespacedSchedule, respace_schedule
 
 # --------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
-class GuidanceSettings:
-    """Sampler settings. ``SamplerConfig`` (config.py) converts with ``from_config``."""
+class SamplerSettings:
+    """Every setting of the guided sampler (MGD3 Sec. 3.2: steps, CFG scale, guidance strength
+    lambda, t_stop, DDPM or DDIM). ``SamplerConfig`` (config.py) converts with ``from_config``."""
 
     steps: int = 50
     cfg_scale: float = 4.0
     guidance_strength: float = 0.1  # lambda
     t_stop: int = 25
     kind: Literal["ddpm", "ddim"] = "ddpm"
-    ddim_eta: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.t_stop <= self.steps:
@@ -47,7 +47,7 @@ class GuidanceSettings:
             raise ValueError(f"sampler kind {self.kind!r} must be 'ddpm' or 'ddim'")
 
     @classmethod
-    def from_config(cls, cfg) -> "GuidanceSettings":
+    def from_config(cls, cfg) -> "SamplerSettings":
         return cls(
             steps=cfg.steps,
             cfg_scale=cfg.cfg_scale,
@@ -94,10 +94,6 @@ def mode_pull(mode: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor:
     return mode - x0_hat
 
 
-class _NoiseSource(Protocol):
-    def __call__(self, shape: tuple[int, ...]) -> torch.Tensor: ...
-
-
 # --------------------------------------------------------------------------- one step
 @dataclass(frozen=True)
 class StepOutput:
@@ -142,7 +138,7 @@ def guided_ddpm_step(
 
     x_prev = mean
     if mode is not None and guidance_strength > 0:
-        # MGD3 mode guidance: x_{t-1} = mu_t + lam * sigma_t * (m - x0_hat) + sigma_t * z
+        # MGD3 mode guidance: x_{t-1} = mu_t + lambda * sigma_t * (m - x0_hat) + sigma_t * z
         x_prev = x_prev + guidance_strength * std * mode_pull(mode, x0_hat)
     if noise is not None and t > 0:
         x_prev = x_prev + std * noise
@@ -168,7 +164,7 @@ def guided_ddim_step(
     abar_prev = float(schedule.alphas_cumprod_prev[t])
     x0_hat = predict_x0(x_t, eps, abar)
     if mode is not None and guidance_strength > 0:
-        # MGD3 (Alg. 1): eps_hat = eps - sqrt(1 - abar_t) * lam * (m - x0_hat)
+        # MGD3 (Alg. 1): eps_hat = eps - sqrt(1 - abar_t) * lambda * (m - x0_hat)
         eps = eps - math.sqrt(1.0 - abar) * guidance_strength * mode_pull(mode, x0_hat)
     x0_guided = predict_x0(x_t, eps, abar)
     # Song et al. 2021, eq. 12 and 16.
@@ -184,7 +180,7 @@ def guided_ddim_step(
 @dataclass
 class SampleResult:
     latents: torch.Tensor  # (N, C, h, w) float32 on the CPU
-    settings: GuidanceSettings
+    settings: SamplerSettings
     seeds: list[int]
 
 
@@ -253,7 +249,7 @@ def sample(
     seeds: Sequence[int],
     *,
     modes: torch.Tensor | None = None,
-    settings: GuidanceSettings | None = None,
+    settings: SamplerSettings | None = None,
     batch_size: int = 100,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> SampleResult:
@@ -264,9 +260,9 @@ def sample(
     Returns latents (N, C, h, w) float32 on the CPU. An image's result depends
     only on its label, mode, seed and the settings, not on ``batch_size``.
     """
-    settings = settings or GuidanceSettings()
-    if hasattr(settings, "model_dump") and not isinstance(settings, GuidanceSettings):
-        settings = GuidanceSettings.from_config(settings)
+    settings = settings or SamplerSettings()
+    if hasattr(settings, "model_dump") and not isinstance(settings, SamplerSettings):
+        settings = SamplerSettings.from_config(settings)
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     n = labels.numel()
     if len(seeds) != n:
@@ -309,16 +305,16 @@ def sample(
             eps = eps.float()
             var = var.float() if var is not None else None
             guided = m is not None and settings.guided_at(t)
-            lam = settings.guidance_strength if guided else 0.0
+            strength = settings.guidance_strength if guided else 0.0
             if settings.kind == "ddpm":
                 step = guided_ddpm_step(
                     x, eps, t, schedule, noise=z, mode=m if guided else None,
-                    guidance_strength=lam, variance_values=var,
+                    guidance_strength=strength, variance_values=var,
                 )
             else:
                 step = guided_ddim_step(
                     x, eps, t, schedule, noise=z, mode=m if guided else None,
-                    guidance_strength=lam, eta=settings.ddim_eta,
+                    guidance_strength=strength,
                 )
             if callback is not None:
                 callback(StepInfo(b, n_batches, t, schedule.steps, guided, x, step.pred_original_sample,

@@ -31,7 +31,6 @@ import torchvision
 from torch import nn
 
 STUDENTS = ("convnet", "resnetap10", "resnet18")
-StudentName = Literal["convnet", "resnetap10", "resnet18"]
 Norm = Literal["instance", "batch"]
 
 CONVNET_WIDTH = 128

@@ -65,15 +65,6 @@ class TrainResult:
     history: list[dict] = field(repr=False)
 
 
-@dataclass(frozen=True)
-class TeacherResult:
-    """A trained teacher (in eval mode, gradients off) and its training run."""
-
-    model: nn.Module
-    acc: float
-    result: TrainResult
-
-
 # ---------------------------------------------------------------- augmentation
 @dataclass(frozen=True)
 class AugmentParams:
@@ -356,24 +347,6 @@ def train_hard_label(model: nn.Module, train_images, train_labels, eval_images, 
                 augment=make_augment(cfg, orientation_sensitive=orientation_sensitive),
                 epochs=epochs, batch_size=cfg.batch_size, seed=seed, eval_images=eval_images,
                 eval_labels=eval_labels, evaluations=evaluations, device=device, progress=progress)
-
-
-def train_teacher(model: nn.Module, train_images, train_labels, eval_images, eval_labels, *,
-                  cfg: HardLabelConfig, epochs: int, seed: int, orientation_sensitive: bool,
-                  device: str | torch.device = "cpu", evaluations: int = 2,
-                  progress: Progress | None = None) -> TeacherResult:
-    """Train a teacher on the real training split with the hard-label protocol.
-
-    This is exactly the full-data upper-bound run, so one run can serve as
-    both (and its penultimate layer as the fixed feature space of
-    :mod:`mgd3_core.metrics`). The returned model is in eval mode with
-    ``requires_grad`` off.
-    """
-    result = train_hard_label(model, train_images, train_labels, eval_images, eval_labels, cfg=cfg,
-                              epochs=epochs, seed=seed, orientation_sensitive=orientation_sensitive,
-                              device=device, evaluations=evaluations, progress=progress)
-    model.eval().requires_grad_(False)
-    return TeacherResult(model=model, acc=result.final_acc, result=result)
 
 
 # ---------------------------------------------------------------- soft-label protocol

@@ -8,7 +8,7 @@ import torch
 
 from mgd3_core.images import png_bytes, to_uint8
 from mgd3_core.sampling import (
-    GuidanceSettings,
+    SamplerSettings,
     denoise_with_cfg,
     guided_ddim_step,
     guided_ddpm_step,
@@ -88,10 +88,10 @@ def test_hand_computed_guided_ddim_step():
 def test_lambda_zero_and_t_stop_S_are_exactly_unguided(kind):
     bb = GaussianToyBackbone()
     labels, seeds, modes = _request(bb)
-    base = GuidanceSettings(steps=S, cfg_scale=2.0, guidance_strength=0.1, t_stop=5, kind=kind)
+    base = SamplerSettings(steps=S, cfg_scale=2.0, guidance_strength=0.1, t_stop=5, kind=kind)
     unguided = sample(bb, labels, seeds, modes=None, settings=base).latents
-    lam0 = sample(bb, labels, seeds, modes=modes, settings=GuidanceSettings(**{**base.__dict__, "guidance_strength": 0.0})).latents
-    stop_s = sample(bb, labels, seeds, modes=modes, settings=GuidanceSettings(**{**base.__dict__, "t_stop": S})).latents
+    lam0 = sample(bb, labels, seeds, modes=modes, settings=SamplerSettings(**{**base.__dict__, "guidance_strength": 0.0})).latents
+    stop_s = sample(bb, labels, seeds, modes=modes, settings=SamplerSettings(**{**base.__dict__, "t_stop": S})).latents
     guided = sample(bb, labels, seeds, modes=modes, settings=base).latents
     assert torch.equal(unguided, lam0)
     assert torch.equal(unguided, stop_s)
@@ -101,7 +101,7 @@ def test_lambda_zero_and_t_stop_S_are_exactly_unguided(kind):
 def test_guided_samples_end_closer_to_their_modes_and_distance_shrinks_while_guided():
     bb = GaussianToyBackbone()
     labels, seeds, modes = _request(bb, n_per_class=4)
-    settings = GuidanceSettings(steps=S, cfg_scale=1.0, guidance_strength=0.5, t_stop=8)
+    settings = SamplerSettings(steps=S, cfg_scale=1.0, guidance_strength=0.5, t_stop=8)
     trace = {}
 
     def record(info):
@@ -134,7 +134,7 @@ def test_cfg_on_noise_channels_only_and_variance_from_conditional_half():
     torch.testing.assert_close(var, out_c[:, c:])  # not CFG-combined, not the null half
     # The learned-variance path runs end to end and its variance changes the result.
     labels2, seeds, modes = _request(bb)
-    s = GuidanceSettings(steps=5, cfg_scale=w, t_stop=2)
+    s = SamplerSettings(steps=5, cfg_scale=w, t_stop=2)
     a = sample(bb, labels2, seeds, modes=modes, settings=s).latents
     bb.learned_variance = False
     b = sample(bb, labels2, seeds, modes=modes, settings=s).latents
@@ -144,7 +144,7 @@ def test_cfg_on_noise_channels_only_and_variance_from_conditional_half():
 def test_cfg_scale_one_uses_a_single_forward_pass():
     bb = GaussianToyBackbone()
     labels, seeds, _ = _request(bb)
-    sample(bb, labels, seeds, settings=GuidanceSettings(steps=5, cfg_scale=1.0, t_stop=0), batch_size=100)
+    sample(bb, labels, seeds, settings=SamplerSettings(steps=5, cfg_scale=1.0, t_stop=0), batch_size=100)
     assert bb.calls == 5
 
 
@@ -152,7 +152,7 @@ def test_cfg_scale_one_uses_a_single_forward_pass():
 def test_batch_size_does_not_change_images_and_same_seed_same_png(kind):
     bb = GaussianToyBackbone()
     labels, seeds, modes = _request(bb, n_per_class=5)
-    s = GuidanceSettings(steps=S, cfg_scale=3.0, t_stop=10, kind=kind)
+    s = SamplerSettings(steps=S, cfg_scale=3.0, t_stop=10, kind=kind)
     runs = [sample(bb, labels, seeds, modes=modes, settings=s, batch_size=b).latents for b in (1, 7, len(labels))]
     for r in runs[1:]:
         torch.testing.assert_close(r, runs[0], rtol=1e-5, atol=1e-5)
@@ -176,14 +176,14 @@ def test_bad_requests_give_named_errors():
     bb = GaussianToyBackbone()
     labels, seeds, modes = _request(bb)
     with pytest.raises(ValueError, match="one mode per image"):
-        sample(bb, labels, seeds, modes=modes[:-1], settings=GuidanceSettings(steps=2, t_stop=0))
+        sample(bb, labels, seeds, modes=modes[:-1], settings=SamplerSettings(steps=2, t_stop=0))
     bad = modes.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        sample(bb, labels, seeds, modes=bad, settings=GuidanceSettings(steps=2, t_stop=0))
+        sample(bb, labels, seeds, modes=bad, settings=SamplerSettings(steps=2, t_stop=0))
     with pytest.raises(ValueError, match="seed"):
-        sample(bb, labels, seeds[:-1], settings=GuidanceSettings(steps=2, t_stop=0))
+        sample(bb, labels, seeds[:-1], settings=SamplerSettings(steps=2, t_stop=0))
     with pytest.raises(ValueError, match="outside the backbone's classes"):
-        sample(bb, [99], [1], settings=GuidanceSettings(steps=2, t_stop=0))
+        sample(bb, [99], [1], settings=SamplerSettings(steps=2, t_stop=0))
     with pytest.raises(ValueError, match="t_stop"):
-        GuidanceSettings(steps=10, t_stop=11)
+        SamplerSettings(steps=10, t_stop=11)
