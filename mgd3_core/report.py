@@ -41,7 +41,7 @@ from .files import atomic_write
 from .images import png_bytes
 from .metrics import aggregate, dd_ranking_scores, mean_over_classes
 
-# Baselines first, then the diffusion methods, the method last (DESIGN.md Sec. 6).
+# Baselines first, then the diffusion methods, the method last (the order of the README's results table).
 METHOD_ORDER = ("full_data", "random_real", "closest_real", "decoded_centroids", "unguided", "mgd3_no_stop", "mgd3")
 ACC_COLUMNS = ("method", "ipc", "student", "protocol", "gen_seed", "train_seed", "final_acc", "best_acc")
 METRIC_COLUMNS = ("method", "ipc", "class", "diversity", "representativeness", "cos_div", "cos_rep")

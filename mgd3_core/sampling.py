@@ -4,7 +4,7 @@ The sampler is a function of a backbone (the denoiser and its training noise
 schedule), the per-image labels, modes and seeds, and the sampler settings.
 Nothing here knows about files or Dagster.
 
-Notation (DESIGN.md section 2): the training schedule is respaced to S steps;
+Notation (MGD3, ICML 2025, Sec. 3.2 and Alg. 1): the training schedule is respaced to S steps;
 step index ``t = S-1 ... 0``; ``abar_t`` is the cumulative alpha at step t;
 ``w`` the classifier-free guidance scale; ``lambda`` the mode-guidance strength (``guidance_strength``);
 guidance is applied while ``t > t_stop``.

@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import dagster as dg
-import pytest
 import yaml
 
 from mgd3_core.config import config_from_dict
@@ -175,16 +174,3 @@ class TinyGraph:
         """Environment for a subprocess (webserver) that should see this instance and experiment."""
         return {**os.environ, "DAGSTER_HOME": str(self.dagster_home), "MGD3_HOME": str(self.home),
                 "MGD3_CONFIG": str(self.config_path)}
-
-
-_TINY_GRAPH: TinyGraph | None = None
-
-
-@pytest.fixture(scope="session")
-def tiny_graph(tmp_path_factory) -> TinyGraph:
-    """Built once per test process: each module that imports this fixture gets its own
-    fixture definition from pytest, so the graph itself is cached here."""
-    global _TINY_GRAPH
-    if _TINY_GRAPH is None:
-        _TINY_GRAPH = TinyGraph(tmp_path_factory.mktemp("tiny_graph")).materialize()
-    return _TINY_GRAPH

@@ -26,7 +26,6 @@ from tests.dagster_helpers import (
     latest_materialization,
     materialized_partitions,
     tiny_config,
-    tiny_graph,  # noqa: F401  (session fixture)
     write_config,
 )
 

@@ -28,19 +28,12 @@ from mgd3_core.backbones import (
     vae_fingerprint,
 )
 from mgd3_core.config import BackboneConfig, config_from_dict
+from tests.toys import tiny_embedded_config
 
 N_CLASSES = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids OpenMP barrier
-    stalls (10-100x slower when the cores are busy); it also keeps the thread
-    count fixed, which bit-exact resume comparisons rely on."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_dit(in_channels: int = 4, sample_size: int = 4, learned_sigma: bool = True) -> DiTTransformer2DModel:
@@ -231,18 +224,6 @@ def test_legacy_transformer2d_class_name_loads(pretrained):
 
 
 # --------------------------------------------------------------------------- embedded
-def tiny_embedded_config(**dit) -> "ExperimentConfig":  # noqa: F821
-    return config_from_dict({
-        "dataset": {"classes": ["0", "1", "2"], "max_per_class": 12, "image_size": 16},
-        "backbone": {"embedded": {
-            "vae": {"block_out_channels": [8, 8], "latent_channels": 2, "steps": 3, "batch_size": 8},
-            "dit": {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2,
-                    "steps": 4, "batch_size": 8, "warmup_steps": 1, "num_train_timesteps": 100, **dit},
-            "checkpoint_every": 2,
-        }},
-    })
-
-
 def test_embedded_backbone_conforms_and_loads_like_a_pretrained_one(tmp_path):
     cfg, home = tiny_embedded_config(), tmp_path / "home"
     assert backbone_fingerprint(cfg, home) is None  # not trained yet

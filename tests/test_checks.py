@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mgd3_core import pipeline, storage
-from tests.dagster_helpers import latest_materialization, tiny_graph  # noqa: F401  (session fixture)
+from tests.dagster_helpers import latest_materialization
 
 pytestmark = pytest.mark.slow
 

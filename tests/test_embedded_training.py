@@ -15,7 +15,9 @@ from mgd3_core.backbones.train_loop import LoopSettings, lr_at
 from mgd3_core.config import EmbeddedDiTConfig
 from mgd3_core.data import open_dataset
 
-from .test_backbones import one_thread, tiny_embedded_config  # noqa: F401 (autouse fixture)
+from tests.toys import tiny_embedded_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Interrupt(Exception):

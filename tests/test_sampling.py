@@ -1,4 +1,4 @@
-"""The guided sampler: the mathematics of DESIGN.md section 2, pinned down."""
+"""The guided sampler: the mathematics of MGD3 (ICML 2025, Sec. 3.2, Alg. 1), pinned down."""
 
 import math
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 from mgd3_core.config import PROJECT_ROOT
-from tests.dagster_helpers import tiny_graph  # noqa: F401  (session fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -1,8 +1,11 @@
-"""Small analytic stand-ins used by several tests (no training, no files)."""
+"""Small stand-ins used by several tests: analytic backbones (no training, no files) and a tiny
+embedded experiment config."""
 
 from __future__ import annotations
 
 import torch
+
+from mgd3_core.config import ExperimentConfig, config_from_dict
 
 
 def linear_betas(T: int = 1000) -> torch.Tensor:
@@ -60,3 +63,16 @@ class GaussianToyBackbone:
             v = (labels.float() / (self.num_classes + 1)).view(-1, 1, 1, 1).expand_as(eps)
             return torch.cat([eps, v], 1)
         return eps
+
+
+def tiny_embedded_config(**dit) -> ExperimentConfig:
+    """A three-class embedded experiment whose backbone trains in seconds; ``dit`` overrides its DiT settings."""
+    return config_from_dict({
+        "dataset": {"classes": ["0", "1", "2"], "max_per_class": 12, "image_size": 16},
+        "backbone": {"embedded": {
+            "vae": {"block_out_channels": [8, 8], "latent_channels": 2, "steps": 3, "batch_size": 8},
+            "dit": {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2,
+                    "steps": 4, "batch_size": 8, "warmup_steps": 1, "num_train_timesteps": 100, **dit},
+            "checkpoint_every": 2,
+        }},
+    })
