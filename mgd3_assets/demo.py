@@ -27,6 +27,7 @@ import dagster as dg
 from mgd3_core.config import PROJECT_ROOT, load_config
 
 from .automation import DEMO_RUN_TAG
+from .dagster_private import is_fresh, stale_status_resolver
 from .jobs import BACKBONE_JOB, DISTILL_JOB, PER_CLASS_JOB, REPORTS_JOB, STUDENTS_JOB, TEACHER_JOB
 
 
@@ -68,33 +69,18 @@ class DemoError(RuntimeError):
     """A run failed; the message names the job, the partition and the error."""
 
 
-def _stale_resolver(defs: dg.Definitions, instance: dg.DagsterInstance):
-    # Dagster's own staleness logic (what the UI's "unsynced" badge shows); internal API,
-    # pinned with the dagster version in pyproject.toml.
-    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver
-    from dagster._time import get_current_datetime
-
-    graph = defs.resolve_asset_graph()
-    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-                          instance=instance, asset_graph=graph)
-    return CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
-
-
 def plan_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage, force: bool = False):
     """[(partition key or None, [asset keys to run])] for one stage: missing or stale ones, or all."""
-    from dagster._core.definitions.data_version import StaleStatus
-
     graph = defs.resolve_asset_graph()
     keys = [dg.AssetKey(a) for a in stage.assets]
     node = graph.get(keys[0])
     if not node.is_materializable:  # a pretrained backbone: observe it every time (cheap)
         return [(None, keys)]
     partitions = node.partitions_def.get_partition_keys() if node.partitions_def else [None]
-    resolver = _stale_resolver(defs, instance)
+    resolver = stale_status_resolver(defs, instance)
     plan = []
     for pk in partitions:
-        todo = [k for k in keys if force or resolver.get_status(k, pk) != StaleStatus.FRESH]
+        todo = [k for k in keys if force or not is_fresh(resolver, k, pk)]
         if todo:
             plan.append((pk, todo))
     return plan

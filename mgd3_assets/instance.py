@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager
-from dagster._core.storage.root import LocalArtifactStorage
-from dagster._core.storage.sqlite_storage import DagsterSqliteStorage
-from dagster._serdes import ConfigurableClassData
-
 from mgd3_core.storage import dagster_dir, storage_root
+
+from .dagster_private import (
+    ConfigurableClassData,
+    DagsterSqliteStorage,
+    LocalArtifactStorage,
+    LocalComputeLogManager,
+)
 
 
 def dagster_storage_dir() -> Path:

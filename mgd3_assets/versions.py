@@ -76,12 +76,20 @@ def combined_hash(parts: list[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def checked_config(context: dg.AssetExecutionContext, experiment, stage: str) -> ExperimentConfig:
+def stage_asset(cfg: ExperimentConfig, stage: str, **asset_kwargs):
+    """``dg.asset`` for one pipeline stage: named after the stage and code-versioned by it, so an
+    asset states its stage once (``checked_config`` reads it back from the asset key)."""
+    return dg.asset(name=stage, code_version=code_version(cfg, stage), **asset_kwargs)
+
+
+def checked_config(context: dg.AssetExecutionContext, experiment) -> ExperimentConfig:
     """The experiment config at run time, refused if it no longer matches the loaded definitions.
 
     Partitions and code versions are fixed when the definitions load; running
     with a config edited since then would record outputs under the wrong version.
+    The stage is the asset's name (``stage_asset``).
     """
+    stage = context.asset_key.to_user_string()
     cfg = experiment.config()
     expected = context.assets_def.code_versions_by_key.get(context.asset_key)
     if expected is not None and code_version(cfg, stage) != expected:

@@ -151,14 +151,12 @@ def test_adding_a_class_materializes_only_that_class(tiny_graph, tmp_path, monke
 def test_runs_of_a_killed_demo_release_the_accelerator(tmp_path):
     """A demo killed with SIGKILL leaves its run 'started' and holding the accelerator slot;
     the next demo ends such runs (dead process on this host) and leaves live ones alone."""
-    from dagster._core.storage.dagster_run import DagsterRun
-
     dead = subprocess.Popen(["true"])
     dead.wait()
     overrides = {"concurrency": {"pools": {"default_limit": 1}}}
     with dg.instance_for_test(temp_dir=str(tmp_path), overrides=overrides) as instance:
         for name, pid in (("dead", dead.pid), ("alive", os.getpid())):
-            instance.add_run(DagsterRun(
+            instance.add_run(dg.DagsterRun(
                 job_name="distill_job", run_id=f"{name}-run", status=dg.DagsterRunStatus.STARTED,
                 tags={demo.LAUNCHED_BY: "demo", demo.PID: str(pid), demo.HOST: socket.gethostname()}))
         instance.event_log_storage.initialize_concurrency_limit_to_default("accelerator")

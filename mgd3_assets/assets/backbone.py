@@ -15,7 +15,7 @@ from mgd3_core.config import ExperimentConfig
 from ..automation import observe_backbone_on_schedule, on_backbone_config_change
 from ..metadata import training_progress_logger
 from ..resources import ACCELERATOR_POOL, BackboneResource
-from ..versions import checked_config, code_version
+from ..versions import checked_config, stage_asset
 
 
 def _backbone_metadata(model, fingerprint: str, kind: str) -> dict:
@@ -40,16 +40,15 @@ def build_backbone_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition | dg.Sour
 
 
 def _trained_backbone(cfg: ExperimentConfig) -> dg.AssetsDefinition:
-    @dg.asset(
-        name="backbone",
-        code_version=code_version(cfg, "backbone"),
+    @stage_asset(
+        cfg, "backbone",
         pool=ACCELERATOR_POOL,
         kinds={"pytorch"},
         automation_condition=on_backbone_config_change(),
         description=f"{backbone_kind(cfg).describe(cfg)} Data version: its fingerprint.",
     )
     def backbone(context: dg.AssetExecutionContext, backbone: BackboneResource) -> dg.MaterializeResult:
-        checked_config(context, backbone.experiment, "backbone")
+        checked_config(context, backbone.experiment)
         fingerprint = backbone.ensure(progress=training_progress_logger(context.log, "backbone"))
         model = backbone.get()
         context.log.info(f"backbone fingerprint {fingerprint}")

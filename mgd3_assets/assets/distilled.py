@@ -16,7 +16,7 @@ from ..automation import on_upstream_data_change
 from ..metadata import progress_logger, table, thumbnails_markdown
 from ..partitions import CLASS_DIM, distilled_partitions, method_and_class
 from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
-from ..versions import checked_config, code_version, combined_hash
+from ..versions import checked_config, combined_hash, stage_asset
 
 
 LINEAGE_COLUMNS = [
@@ -33,15 +33,14 @@ LINEAGE_COLUMNS = [
 
 
 def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
-    @dg.asset(
-        name="distilled_images",
+    @stage_asset(
+        cfg, "distilled_images",
         partitions_def=distilled_partitions(cfg),
         deps=[
             "backbone",
             dg.AssetDep("mode_centroids",
                         partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=CLASS_DIM)),
         ],
-        code_version=code_version(cfg, "distilled_images"),
         pool=ACCELERATOR_POOL,
         kinds={"pytorch", "png"},
         automation_condition=on_upstream_data_change(),
@@ -53,7 +52,7 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     def distilled_images(
         context: dg.AssetExecutionContext, experiment: ExperimentResource, backbone: BackboneResource
     ) -> dg.MaterializeResult:
-        cfg = checked_config(context, experiment, "distilled_images")
+        cfg = checked_config(context, experiment)
         home = experiment.storage()
         method, class_id = method_and_class(context.partition_key)
         backbone.get()  # load once per process; the core reuses it

@@ -24,7 +24,7 @@ from ..automation import on_upstream_data_change
 from ..metadata import frame_table, progress_logger
 from ..partitions import METHOD_DIM, method_partitions
 from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
-from ..versions import checked_config, code_version
+from ..versions import checked_config, stage_asset
 
 
 def _accuracy_summary(df: pd.DataFrame) -> dict:
@@ -37,11 +37,12 @@ def _accuracy_summary(df: pd.DataFrame) -> dict:
 
 
 def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
-    soft = "soft" in cfg.evaluation.protocols
+    return [_teacher_asset(cfg), *_student_assets(cfg), *_report_assets(cfg)]
 
-    @dg.asset(
-        name="teacher",
-        code_version=code_version(cfg, "teacher"),
+
+def _teacher_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
+    @stage_asset(
+        cfg, "teacher",
         pool=ACCELERATOR_POOL,
         kinds={"pytorch"},
         automation_condition=on_upstream_data_change(),
@@ -50,7 +51,7 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         "Data version: hash of its weights.",
     )
     def teacher(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
-        cfg = checked_config(context, experiment, "teacher")
+        cfg = checked_config(context, experiment)
         meta = evaluate.train_teacher(cfg, experiment.storage(), progress=progress_logger(context.log, "teacher"))
         weights = storage.teacher_weights_file(cfg, experiment.storage())
         return dg.MaterializeResult(
@@ -59,28 +60,32 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
                       "weights": dg.MetadataValue.path(str(weights))},
         )
 
-    @dg.asset(
-        name="full_data_students",
+    return teacher
+
+
+def _student_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
+    soft = "soft" in cfg.evaluation.protocols
+
+    @stage_asset(
+        cfg, "full_data_students",
         deps=["teacher"],
-        code_version=code_version(cfg, "full_data_students"),
         pool=ACCELERATOR_POOL,
         kinds={"pytorch"},
         automation_condition=on_upstream_data_change(),
         description="Every configured student trained on the whole real training split: the upper bound.",
     )
     def full_data_students(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
-        cfg = checked_config(context, experiment, "full_data_students")
+        cfg = checked_config(context, experiment)
         df = evaluate.train_students(cfg, experiment.storage(), evaluate.FULL_DATA,
                                      progress=progress_logger(context.log, "full_data_students"))
         return dg.MaterializeResult(metadata={"runs": frame_table(df), **_accuracy_summary(df)})
 
-    @dg.asset(
-        name="students",
+    @stage_asset(
+        cfg, "students",
         partitions_def=method_partitions(cfg),
         deps=[dg.AssetDep("distilled_images",
                           partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=METHOD_DIM)),
               *(["teacher"] if soft else [])],
-        code_version=code_version(cfg, "students"),
         pool=ACCELERATOR_POOL,
         kinds={"pytorch"},
         automation_condition=on_upstream_data_change(),
@@ -88,26 +93,29 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         "IPC, generation seed, student and protocol, evaluated on the real test split.",
     )
     def students(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
-        cfg = checked_config(context, experiment, "students")
+        cfg = checked_config(context, experiment)
         method = context.partition_key
         df = evaluate.train_students(cfg, experiment.storage(), method,
                                      progress=progress_logger(context.log, f"students[{method}]"))
         return dg.MaterializeResult(metadata={"runs": frame_table(df), **_accuracy_summary(df)})
 
-    @dg.asset(
-        name="diversity_report",
+    return [full_data_students, students]
+
+
+def _report_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
+    @stage_asset(
+        cfg, "diversity_report",
         # Only the distilled sets, not the modes they were built from: a direct edge to
         # mode_centroids would let a changed mode trigger this report a tick before the
         # distilled sets built from that mode are even requested.
         deps=[dg.AssetDep("distilled_images", partition_mapping=dg.AllPartitionMapping()), "teacher"],
-        code_version=code_version(cfg, "diversity_report"),
         kinds={"pandas"},
         automation_condition=on_upstream_data_change(),
         description="Diversity and representativeness of every method's distilled sets per class, in the "
         "teacher's feature space, and a t-SNE of real vs synthetic features.",
     )
     def diversity_report(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
-        cfg = checked_config(context, experiment, "diversity_report")
+        cfg = checked_config(context, experiment)
         out = evaluate.diversity_report(cfg, experiment.storage(),
                                         progress=progress_logger(context.log, "diversity_report"))
         return dg.MaterializeResult(metadata={
@@ -116,11 +124,10 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
             "tsne_csv": dg.MetadataValue.path(out["tsne_csv"]),
         })
 
-    @dg.asset(
-        name="evaluation_report",
+    @stage_asset(
+        cfg, "evaluation_report",
         deps=[dg.AssetDep("students", partition_mapping=dg.AllPartitionMapping()),
               "full_data_students", "diversity_report"],
-        code_version=code_version(cfg, "evaluation_report"),
         kinds={"pandas", "html"},
         automation_condition=on_upstream_data_change(),
         description="Accuracy of every method (mean +- std over generation seeds) next to the baselines and "
@@ -129,7 +136,7 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
     )
     def evaluation_report(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                           backbone: BackboneResource) -> dg.MaterializeResult:
-        cfg = checked_config(context, experiment, "evaluation_report")
+        cfg = checked_config(context, experiment)
         report = evaluate.evaluation_report(cfg, experiment.storage(), fingerprint=backbone.fingerprint() or "")
         context.log.info(f"evaluation report: {report.html}")
         metadata = {
@@ -142,4 +149,4 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
             metadata["summary"] = frame_table(report.summary)
         return dg.MaterializeResult(metadata=metadata)
 
-    return [teacher, full_data_students, students, diversity_report, evaluation_report]
+    return [diversity_report, evaluation_report]

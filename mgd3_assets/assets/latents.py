@@ -9,15 +9,14 @@ from ..automation import on_upstream_data_change
 from ..metadata import progress_logger
 from ..partitions import class_partitions
 from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
-from ..versions import checked_config, code_version
+from ..versions import checked_config, stage_asset
 
 
 def build_latent_store_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
-    @dg.asset(
-        name="latent_store",
+    @stage_asset(
+        cfg, "latent_store",
         partitions_def=class_partitions(cfg),
         deps=["backbone"],
-        code_version=code_version(cfg, "latent_store"),
         pool=ACCELERATOR_POOL,
         kinds={"hdf5"},
         automation_condition=on_upstream_data_change(),
@@ -28,7 +27,7 @@ def build_latent_store_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     def latent_store(
         context: dg.AssetExecutionContext, experiment: ExperimentResource, backbone: BackboneResource
     ) -> dg.MaterializeResult:
-        cfg = checked_config(context, experiment, "latent_store")
+        cfg = checked_config(context, experiment)
         class_id = context.partition_key
         backbone.get()  # load once per process; the core reuses it
         info = pipeline.encode_latents(cfg, experiment.storage(), class_id,

@@ -9,7 +9,7 @@ from ..automation import on_upstream_data_change
 from ..metadata import table, thumbnails_markdown
 from ..partitions import class_partitions
 from ..resources import BackboneResource, ExperimentResource
-from ..versions import checked_config, code_version
+from ..versions import checked_config, stage_asset
 
 
 MODE_COLUMNS = [
@@ -21,11 +21,10 @@ MODE_COLUMNS = [
 
 
 def build_mode_centroids_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
-    @dg.asset(
-        name="mode_centroids",
+    @stage_asset(
+        cfg, "mode_centroids",
         partitions_def=class_partitions(cfg),
         deps=["latent_store"],
-        code_version=code_version(cfg, "mode_centroids"),
         kinds={"scikitlearn", "hdf5"},
         automation_condition=on_upstream_data_change(),
         description="Mode discovery: the class's latents clustered into IPC modes, for every IPC and "
@@ -35,7 +34,7 @@ def build_mode_centroids_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     def mode_centroids(
         context: dg.AssetExecutionContext, experiment: ExperimentResource, backbone: BackboneResource
     ) -> dg.MaterializeResult:
-        cfg = checked_config(context, experiment, "mode_centroids")
+        cfg = checked_config(context, experiment)
         home, class_id = experiment.storage(), context.partition_key
         summary = pipeline.discover_modes(cfg, home, class_id, backbone.get().vae_fingerprint)
         rows = []
