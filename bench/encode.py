@@ -5,7 +5,7 @@ Issue 7 part 3 (and the encode figures of issue 2). Encodes one class of
 the pipeline's embedded VAE (``EmbeddedVAEConfig`` in mgd3_core/config.py, built by
 ``mgd3_core.backbones.embedded_training.build_vae``, random weights: throughput
 does not depend on them), posterior mean x scaling factor as ``DiffusersBackbone.encode``
-through ``mgd3_core.latents.encode_class`` exactly as the pipeline does, at
+through ``mgd3_core.latent_writer.encode_class`` exactly as the pipeline does, at
 ``EncodeConfig``'s batch and chunk sizes.
 
 Each class size runs in a fresh subprocess so that ``ru_maxrss`` is the peak of
@@ -55,7 +55,7 @@ def _vae(image_size: int, channels: int):
 def child_main(args) -> None:
     """Encode ``args.n`` synthetic images into a temporary store; print one JSON line."""
     from mgd3_core.data import SyntheticSource
-    from mgd3_core.latents import encode_class
+    from mgd3_core.latent_writer import encode_class
 
     threads = set_threads(args.threads)
     torch.manual_seed(0)

@@ -90,7 +90,8 @@ def get_backbone(cfg: ExperimentConfig, home: Path):
 # --------------------------------------------------------------------------- latents
 def encode_latents(cfg: ExperimentConfig, home: Path, class_id: str, progress: Progress = _noop):
     """Encode one class's training images into its latent store (reused when valid)."""
-    from .latents import LatentStoreError, encode_class, validate_latent_store
+    from .latent_writer import encode_class
+    from .latents import LatentStoreError, validate_latent_store
 
     backbone = get_backbone(cfg, home)
     source = open_source(cfg)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mgd3_core.data import SyntheticSource, synthetic_item_numbers
-from mgd3_core.latents import encode_class
+from mgd3_core.latent_writer import encode_class
 
 FINGERPRINT = "testvae0"
 SCALING = 0.5

@@ -17,15 +17,14 @@ import torch
 
 from mgd3_core.data import DatasetError, SyntheticSource, UnreadableImageError
 from mgd3_core.storage import latent_store_path
+from mgd3_core.latent_writer import encode_class, writer_lock
 from mgd3_core.latents import (
     LatentStoreError,
     LatentStoreLockedError,
     content_hash,
-    encode_class,
     partial_path,
     read_latent_store,
     validate_latent_store,
-    writer_lock,
 )
 from tests.latent_helpers import FINGERPRINT, RecordingEncoder, encode_synthetic, pool_encoder
 
