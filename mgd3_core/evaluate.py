@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -25,15 +24,11 @@ from . import storage
 from .config import ExperimentConfig
 from .distilled import load_distilled_class
 from .files import atomic_output, atomic_write
+from .progress import EpochProgress, StageProgress, no_progress
 
 log = logging.getLogger("mgd3")
 
 FULL_DATA = "full_data"
-Progress = Callable[[str, float], None]
-
-
-def _noop(msg: str, frac: float) -> None:  # pragma: no cover - trivial
-    pass
 
 
 def _classes(cfg: ExperimentConfig) -> list:
@@ -75,7 +70,7 @@ def distilled_set(cfg: ExperimentConfig, home: Path, method: str, ipc: int, gen_
 
 
 # --------------------------------------------------------------------------- teacher
-def train_teacher(cfg: ExperimentConfig, home: Path, progress: Progress = _noop) -> dict:
+def train_teacher(cfg: ExperimentConfig, home: Path, progress: StageProgress = no_progress) -> dict:
     """Train the real-data teacher (ConvNet, hard-label protocol, whole training split).
 
     It is the fixed feature space of the diversity metrics, the soft-label
@@ -178,7 +173,7 @@ def _load_run(path: Path) -> dict | None:
         return None
 
 
-def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Progress = _noop) -> pd.DataFrame:
+def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: StageProgress = no_progress) -> pd.DataFrame:
     """Train every configured student on every set of one method; one row per run.
 
     ``method = "full_data"`` trains on the whole real training split (the upper
@@ -253,7 +248,7 @@ def _teacher_row(cfg: ExperimentConfig, home: Path, method: str, student: str, t
 
 
 def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple, teacher,
-                   on_epoch: Callable[[dict], None]) -> dict:
+                   on_epoch: EpochProgress) -> dict:
     """Train one student run (``spec``) on ``train`` = (x, y) and evaluate it on ``test``; its row."""
     from .students import build_student
     from .training import train_hard_label, train_soft_label
@@ -275,7 +270,7 @@ def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple,
                 final_acc=res.final_acc, best_acc=res.best_acc, epochs=epochs, seconds=time.perf_counter() - t0)
 
 
-def _epoch_progress(progress: Progress, label: str, n: int, total: int) -> Callable[[dict], None]:
+def _epoch_progress(progress: StageProgress, label: str, n: int, total: int) -> EpochProgress:
     """Per-epoch records of one run -> about five progress lines per run, and every evaluation."""
     def report(r: dict) -> None:
         epochs = r["epochs"]
@@ -294,7 +289,7 @@ def _json_default(value):
 
 
 # --------------------------------------------------------------------------- feature metrics
-def diversity_report(cfg: ExperimentConfig, home: Path, progress: Progress = _noop) -> dict:
+def diversity_report(cfg: ExperimentConfig, home: Path, progress: StageProgress = no_progress) -> dict:
     """Diversity / representativeness per (method, IPC, generation seed, class) in the
     teacher's penultimate feature space, plus a t-SNE of real vs synthetic for a few
     classes. Writes ``diversity/metrics.csv`` and ``diversity/tsne.csv``."""

@@ -13,7 +13,6 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -26,15 +25,11 @@ from .distilled import DistilledClass, write_distilled_class
 from .files import atomic_output
 from .images import to_uint8
 from .modes import ModeFinder, nearest_mode
+from .progress import StageProgress, no_progress
 from .sampling import SamplerSettings, image_seed, sample
 
 log = logging.getLogger("mgd3")
 
-Progress = Callable[[str, float], None]
-
-
-def _noop(msg: str, frac: float) -> None:  # pragma: no cover - trivial
-    pass
 
 
 # --------------------------------------------------------------------------- dataset
@@ -88,7 +83,7 @@ def get_backbone(cfg: ExperimentConfig, home: Path):
 
 
 # --------------------------------------------------------------------------- latents
-def encode_latents(cfg: ExperimentConfig, home: Path, class_id: str, progress: Progress = _noop):
+def encode_latents(cfg: ExperimentConfig, home: Path, class_id: str, progress: StageProgress = no_progress):
     """Encode one class's training images into its latent store (reused when valid)."""
     from .latent_writer import encode_class
     from .latents import LatentStoreError, validate_latent_store
@@ -232,7 +227,7 @@ class DistillResult:
 
 
 def distill_class(
-    cfg: ExperimentConfig, home: Path, method: str, class_id: str, progress: Progress = _noop
+    cfg: ExperimentConfig, home: Path, method: str, class_id: str, progress: StageProgress = no_progress
 ) -> DistillResult:
     """Write every (IPC, generation seed) set of one method for one class."""
     info = class_info(cfg, class_id)
@@ -266,7 +261,7 @@ def distill_class(
 
 
 def _sampled_sets(cfg: ExperimentConfig, backbone, method: str, info, keys: list[SetKey],
-                  modes: dict[SetKey, ClassModes], progress: Progress) -> dict[SetKey, SetContent]:
+                  modes: dict[SetKey, ClassModes], progress: StageProgress) -> dict[SetKey, SetContent]:
     """A diffusion method: every set of the class sampled in one batched run (MGD3 Sec. 3.2)."""
     settings = SamplerSettings.from_config(cfg.sampler_for(method))
     labels, seeds, centroids = [], [], []

@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HardLabelConfig, SoftLabelConfig
+from .progress import EpochProgress
 from .students import as_model_input, as_uint8_images
 
-Progress = Callable[[dict], None]
 
 # Random resized crop aspect-ratio range (torchvision's default).
 RRC_RATIO = (3 / 4, 4 / 3)
@@ -253,7 +253,7 @@ def _fit(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, *
          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
          augment: TrainAugment, epochs: int, batch_size: int, seed: int,
          eval_images: torch.Tensor, eval_labels: torch.Tensor, evaluations: int,
-         device: torch.device, progress: Progress | None) -> TrainResult:
+         device: torch.device, progress: EpochProgress | None) -> TrainResult:
     """Shuffle -> augment -> loss -> step, per epoch; evaluate on schedule.
 
     ``images`` uint8 (N, C, H, W); ``targets`` float (N, K) or None (soft labels
@@ -314,7 +314,7 @@ def _prepare(images, labels, eval_images, eval_labels):
 def train_hard_label(model: nn.Module, train_images, train_labels, eval_images, eval_labels, *,
                      cfg: HardLabelConfig, epochs: int, seed: int, orientation_sensitive: bool,
                      device: str | torch.device = "cpu", evaluations: int = 2,
-                     progress: Progress | None = None) -> TrainResult:
+                     progress: EpochProgress | None = None) -> TrainResult:
     """Train ``model`` in place on (distilled or real) images with their hard labels.
 
     IDC/MinMax protocol: SGD(lr, momentum, weight decay from ``cfg``), batch
@@ -360,7 +360,7 @@ def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def train_soft_label(student: nn.Module, train_images, teacher: nn.Module, eval_images, eval_labels, *,
                      cfg: SoftLabelConfig, seed: int, orientation_sensitive: bool, epochs: int | None = None,
                      device: str | torch.device = "cpu", evaluations: int = 2,
-                     progress: Progress | None = None) -> TrainResult:
+                     progress: EpochProgress | None = None) -> TrainResult:
     """Train ``student`` in place to match ``teacher`` on augmented distilled images.
 
     RDED/SRe2L protocol: each augmented (crop/flip/CutMix) batch is labelled

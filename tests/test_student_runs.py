@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mgd3_core import evaluate, training
+from mgd3_core import evaluate, storage, training
 from mgd3_core.config import config_from_dict
+from mgd3_core.progress import no_progress
 from mgd3_core.training import TrainResult
 
 
@@ -39,7 +40,7 @@ def sweep(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "train_hard_label", fake_train)
 
-    def run(progress=evaluate._noop, **evaluation):
+    def run(progress=no_progress, **evaluation):
         cfg = config_from_dict({"name": "t", "ipc": [1, 2], "evaluation": {
             "students": ["convnet"], "generation_seeds": [0, 1], **evaluation}})
         return evaluate.train_students(cfg, tmp_path, "mgd3", progress=progress)
@@ -88,7 +89,7 @@ def test_a_torn_record_is_trained_again(sweep):
     run, state, _, home = sweep
     run()
     state["calls"].clear()
-    records = sorted(evaluate.student_runs_dir(config_from_dict({"name": "t"}), home).glob("*.json"))
+    records = sorted(storage.student_runs_dir(config_from_dict({"name": "t"}), home).glob("*.json"))
     assert len(records) == 4
     records[0].write_text('{"row": ')
     run()

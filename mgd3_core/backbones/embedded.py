@@ -45,11 +45,11 @@ import torch
 
 from .. import storage
 from ..config import BackboneConfig, ExperimentConfig
+from ..progress import TrainingProgress
 from .base import Backbone, experiment_of
 from .diffusers_backbone import DTYPES, diffusers_fingerprint, load_diffusers_backbone
 from .diffusers_files import BackboneFilesError
 from .embedded_training import encode_mean, train_dit, train_vae, training_images
-from .train_loop import ProgressFn
 from .vae import load_vae
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def _trained_dir(cfg: ExperimentConfig | BackboneConfig, home: Path) -> tuple[Pa
     return embedded_backbone_dir(exp, home), exp
 
 
-def ensure(cfg: ExperimentConfig, home: Path, progress: ProgressFn | None = None) -> None:
+def ensure(cfg: ExperimentConfig, home: Path, progress: TrainingProgress | None = None) -> None:
     ensure_embedded_backbone(cfg, Path(home), progress=progress)
 
 
@@ -146,7 +146,7 @@ def _log_progress(stage: str, step: int, total: int, metrics: dict) -> None:
                  {k: round(v, 5) for k, v in metrics.items() if isinstance(v, float)})
 
 
-def ensure_embedded_backbone(cfg: ExperimentConfig, home: Path, progress: ProgressFn | None = None) -> Path:
+def ensure_embedded_backbone(cfg: ExperimentConfig, home: Path, progress: TrainingProgress | None = None) -> Path:
     """Train the embedded backbone of ``cfg`` (or reuse it) and return its directory.
 
     The directory is a diffusers pipeline root (``vae/``, ``transformer/``,
@@ -180,7 +180,7 @@ def ensure_embedded_backbone(cfg: ExperimentConfig, home: Path, progress: Progre
         return final
 
 
-def _train(cfg: ExperimentConfig, work: Path, key: str, progress: ProgressFn) -> dict:
+def _train(cfg: ExperimentConfig, work: Path, key: str, progress: TrainingProgress) -> dict:
     """VAE, encoding, DiT, resuming from what ``work`` holds; the trained parts and their timings."""
     images, labels, num_classes = training_images(cfg)
     timings = {}

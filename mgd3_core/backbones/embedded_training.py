@@ -16,8 +16,9 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from torch import nn
 
 from ..config import EmbeddedDiTConfig, EmbeddedVAEConfig, ExperimentConfig
+from ..progress import TrainingProgress
 from .schedule import alphas_cumprod, betas_from_scheduler_config
-from .train_loop import LoopSettings, ProgressFn, train_loop
+from .train_loop import LoopSettings, train_loop
 
 
 # --------------------------------------------------------------------------- models
@@ -154,7 +155,7 @@ def encode_mean(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 256)
 
 # --------------------------------------------------------------------------- stages
 def train_vae(cfg: ExperimentConfig, images: torch.Tensor, work: Path, key: str,
-               progress: ProgressFn | None) -> Path:
+               progress: TrainingProgress | None) -> Path:
     vcfg = cfg.backbone.embedded.vae
     seed = _stage_seed(cfg.backbone.embedded.seed, "vae")
     with _seeded(seed):
@@ -188,7 +189,7 @@ def train_vae(cfg: ExperimentConfig, images: torch.Tensor, work: Path, key: str,
 
 
 def train_dit(cfg: ExperimentConfig, latents: torch.Tensor, labels: torch.Tensor, num_classes: int,
-               work: Path, key: str, progress: ProgressFn | None) -> tuple[DiTTransformer2DModel, DDPMScheduler]:
+               work: Path, key: str, progress: TrainingProgress | None) -> tuple[DiTTransformer2DModel, DDPMScheduler]:
     dcfg = cfg.backbone.embedded.dit
     seed = _stage_seed(cfg.backbone.embedded.seed, "dit")
     scheduler = build_scheduler(dcfg)

@@ -20,18 +20,16 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..progress import TrainingProgress
+
 log = logging.getLogger(__name__)
-
-class ProgressFn(Protocol):
-    def __call__(self, stage: str, step: int, total: int, metrics: dict) -> None: ...
-
 
 # (model, generator) -> (loss, metrics); draws every random number from the generator.
 LossFn = Callable[[nn.Module, torch.Generator], tuple[torch.Tensor, dict]]
@@ -143,7 +141,7 @@ def train_loop(
     stage: str,
     checkpoint: Path,
     key: str,
-    progress: ProgressFn | None = None,
+    progress: TrainingProgress | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """Train ``model`` in place for ``settings.steps`` AdamW steps, resuming from
     ``checkpoint`` when it holds a state for ``key``.
