@@ -39,11 +39,13 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from mgd3_core.backbones import embedded_backbone_dir, ensure_embedded_backbone, load_backbone
-from mgd3_core.config import DEFAULT_CONFIG, config_from_dict
-from mgd3_core.data import open_dataset
-from mgd3_core.sampling import SamplerSettings, sample
-from mgd3_core.students import as_model_input, build_student, uint8_from_signed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's mgd3_core, not an installed one
+from mgd3_core.backbones import embedded_backbone_dir, ensure_embedded_backbone, load_backbone  # noqa: E402
+from mgd3_core.config import DEFAULT_CONFIG, config_from_dict  # noqa: E402
+from mgd3_core.data import open_dataset  # noqa: E402
+from mgd3_core.images import uint8_from_signed  # noqa: E402
+from mgd3_core.sampling import SamplerSettings, sample  # noqa: E402
+from mgd3_core.students import as_model_input, build_student  # noqa: E402
 
 
 def _override(raw: dict, assignment: str) -> None:

@@ -16,7 +16,7 @@ are **uint8** ``(N, C, H, W)`` in ``[0, 255]``, as read from the PNG files of a
 distilled set or from the real dataset. :func:`as_model_input` maps them to
 float ``[-1, 1]`` (the same range as the diffusion backbone's images) right
 before the forward pass; float arrays are refused because ``[0, 1]`` and
-``[-1, 1]`` floats cannot be told apart reliably. Use :func:`uint8_from_signed`
+``[-1, 1]`` floats cannot be told apart reliably. Use :func:`mgd3_core.images.uint8_from_signed`
 to store a decoded ``[-1, 1]`` batch.
 """
 
@@ -46,7 +46,7 @@ def as_uint8_images(images: torch.Tensor | np.ndarray, *, name: str = "images") 
     if images.dtype != torch.uint8:
         raise TypeError(
             f"{name} must be uint8 in [0, 255] (N, C, H, W), got dtype {images.dtype}; convert "
-            "[-1, 1] floats with mgd3_core.students.uint8_from_signed"
+            "[-1, 1] floats with mgd3_core.images.uint8_from_signed"
         )
     if images.ndim != 4:
         raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(images.shape)}")
@@ -56,11 +56,6 @@ def as_uint8_images(images: torch.Tensor | np.ndarray, *, name: str = "images") 
 def as_model_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``(B, C, H, W)`` in [0, 255] -> float32 in [-1, 1] on the same device."""
     return images.float().div_(127.5).sub_(1.0)
-
-
-def uint8_from_signed(images: torch.Tensor) -> torch.Tensor:
-    """Float ``(N, C, H, W)`` in [-1, 1] (e.g. VAE decodes) -> uint8, rounded like a PNG write."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
 # ---------------------------------------------------------------- building blocks

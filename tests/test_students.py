@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import torchvision
 
 from mgd3_core.config import HardLabelConfig, SoftLabelConfig
-from mgd3_core.students import (STUDENTS, as_model_input, build_student, convnet_depth, penultimate_features,
-                                uint8_from_signed)
+from mgd3_core.images import uint8_from_signed
+from mgd3_core.students import STUDENTS, as_model_input, build_student, convnet_depth, penultimate_features
 from mgd3_core import training
 from mgd3_core.training import (TrainAugment, lr_schedule, make_augment, multistep_milestones, soft_label_loss,
                                 train_hard_label, train_soft_label)
