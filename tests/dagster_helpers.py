@@ -11,6 +11,7 @@ class "0" only can use it as a "pretrained" backbone and grow to "0", "1".
 from __future__ import annotations
 
 import copy
+import datetime
 import os
 import warnings
 from pathlib import Path
@@ -100,6 +101,18 @@ def seed_graph(instance: dg.DagsterInstance, defs: dg.Definitions, backbone_vers
             report_event(instance, asset, pk, f"{asset}-{pk}-{suffix}")
 
 
+# Every automation evaluation in the tests happens at this one instant. The pretrained backbone is
+# also re-observed on an hourly cron; with the wall clock, a test running across the top of an hour
+# would see that tick fire between two evaluations and request an extra observation.
+EVALUATION_TIME = datetime.datetime.now(datetime.timezone.utc).replace(minute=30, second=0, microsecond=0)
+
+
+def evaluate(defs: dg.Definitions, instance: dg.DagsterInstance, cursor=None):
+    """One automation tick at ``EVALUATION_TIME`` (no cron tick ever passes between two of them)."""
+    return dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor,
+                                             evaluation_time=EVALUATION_TIME)
+
+
 def run_ticks(defs: dg.Definitions, instance: dg.DagsterInstance, cursor, max_ticks: int = 8):
     """Evaluate tick after tick, materializing what each tick requests (with new data) before the
     next, as the sensor's backfills would, until a tick requests nothing.
@@ -108,7 +121,7 @@ def run_ticks(defs: dg.Definitions, instance: dg.DagsterInstance, cursor, max_ti
     """
     ticks = []
     for n in range(max_ticks):
-        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+        result = evaluate(defs, instance, cursor)
         cursor = result.cursor
         asked = requested(result)
         if not asked:

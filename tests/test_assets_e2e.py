@@ -23,6 +23,7 @@ from tests.dagster_helpers import (
     DATA_VERSION_TAG,
     all_partitions,
     build_defs,
+    evaluate,
     latest_materialization,
     materialized_partitions,
     tiny_config,
@@ -103,8 +104,8 @@ def test_rerunning_with_an_unchanged_backbone_reruns_nothing(tiny_graph):
     reports = demo.materialize_graph(defs, instance, stages=demo.STAGES[:1], force=True, log=lambda m: None)
     assert reports[0].runs == 1
     assert all(demo.plan_stage(defs, instance, s) == [] for s in demo.STAGES)
-    cursor = dg.evaluate_automation_conditions(defs=defs, instance=instance).cursor
-    assert dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor).total_requested == 0
+    cursor = evaluate(defs, instance).cursor
+    assert evaluate(defs, instance, cursor).total_requested == 0
 
 
 def test_adding_a_class_materializes_only_that_class(tiny_graph, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from tests.dagster_helpers import (
     GATHERING,
     all_partitions,
     build_defs,
+    evaluate,
     report_event,
     run_ticks,
     seed_graph,
@@ -28,8 +29,7 @@ def _defs(tmp_path, name="cfg.yaml", **changes):
     return build_defs(write_config(tmp_path / name, tiny_config(**changes)), tmp_path / "home")
 
 
-def _evaluate(defs, instance, cursor=None):
-    return dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+_evaluate = evaluate
 
 
 # The teacher and the full-data students are trained on real images only: no backbone upstream.

@@ -55,7 +55,7 @@ def _render(url: str, profile: Path, screenshot: Path, ready, attempts: int = 4)
 @pytest.fixture(scope="module")
 def webserver(tiny_graph, tmp_path_factory):
     if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed; `make browser-deps` installs it")
+        pytest.fail("chromium is not installed; `make browser-deps` (part of `make test`) installs it")
     port = _free_port()
     log = tmp_path_factory.mktemp("webserver") / "webserver.log"
     with open(log, "w") as out:
