@@ -51,9 +51,12 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
         return {"modes": dump["modes"], "ipc": dump["ipc"],
                 "generation_seeds": dump["evaluation"]["generation_seeds"]}
     if stage == "distilled_images":
-        return {"seed": dump["seed"], "ipc": dump["ipc"], "sampler": dump["sampler"],
-                "method_overrides": dump["method_overrides"],
-                "generation_seeds": dump["evaluation"]["generation_seeds"]}
+        inputs = {"seed": dump["seed"], "ipc": dump["ipc"], "sampler": dump["sampler"],
+                  "method_overrides": dump["method_overrides"],
+                  "generation_seeds": dump["evaluation"]["generation_seeds"]}
+        if cfg.backbone.kind == "stable_diffusion":  # the prompts condition every image
+            inputs["stable_diffusion"] = dump["backbone"]["stable_diffusion"]
+        return inputs
     # The gathering stages read every class: the class list is part of what they compute.
     if stage == "teacher":
         ev = dump["evaluation"]

@@ -32,7 +32,7 @@ ALL_METHODS = DIFFUSION_METHODS + REAL_METHODS
 
 # One module per kind in mgd3_core/backbones/ (registry.KINDS); a kind's own settings are a
 # field of BackboneConfig named after it.
-BACKBONE_KINDS = ("embedded", "pretrained")
+BACKBONE_KINDS = ("embedded", "pretrained", "stable_diffusion")
 
 
 class ConfigError(ValueError):
@@ -121,6 +121,35 @@ class EmbeddedBackboneConfig(_Strict):
     checkpoint_every: int = Field(default=250, ge=1)
 
 
+class StableDiffusionConfig(_Strict):
+    """A text-to-image backbone (SD-1.x in the diffusers layout), prompted with class names.
+
+    ``prompt_template`` is formatted with ``{name}`` = the class's readable name
+    (``dataset.classes[].name``); the unconditional branch of CFG uses
+    ``negative_prompt`` ("" = the empty prompt). Images are generated (and the
+    training images encoded) at ``generation_size`` px, then resized to
+    ``dataset.image_size``.
+    """
+
+    pipeline_dir: str = Field(min_length=1)
+    prompt_template: str = "{name}"
+    negative_prompt: str = ""
+    generation_size: int = Field(default=512, ge=8, le=2048)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _only_name_field(cls, v: str) -> str:
+        import string
+
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"not a valid template ({e}); write {{name}} where the class name goes") from None
+        if fields != {"name"}:
+            raise ValueError(f"must contain {{name}} and no other field, got fields {sorted(fields)}")
+        return v
+
+
 class BackboneConfig(_Strict):
     kind: Literal[BACKBONE_KINDS] = "embedded"  # type: ignore[valid-type]
     # Pretrained: diffusers-layout directories (e.g. DiT-XL-2-256 and sd-vae-ft-mse).
@@ -129,9 +158,15 @@ class BackboneConfig(_Strict):
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     embedded: EmbeddedBackboneConfig = EmbeddedBackboneConfig()
+    stable_diffusion: StableDiffusionConfig | None = None
 
     @model_validator(mode="after")
     def _dirs_for_pretrained(self) -> "BackboneConfig":
+        if self.kind == "stable_diffusion" and self.stable_diffusion is None:
+            raise ValueError(
+                "backbone.stable_diffusion (with pipeline_dir = a local SD-1.x directory in the diffusers "
+                "layout) is required when backbone.kind is 'stable_diffusion'"
+            )
         if self.kind == "pretrained" and not (self.transformer_dir and self.vae_dir):
             raise ValueError(
                 "backbone.transformer_dir and backbone.vae_dir are required when backbone.kind is "

@@ -35,6 +35,14 @@ MANIFEST_COLUMNS = [
     "dist_to_mode", "dist_to_nearest_other_mode", "source_item", "backbone_fingerprint",
     "config", "sha256",
 ]
+# Text-to-image backbones only: a set written with a prompt gets these columns too (after the
+# others), so the manifests of class-conditional backbones keep exactly MANIFEST_COLUMNS.
+PROMPT_COLUMNS = ["prompt", "negative_prompt"]
+
+
+def manifest_columns(rows: list[dict]) -> list[str]:
+    """MANIFEST_COLUMNS, plus PROMPT_COLUMNS when the rows carry a prompt."""
+    return MANIFEST_COLUMNS + (PROMPT_COLUMNS if any("prompt" in r for r in rows) else [])
 
 
 class DistilledSetError(ValueError):
@@ -62,7 +70,7 @@ def write_distilled_class(
     """Write one class of a distilled set atomically.
 
     images: uint8 (k, C, H, W); latents: (k, C, h, w) or None; rows: k lineage
-    dicts (MANIFEST_COLUMNS; ``file`` and ``sha256`` are filled in here).
+    dicts (``manifest_columns``; ``file`` and ``sha256`` are filled in here).
     """
     set_root = Path(set_root)
     if len(images) != len(rows) or (latents is not None and len(latents) != len(images)):
@@ -101,10 +109,11 @@ def write_distilled_class(
             f.create_dataset("latents", data=np.asarray(latents, dtype=np.float32))
             f.create_dataset("mode_index", data=np.asarray([r["mode_index"] for r in rows], dtype=np.int64))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, extrasaction="raise")
+    columns = manifest_columns(rows)
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="raise")
     writer.writeheader()
     for row in rows:
-        writer.writerow({c: row.get(c, "") for c in MANIFEST_COLUMNS})
+        writer.writerow({c: row.get(c, "") for c in columns})
     atomic_write(manifest, buf.getvalue().encode())
     return DistilledClass(set_root, class_id, files, manifest, h.hexdigest()[:16])
 

@@ -74,7 +74,9 @@ def get_backbone(cfg: ExperimentConfig, home: Path):
     """The configured backbone, loaded once per process and fingerprint."""
     from . import backbones
 
-    key = (cfg.backbone.model_dump_json(), str(home), backbone_fingerprint(cfg, home))
+    # A text-to-image backbone holds the class prompts: a changed class list needs a new one.
+    prompts = cfg.dataset.model_dump_json() if cfg.backbone.kind == "stable_diffusion" else None
+    key = (cfg.backbone.model_dump_json(), str(home), backbone_fingerprint(cfg, home), prompts)
     with _BACKBONE_LOCK:
         if key not in _BACKBONES:
             _BACKBONES.clear()  # one backbone at a time: they can be large
@@ -283,7 +285,8 @@ def _sampled_sets(cfg: ExperimentConfig, backbone, method: str, info, keys: list
     contents, pos = {}, 0
     for ipc, s in keys:
         contents[(ipc, s)] = SetContent(out.latents[pos:pos + ipc].numpy(), images[pos:pos + ipc],
-                                        [{"seed": seeds[pos + i], **settings.as_dict()} for i in range(ipc)])
+                                        [{"seed": seeds[pos + i], **settings.as_dict(), **_prompt_row(backbone, info)}
+                                         for i in range(ipc)])
         pos += ipc
     return contents
 
@@ -334,6 +337,14 @@ def _lineage_rows(base: dict, method: str, ipc: int, gen_seed: int, content: Set
         r.update(content.extra[i])
         rows.append(r)
     return rows
+
+
+def _prompt_row(backbone, info) -> dict:
+    """Lineage of a text-to-image backbone's conditioning: the class's prompt and the negative
+    prompt (CFG's unconditional branch). Empty for class-label backbones."""
+    if not hasattr(backbone, "prompt_for"):
+        return {}
+    return {"prompt": backbone.prompt_for(info.label), "negative_prompt": backbone.prompt_for(backbone.null_class)}
 
 
 @torch.inference_mode()

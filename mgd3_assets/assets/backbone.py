@@ -77,7 +77,8 @@ def _observed_backbone(cfg: ExperimentConfig) -> dg.SourceAsset:
         return dg.ObserveResult(
             data_version=dg.DataVersion(fingerprint),
             metadata={"fingerprint": fingerprint, "kind": cfg.backbone.kind,
-                      **cfg.backbone.model_dump(include={"transformer_dir", "vae_dir"}, exclude_none=True)},
+                      **cfg.backbone.model_dump(include={"transformer_dir", "vae_dir", "stable_diffusion"},
+                                                exclude_none=True)},
         )
 
     return backbone

@@ -30,6 +30,11 @@ LINEAGE_COLUMNS = [
     ("seed", "int", "sampling noise seed (diffusion methods)"),
     ("source_item", "string", "training image id (real-image methods)"),
 ]
+# Shown only for a text-to-image backbone's images (the rows then carry a prompt).
+PROMPT_LINEAGE_COLUMNS = [
+    ("prompt", "string", "the class's text prompt (text-to-image backbones)"),
+    ("negative_prompt", "string", "the prompt of CFG's unconditional branch"),
+]
 
 
 def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
@@ -65,12 +70,15 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
                 rows.append(dict(r, image=str((storage.set_images_dir(written.set_dir, class_id) / r["file"]).relative_to(root))))
         context.log.info(f"{method}/{class_id}: wrote {len(rows)} images in {len(result.classes)} sets")
         first = result.classes[0]
+        prompted = any("prompt" in r for r in rows)
+        columns = LINEAGE_COLUMNS + (PROMPT_LINEAGE_COLUMNS if prompted else [])
         return dg.MaterializeResult(
             data_version=dg.DataVersion(combined_hash([c.content_hash for c in result.classes])),
             metadata={
                 "thumbnails": thumbnails_markdown(
                     result.preview, f"{method}, class {class_id}: {Path(first.set_dir).relative_to(root)}"),
-                "lineage": table(rows, LINEAGE_COLUMNS),
+                "lineage": table(rows, columns),
+                **({"prompt": rows[0]["prompt"]} if prompted else {}),
                 "images": len(rows),
                 "sets": len(result.classes),
                 "backbone_fingerprint": rows[0].get("backbone_fingerprint") or "",

@@ -70,16 +70,17 @@ def read_json(path: Path) -> dict:
     return data
 
 
-def weight_files(component_dir: Path) -> list[Path]:
-    """The safetensors files ``from_pretrained`` will read from ``component_dir``.
+def weight_files(component_dir: Path, name: str = WEIGHTS_NAME, index_name: str = WEIGHTS_INDEX_NAME) -> list[Path]:
+    """The safetensors files ``from_pretrained`` will read from ``component_dir``: ``name``, or
+    the shards listed in ``index_name`` (transformers models: ``model.safetensors``).
 
     Raises BackboneFilesError naming the directory when there are none (or only
     pickled ``.bin`` weights), or when a shard listed in the index is missing.
     """
-    single = component_dir / WEIGHTS_NAME
+    single = component_dir / name
     if single.is_file():
         return [single]
-    index = component_dir / WEIGHTS_INDEX_NAME
+    index = component_dir / index_name
     if index.is_file():
         shards = sorted(set(read_json(index).get("weight_map", {}).values()))
         if not shards:
@@ -94,7 +95,7 @@ def weight_files(component_dir: Path) -> list[Path]:
         "convert them to safetensors, e.g. load once in a trusted environment and save_pretrained)"
         if pickled else ""
     )
-    raise BackboneFilesError(f"{component_dir}: no {WEIGHTS_NAME} (or sharded index){hint}")
+    raise BackboneFilesError(f"{component_dir}: no {name} (or sharded index){hint}")
 
 
 # In-process memo: (path, size, mtime, inode) of every file -> fingerprint. A
@@ -102,13 +103,17 @@ def weight_files(component_dir: Path) -> list[Path]:
 _FINGERPRINT_MEMO: dict[tuple, str] = {}
 
 
-def component_fingerprint(component_dir: Path) -> str:
-    """Hash of a component's ``config.json`` and the weight files it loads from."""
-    files = [component_dir / "config.json"] + weight_files(component_dir)
+def files_fingerprint(files: list[Path]) -> str:
+    """``hash_files(files)``, memoised per process on each file's size, mtime and inode."""
     key = tuple((str(p), st.st_size, st.st_mtime_ns, st.st_ino) for p in files for st in [p.stat()])
     if key not in _FINGERPRINT_MEMO:
         _FINGERPRINT_MEMO[key] = hash_files(files)
     return _FINGERPRINT_MEMO[key]
+
+
+def component_fingerprint(component_dir: Path) -> str:
+    """Hash of a component's ``config.json`` and the weight files it loads from."""
+    return files_fingerprint([component_dir / "config.json"] + weight_files(component_dir))
 
 
 def check_class_name(config: dict, config_path: Path, allowed: tuple[str, ...]) -> None:

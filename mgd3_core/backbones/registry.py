@@ -24,13 +24,14 @@ from pathlib import Path
 from types import ModuleType
 
 from ..config import BACKBONE_KINDS, BackboneConfig, ExperimentConfig
-from . import embedded, pretrained_dit
+from . import embedded, pretrained_dit, stable_diffusion
 from .base import Backbone, configs_of
 from .diffusers_files import BackboneMismatchError
 
 KINDS: dict[str, ModuleType] = {
     "embedded": embedded,
     "pretrained": pretrained_dit,
+    "stable_diffusion": stable_diffusion,
 }
 assert set(KINDS) == set(BACKBONE_KINDS), "config.BACKBONE_KINDS and backbones.registry.KINDS disagree"
 
