@@ -159,7 +159,9 @@ def materialized_partitions(instance: dg.DagsterInstance, asset: str) -> set:
 class TinyGraph:
     """The tiny experiment materialized into a persistent SQLite instance under ``root``."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, raw: dict | None = None):
+        """``raw``: the experiment config (default: the tiny one, ``tiny_config()``)."""
+        raw = raw if raw is not None else tiny_config()
         self.root = root
         self.home = root / "home"
         self.dagster_home = root / "dagster_home"
@@ -170,8 +172,8 @@ class TinyGraph:
             "nux": {"enabled": False},
             "concurrency": {"pools": {"default_limit": 1}},
         }))
-        self.config_path = write_config(root / "tiny.yaml", tiny_config())
-        self.cfg = config_from_dict(tiny_config())
+        self.config_path = write_config(root / "tiny.yaml", raw)
+        self.cfg = config_from_dict(raw)
         self.defs = build_defs(self.config_path, self.home)
         self.instance = dg.DagsterInstance.from_config(str(self.dagster_home))
         self.stage_reports = []
