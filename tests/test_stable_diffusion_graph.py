@@ -3,6 +3,7 @@ every asset materializes, and the distilled images' lineage carries the class pr
 
 from __future__ import annotations
 
+import dagster as dg
 import h5py
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tests.dagster_helpers import (
     DATA_VERSION_TAG,
     TinyGraph,
     all_partitions,
+    evaluate,
     latest_materialization,
     materialized_partitions,
     requested,
@@ -56,20 +58,14 @@ def test_the_tiny_graph_materializes_on_stable_diffusion(sd_graph):
     with h5py.File(storage.distilled_set_dir(cfg, home, "mgd3", 2, 0) / "latents" / "0.h5") as f:
         assert f["latents"].shape == (2, *backbone.latent_shape)
     # The observed data version is the fingerprint of the SD files.
-    observed = instance.get_latest_data_version_record(dg_key("backbone")).asset_observation
+    observed = instance.get_latest_data_version_record(dg.AssetKey("backbone")).asset_observation
     assert observed.tags[DATA_VERSION_TAG] == backbone.fingerprint == pipeline.backbone_fingerprint(cfg, home)
-
-
-def dg_key(name):
-    import dagster as dg
-
-    return dg.AssetKey(name)
 
 
 def test_lineage_carries_the_prompt(sd_graph):
     cfg, home = sd_graph.cfg, sd_graph.home
+    sdir = storage.distilled_set_dir(cfg, home, "mgd3", 2, 0)
     for class_id, name in (("0", "zero"), ("1", "one")):
-        sdir = storage.distilled_set_dir(cfg, home, "mgd3", 2, 0)
         rows = read_manifest(sdir, class_id)
         assert list(rows[0]) == MANIFEST_COLUMNS + PROMPT_COLUMNS
         assert {(r["prompt"], r["negative_prompt"]) for r in rows} == {(f"a photo of a {name}", "blurry")}
@@ -90,19 +86,17 @@ def test_the_backbone_is_reloaded_when_the_class_list_changes(sd_graph):
 
 def test_a_changed_tokenizer_file_reruns_the_dependents(sd_graph):
     """Last in this module: it edits the pipeline's tokenizer."""
-    import dagster as dg
-
     from mgd3_assets import demo
 
     defs, instance, cfg, home = sd_graph.defs, sd_graph.instance, sd_graph.cfg, sd_graph.home
-    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    first = evaluate(defs, instance)
     assert not {a for a in requested(first) if a != "backbone"}  # materialized: nothing to re-run
     old = pipeline.backbone_fingerprint(cfg, home)
     merges = cfg.backbone.stable_diffusion.pipeline_dir + "/tokenizer/merges.txt"
     with open(merges, "a") as f:
         f.write("o n\n")
     demo.run_stage(defs, instance, demo.STAGES[0], log=lambda m: None, log_level="WARNING")  # observe
-    observed = instance.get_latest_data_version_record(dg_key("backbone")).asset_observation
+    observed = instance.get_latest_data_version_record(dg.AssetKey("backbone")).asset_observation
     assert observed.tags[DATA_VERSION_TAG] == pipeline.backbone_fingerprint(cfg, home) != old
-    asked = requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor))
+    asked = requested(evaluate(defs, instance, first.cursor))
     assert asked["distilled_images"] == {"0|mgd3", "1|mgd3"} and asked["latent_store"] == {"0", "1"}
