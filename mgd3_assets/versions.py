@@ -60,9 +60,10 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
     # The gathering stages read every class: the class list is part of what they compute.
     if stage == "teacher":
         ev = dump["evaluation"]
-        # The teacher is the full-data ConvNet run: hard-label protocol, full_data_epochs.
-        return {"dataset": dump["dataset"], "hard": ev["hard"], "training_seeds": ev["training_seeds"],
-                "evaluations": ev["evaluations"], "device": ev["device"]}
+        # The teacher: the named model trained on the real data with the hard-label protocol.
+        return {"dataset": dump["dataset"], "hard": ev["hard"], "teacher": ev["teacher"],
+                "training_seeds": ev["training_seeds"], "evaluations": ev["evaluations"],
+                "ranking_evaluations": ev["ranking_evaluations"], "device": ev["device"]}
     if stage in ("full_data_students", "students", "evaluation_report", "diversity_report"):
         return {"seed": dump["seed"], "ipc": dump["ipc"], "evaluation": dump["evaluation"],
                 "dataset": dump["dataset"]}

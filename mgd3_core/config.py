@@ -236,6 +236,8 @@ class SoftLabelConfig(_Strict):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     epochs: int = Field(default=300, ge=1)
+    # Epochs by IPC as in HardLabelConfig; None = ``epochs`` at every IPC (RDED: 300).
+    epochs_by_ipc: dict[int, int] | None = None
     batch_size: int = Field(default=64, ge=1)
     # Augmentation of the soft-label protocol; same meaning as in HardLabelConfig.
     rrc_scale: list[float] = [0.5, 1.0]
@@ -248,6 +250,15 @@ class SoftLabelConfig(_Strict):
         return HardLabelConfig._scale_pair(v)
 
 
+class TeacherConfig(_Strict):
+    """The classifier trained on the real training split (hard-label protocol, first
+    training seed): the soft-label teacher, the feature space of the diversity metrics,
+    and the full-data run of its own student when ``epochs`` = ``hard.full_data_epochs``."""
+
+    model: Literal["convnet", "resnetap10", "resnet18"] = "convnet"
+    epochs: int | None = Field(default=None, ge=1)  # None = hard.full_data_epochs
+
+
 class EvaluationConfig(_Strict):
     protocols: list[Literal["hard", "soft"]] = ["hard"]
     students: list[Literal["convnet", "resnetap10", "resnet18"]] = ["convnet"]
@@ -255,6 +266,7 @@ class EvaluationConfig(_Strict):
     training_seeds: list[int] = [0]
     hard: HardLabelConfig = HardLabelConfig()
     soft: SoftLabelConfig = SoftLabelConfig()
+    teacher: TeacherConfig = TeacherConfig()
     representativeness_k: int = Field(default=50, ge=1)
     tsne_classes: int = Field(default=3, ge=0)
     device: str = "cpu"
@@ -262,6 +274,11 @@ class EvaluationConfig(_Strict):
     # epoch (the headline); the best of them is reported as "best". Each one costs a
     # forward pass over the test split (about 5 CPU-s for 1,000 MNIST images, ConvNet).
     evaluations: int = Field(default=2, ge=1)
+    # Extra test-split evaluations spread over the last fifth of each run, the last after
+    # the final epoch; the DD-Ranking scores (HLR, IOR, LRS) use the best of them, as
+    # DD-Ranking does (it tests every 10 epochs after 80 % of training and keeps the best).
+    # 1 = the final epoch only.
+    ranking_evaluations: int = Field(default=1, ge=1)
 
     @field_validator("generation_seeds", "training_seeds")
     @classmethod
@@ -331,10 +348,19 @@ class ExperimentConfig(_Strict):
             updates.update({k: v for k, v in o.model_dump().items() if v is not None})
         return self.sampler.model_copy(update=updates)
 
-    def epochs_for_ipc(self, ipc: int) -> int:
-        table = self.evaluation.hard.epochs_by_ipc
+    def epochs_for_ipc(self, ipc: int, protocol: Literal["hard", "soft"] = "hard") -> int:
+        """Student epochs at ``ipc``: the protocol's table, nearest key at or below ``ipc``."""
+        if protocol == "soft":
+            table = self.evaluation.soft.epochs_by_ipc
+            if not table:
+                return self.evaluation.soft.epochs
+        else:
+            table = self.evaluation.hard.epochs_by_ipc
         keys = sorted(k for k in table if k <= ipc) or [min(table)]
         return table[keys[-1]]
+
+    def teacher_epochs(self) -> int:
+        return self.evaluation.teacher.epochs or self.evaluation.hard.full_data_epochs
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -71,32 +71,42 @@ def distilled_set(cfg: ExperimentConfig, home: Path, method: str, ipc: int, gen_
 
 # --------------------------------------------------------------------------- teacher
 def train_teacher(cfg: ExperimentConfig, home: Path, progress: StageProgress = no_progress) -> dict:
-    """Train the real-data teacher (ConvNet, hard-label protocol, whole training split).
+    """Train the real-data teacher (``evaluation.teacher.model``, hard-label protocol, whole
+    training split, first training seed) and store it under ``teacher/``.
 
-    It is the fixed feature space of the diversity metrics, the soft-label
-    teacher, and the full-data upper bound of the ConvNet (training seed = the
-    first training seed). Returns its metadata (accuracy on the test split)."""
+    It is the soft-label teacher, the fixed feature space of the diversity metrics,
+    and the full-data run of its own student (see :func:`teacher_is_full_data_run`).
+    Returns its metadata (accuracy on the test split)."""
     from .students import build_student
     from .training import train_hard_label
 
     x, y = real_split(cfg, "train")
     xt, yt = real_split(cfg, "test")
-    seed = cfg.evaluation.training_seeds[0]
-    epochs = cfg.evaluation.hard.full_data_epochs
-    model = build_student("convnet", x.shape[1], int(y.max()) + 1, x.shape[-1], seed=seed)
+    ev = cfg.evaluation
+    seed, epochs, name = ev.training_seeds[0], cfg.teacher_epochs(), ev.teacher.model
+    model = build_student(name, x.shape[1], int(y.max()) + 1, x.shape[-1], seed=seed)
     t0 = time.perf_counter()
     res = train_hard_label(
-        model, x, y, xt, yt, cfg=cfg.evaluation.hard, epochs=epochs, seed=seed,
-        orientation_sensitive=cfg.dataset.orientation_sensitive, device=cfg.evaluation.device,
-        evaluations=cfg.evaluation.evaluations,
-        progress=lambda r: progress(f"teacher epoch {r['epoch']}/{epochs} loss {r['loss']:.3f}", r["epoch"] / epochs),
+        model, x, y, xt, yt, cfg=ev.hard, epochs=epochs, seed=seed,
+        orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device,
+        evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
+        progress=lambda r: progress(f"teacher ({name}) epoch {r['epoch']}/{epochs} loss {r['loss']:.3f}",
+                                    r["epoch"] / epochs),
     )
-    meta = {"student": "convnet", "train_seed": seed, "epochs": epochs, "final_acc": res.final_acc,
-            "best_acc": res.best_acc, "seconds": time.perf_counter() - t0, "n_train": int(len(x))}
+    meta = {"student": name, "train_seed": seed, "epochs": epochs, "final_acc": res.final_acc,
+            "best_acc": res.best_acc, "ranking_acc": res.ranking_acc, "seconds": time.perf_counter() - t0,
+            "n_train": int(len(x))}
     with atomic_output(storage.teacher_weights_file(cfg, home)) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
     atomic_write(storage.teacher_dir(cfg, home) / "meta.json", json.dumps(meta, indent=2))
     return meta
+
+
+def teacher_is_full_data_run(cfg: ExperimentConfig, student: str, train_seed: int) -> bool:
+    """Whether the teacher run is exactly this full-data run (same model, seed and epochs)."""
+    ev = cfg.evaluation
+    return (student == ev.teacher.model and train_seed == ev.training_seeds[0]
+            and cfg.teacher_epochs() == ev.hard.full_data_epochs)
 
 
 def teacher_fingerprint(cfg: ExperimentConfig, home: Path) -> str:
@@ -108,13 +118,19 @@ def teacher_fingerprint(cfg: ExperimentConfig, home: Path) -> str:
 
 
 def load_teacher(cfg: ExperimentConfig, home: Path) -> torch.nn.Module:
+    """The stored teacher, in eval mode with gradients off; refused if it is another model."""
     from .students import build_student
 
     path = storage.teacher_weights_file(cfg, home)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no teacher yet; materialize the teacher asset first")
+    name = cfg.evaluation.teacher.model
+    stored = teacher_meta(cfg, home).get("student", "convnet")
+    if stored != name:
+        raise ValueError(f"{path} is a {stored!r} teacher but evaluation.teacher.model is {name!r}; "
+                         "materialize the teacher asset again")
     x, y = real_split(cfg, "test")
-    model = build_student("convnet", x.shape[1], len(np.unique(y)), x.shape[-1])
+    model = build_student(name, x.shape[1], len(np.unique(y)), x.shape[-1])
     model.load_state_dict(load_file(str(path)))
     return model.eval().requires_grad_(False)
 
@@ -129,7 +145,7 @@ def teacher_meta(cfg: ExperimentConfig, home: Path) -> dict:
 # --------------------------------------------------------------------------- students
 # Bump when the student code (models, protocols, evaluation) changes a run's result for the
 # same inputs: finished runs are kept under a key that includes it (see ``_run_key``).
-STUDENT_RUN_VERSION = 1
+STUDENT_RUN_VERSION = 2  # 2: rows carry ranking_acc (best test accuracy in the last fifth)
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -149,14 +165,15 @@ def _run_key(cfg: ExperimentConfig, spec: dict, train_digest: str, test_digest: 
     ev = cfg.evaluation
     protocol_cfg = ev.hard if spec["protocol"] == "hard" else ev.soft
     payload = dict(spec, version=STUDENT_RUN_VERSION, torch=torch.__version__, device=str(ev.device),
-                   evaluations=ev.evaluations, orientation_sensitive=cfg.dataset.orientation_sensitive,
+                   evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
+                   orientation_sensitive=cfg.dataset.orientation_sensitive,
                    protocol_cfg=protocol_cfg.model_dump(mode="json"), train=train_digest,
                    test=test_digest, teacher=teacher_digest)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 _ROW_KEYS = ("method", "ipc", "student", "protocol", "gen_seed", "train_seed", "final_acc", "best_acc",
-             "epochs", "seconds")
+             "ranking_acc", "epochs", "seconds")
 
 
 def _load_run(path: Path) -> dict | None:
@@ -177,9 +194,10 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
     """Train every configured student on every set of one method; one row per run.
 
     ``method = "full_data"`` trains on the whole real training split (the upper
-    bound; the teacher run stands in for ConvNet with the first training seed).
-    Rows: method, ipc, student, protocol, gen_seed, train_seed, final_acc,
-    best_acc, epochs, seconds. Written to ``students/<method>.csv``.
+    bound; the teacher run stands in for its own student when it is the same run,
+    :func:`teacher_is_full_data_run`). Rows: method, ipc, student, protocol,
+    gen_seed, train_seed, final_acc, best_acc, ranking_acc (best in the last
+    fifth, for DD-Ranking), epochs, seconds. Written to ``students/<method>.csv``.
 
     Each finished run is also recorded under ``students/runs/`` keyed by all it
     depends on (settings, images, teacher, code version), so a sweep that is
@@ -201,14 +219,14 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
         where = f"({n + 1}/{len(runs)})"
         if method == FULL_DATA:
             x, y = real_split(cfg, "train")
-            if student == "convnet" and train_seed == ev.training_seeds[0]:
+            if teacher_is_full_data_run(cfg, student, train_seed):
                 progress(f"{label}: the teacher run {where}", n / len(runs))
                 rows.append(_teacher_row(cfg, home, method, student, train_seed))
                 continue
             epochs = ev.hard.full_data_epochs
         else:
             x, y = distilled_set(cfg, home, method, ipc, gen_seed)
-            epochs = cfg.epochs_for_ipc(ipc) if protocol == "hard" else ev.soft.epochs
+            epochs = cfg.epochs_for_ipc(ipc, protocol)
         spec = dict(method=method, ipc=ipc, gen_seed=gen_seed, student=student, protocol=protocol,
                     train_seed=train_seed, epochs=epochs)
         record_path = runs_dir / f"{_run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest)}.json"
@@ -240,11 +258,12 @@ def _student_runs(cfg: ExperimentConfig, method: str) -> list[tuple]:
 
 
 def _teacher_row(cfg: ExperimentConfig, home: Path, method: str, student: str, train_seed: int) -> dict:
-    """The full-data ConvNet row of the first training seed: the teacher run itself."""
+    """The full-data row that is the teacher run itself (:func:`teacher_is_full_data_run`)."""
     meta = teacher_meta(cfg, home)
     return dict(method=method, ipc=np.nan, student=student, protocol="hard", gen_seed=0, train_seed=train_seed,
-                final_acc=meta["final_acc"], best_acc=meta["best_acc"], epochs=meta["epochs"],
-                seconds=meta["seconds"])
+                final_acc=meta["final_acc"], best_acc=meta["best_acc"],
+                ranking_acc=meta.get("ranking_acc", np.nan),  # older teachers: none
+                epochs=meta["epochs"], seconds=meta["seconds"])
 
 
 def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple, teacher,
@@ -259,7 +278,8 @@ def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple,
     model = build_student(spec["student"], x.shape[1], len(np.unique(yt)), x.shape[-1], seed=seed)
     t0 = time.perf_counter()
     kwargs = dict(epochs=epochs, seed=seed, orientation_sensitive=cfg.dataset.orientation_sensitive,
-                  device=ev.device, evaluations=ev.evaluations, progress=on_epoch)
+                  device=ev.device, evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
+                  progress=on_epoch)
     if spec["protocol"] == "hard":
         res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, **kwargs)
     else:
@@ -267,7 +287,8 @@ def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple,
     ipc, gen_seed = spec["ipc"], spec["gen_seed"]
     return dict(method=spec["method"], ipc=ipc if ipc is not None else np.nan, student=spec["student"],
                 protocol=spec["protocol"], gen_seed=gen_seed if gen_seed is not None else 0, train_seed=seed,
-                final_acc=res.final_acc, best_acc=res.best_acc, epochs=epochs, seconds=time.perf_counter() - t0)
+                final_acc=res.final_acc, best_acc=res.best_acc, ranking_acc=res.ranking_acc, epochs=epochs,
+                seconds=time.perf_counter() - t0)
 
 
 def _epoch_progress(progress: StageProgress, label: str, n: int, total: int) -> EpochProgress:

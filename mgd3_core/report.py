@@ -3,8 +3,10 @@
 Inputs are tidy frames, one row per run or per class:
 
 - accuracy rows: ``method, ipc, student, protocol, gen_seed, train_seed,
-  final_acc, best_acc`` (top-1 %). Full-data rows use ``method = "full_data"``
-  and any ``ipc`` (NaN is fine): they are the upper bound of every IPC.
+  final_acc, best_acc`` (top-1 %), optionally ``ranking_acc`` (the best in the
+  last fifth of training, which the DD-Ranking scores use; ``final_acc`` when
+  absent). Full-data rows use ``method = "full_data"`` and any ``ipc`` (NaN is
+  fine): they are the upper bound of every IPC.
 - metric rows (optional): ``method, ipc, class, diversity, representativeness,
   cos_div, cos_rep`` (:func:`mgd3_core.metrics.per_class_metrics` plus the two
   keys), optionally with ``gen_seed``.
@@ -97,13 +99,19 @@ def summary_table(accuracy: pd.DataFrame, metrics: pd.DataFrame | None = None) -
     final = aggregate(acc, keys, "final_acc")
     best = aggregate(acc, keys, "best_acc").rename(columns={"mean": "best_mean", "std": "best_std"})
     table = final.merge(best.drop(columns="n"), on=keys, how="left")
-    table = table.merge(dd_ranking_scores(acc), on=keys, how="left")
+    table = table.merge(dd_ranking_scores(acc, value=ranking_value(acc)), on=keys, how="left")
     if metrics is not None and len(metrics):
         table = table.merge(mean_over_classes(metrics, by=("method", "ipc")), on=["method", "ipc"], how="left")
     table["_ipc"] = table["ipc"].fillna(-1)
     table["_rank"] = [_method_rank(m) for m in table["method"]]
     table = table.sort_values(["protocol", "student", "_ipc", "_rank"], kind="stable")
     return table.drop(columns=["_ipc", "_rank"]).reset_index(drop=True)
+
+
+def ranking_value(accuracy: pd.DataFrame) -> str:
+    """The accuracy column DD-Ranking scores use: ``ranking_acc`` when every run has it."""
+    has = "ranking_acc" in accuracy.columns and accuracy["ranking_acc"].notna().all()
+    return "ranking_acc" if has else "final_acc"
 
 
 def table_markdown(summary: pd.DataFrame) -> str:
@@ -243,6 +251,11 @@ def write_report(out_dir: str | os.PathLike, accuracy: pd.DataFrame, metrics: pd
 
     n_gen = accuracy["gen_seed"].nunique()
     n_train = accuracy["train_seed"].nunique()
+    if ranking_value(accuracy) == "ranking_acc":
+        ranking_rule = ("Each run enters them with its best test accuracy over the evaluations in the last fifth "
+                        "of training, as DD-Ranking does (`evaluation.ranking_evaluations`; 1 = the final epoch).")
+    else:
+        ranking_rule = "Each run enters them with its final-epoch accuracy (these runs have no ranking column)."
     explain = (
         f"Accuracy: top-1 on the real test split after the **final** epoch, mean ± sample std (ddof 1) "
         f"over n runs ({n_gen} generation seed(s) × {n_train} training seed(s)); \"best\" is the maximum over "
@@ -250,7 +263,7 @@ def write_report(out_dir: str | os.PathLike, accuracy: pd.DataFrame, metrics: pd
         "the whole training split (IPC \"all\").\n\n"
         "DD-Ranking (Li et al. 2025): HLR = full-data − synthetic accuracy, both hard labels (lower is better); "
         "IOR = synthetic − random-real accuracy at the same IPC and protocol (higher is better); "
-        "LRS = (e^α − e^−1)/(e − e^−1) × 100 with α = ½·IOR − ½·HLR (as fractions).\n\n"
+        f"LRS = (e^α − e^−1)/(e − e^−1) × 100 with α = ½·IOR − ½·HLR (as fractions). {ranking_rule}\n\n"
         "Feature metrics (real-trained teacher's penultimate features, per class, averaged over classes): "
         "diversity = mean distance to the nearest other synthetic image; representativeness = mean distance "
         "to the k nearest real images (lower = closer to the data); cos div = 1 − mean max cosine to another "

@@ -51,7 +51,9 @@ class TrainResult:
 
     ``final_acc`` (top-1 % on the evaluation split after the last epoch) is the
     headline number; ``best_acc`` is the maximum over the periodic evaluations
-    (optimistic: it peeks at the evaluation split, report it labelled as best).
+    (optimistic: it peeks at the evaluation split, report it labelled as best);
+    ``ranking_acc`` is the maximum over the evaluations in the last fifth of
+    training (:func:`ranking_window_start`), the accuracy DD-Ranking scores.
     ``history`` has one dict per epoch: ``epoch`` (1-based), ``loss`` (mean
     training loss), ``lr`` (learning rate used in that epoch) and ``eval_acc``
     (None when not evaluated after that epoch).
@@ -63,6 +65,7 @@ class TrainResult:
     epochs: int
     seconds: float
     history: list[dict] = field(repr=False)
+    ranking_acc: float = float("nan")
 
 
 # ---------------------------------------------------------------- augmentation
@@ -238,11 +241,23 @@ def _as_labels(labels: torch.Tensor | np.ndarray, n: int, name: str) -> torch.Te
     return labels
 
 
-def _eval_epochs(epochs: int, evaluations: int) -> set[int]:
-    """1-based epochs after which to evaluate: ``evaluations`` evenly spaced, the last one final."""
-    if evaluations < 1:
-        raise ValueError(f"evaluations must be >= 1 (1 = only after the last epoch), got {evaluations}")
-    return {math.ceil(epochs * i / evaluations) for i in range(1, evaluations + 1)}
+def ranking_window_start(epochs: int) -> int:
+    """Evaluations after this (1-based) epoch form the ranking window: the last fifth of training.
+
+    DD-Ranking (Li et al. 2025) tests after 80 % of training and scores the best of those tests.
+    """
+    return math.floor(0.8 * epochs)
+
+
+def _eval_epochs(epochs: int, evaluations: int, ranking_evaluations: int = 1) -> set[int]:
+    """1-based epochs after which to evaluate: ``evaluations`` evenly spaced over the run and
+    ``ranking_evaluations`` evenly spaced over the ranking window, the last of each final."""
+    for name, value in (("evaluations", evaluations), ("ranking_evaluations", ranking_evaluations)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1 (1 = only after the last epoch), got {value}")
+    start = ranking_window_start(epochs)
+    window = {start + math.ceil((epochs - start) * i / ranking_evaluations) for i in range(1, ranking_evaluations + 1)}
+    return {math.ceil(epochs * i / evaluations) for i in range(1, evaluations + 1)} | window
 
 
 # ---------------------------------------------------------------- the shared loop
@@ -253,7 +268,7 @@ def _fit(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, *
          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
          augment: TrainAugment, epochs: int, batch_size: int, seed: int,
          eval_images: torch.Tensor, eval_labels: torch.Tensor, evaluations: int,
-         device: torch.device, progress: EpochProgress | None) -> TrainResult:
+         device: torch.device, progress: EpochProgress | None, ranking_evaluations: int = 1) -> TrainResult:
     """Shuffle -> augment -> loss -> step, per epoch; evaluate on schedule.
 
     ``images`` uint8 (N, C, H, W); ``targets`` float (N, K) or None (soft labels
@@ -264,7 +279,9 @@ def _fit(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, *
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     generator = torch.Generator().manual_seed(int(seed))
-    eval_at = _eval_epochs(epochs, evaluations)
+    eval_at = _eval_epochs(epochs, evaluations, ranking_evaluations)
+    window_start = ranking_window_start(epochs)
+    ranking_acc = -1.0
     images = images.to(device)
     targets = targets.to(device) if targets is not None else None
     model.to(device).train()
@@ -292,12 +309,14 @@ def _fit(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, *
             final_acc = acc
             if acc > best_acc:
                 best_acc, best_epoch = acc, epoch
+            if epoch > window_start:
+                ranking_acc = max(ranking_acc, acc)
             model.train()
         history.append(record)
         if progress is not None:
             progress({**record, "epochs": epochs})
     return TrainResult(final_acc=final_acc, best_acc=best_acc, best_epoch=best_epoch, epochs=epochs,
-                       seconds=time.perf_counter() - start, history=history)
+                       seconds=time.perf_counter() - start, history=history, ranking_acc=ranking_acc)
 
 
 def _prepare(images, labels, eval_images, eval_labels):
@@ -313,7 +332,7 @@ def _prepare(images, labels, eval_images, eval_labels):
 # ---------------------------------------------------------------- hard-label protocol
 def train_hard_label(model: nn.Module, train_images, train_labels, eval_images, eval_labels, *,
                      cfg: HardLabelConfig, epochs: int, seed: int, orientation_sensitive: bool,
-                     device: str | torch.device = "cpu", evaluations: int = 2,
+                     device: str | torch.device = "cpu", evaluations: int = 2, ranking_evaluations: int = 1,
                      progress: EpochProgress | None = None) -> TrainResult:
     """Train ``model`` in place on (distilled or real) images with their hard labels.
 
@@ -328,6 +347,8 @@ def train_hard_label(model: nn.Module, train_images, train_labels, eval_images, 
         epochs: e.g. ``ExperimentConfig.epochs_for_ipc(ipc)`` or ``cfg.full_data_epochs``.
         evaluations: evenly spaced evaluations on the eval split, the last after the
             final epoch (1 = final only). Each costs a forward pass over the eval split.
+        ranking_evaluations: evaluations in the last fifth of training whose best is
+            ``TrainResult.ranking_acc`` (1 = the final epoch only).
         progress: called after every epoch with the history record plus ``epochs``.
     """
     device = torch.device(device)
@@ -346,7 +367,8 @@ def train_hard_label(model: nn.Module, train_images, train_labels, eval_images, 
                 scheduler=lr_schedule(optimizer, kind="multistep", epochs=epochs),
                 augment=make_augment(cfg, orientation_sensitive=orientation_sensitive),
                 epochs=epochs, batch_size=cfg.batch_size, seed=seed, eval_images=eval_images,
-                eval_labels=eval_labels, evaluations=evaluations, device=device, progress=progress)
+                eval_labels=eval_labels, evaluations=evaluations, device=device, progress=progress,
+                ranking_evaluations=ranking_evaluations)
 
 
 # ---------------------------------------------------------------- soft-label protocol
@@ -359,7 +381,7 @@ def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
 def train_soft_label(student: nn.Module, train_images, teacher: nn.Module, eval_images, eval_labels, *,
                      cfg: SoftLabelConfig, seed: int, orientation_sensitive: bool, epochs: int | None = None,
-                     device: str | torch.device = "cpu", evaluations: int = 2,
+                     device: str | torch.device = "cpu", evaluations: int = 2, ranking_evaluations: int = 1,
                      progress: EpochProgress | None = None) -> TrainResult:
     """Train ``student`` in place to match ``teacher`` on augmented distilled images.
 
@@ -388,7 +410,8 @@ def train_soft_label(student: nn.Module, train_images, teacher: nn.Module, eval_
                 scheduler=lr_schedule(optimizer, kind="cosine", epochs=epochs),
                 augment=make_augment(cfg, orientation_sensitive=orientation_sensitive),
                 epochs=epochs, batch_size=cfg.batch_size, seed=seed, eval_images=eval_images,
-                eval_labels=eval_labels, evaluations=evaluations, device=device, progress=progress)
+                eval_labels=eval_labels, evaluations=evaluations, device=device, progress=progress,
+                ranking_evaluations=ranking_evaluations)
 
 
 @torch.no_grad()

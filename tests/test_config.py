@@ -87,3 +87,17 @@ def test_method_settings_share_one_sampler_and_differ_only_in_guidance():
 def test_every_shipped_config_is_valid(path):
     cfg = load_config(path)
     assert cfg.methods and cfg.ipc
+
+
+def test_protocol_epochs_by_ipc_and_the_named_teacher():
+    cfg = config_from_dict({"evaluation": {"hard": {"epochs_by_ipc": {1: 300, 10: 30}, "full_data_epochs": 3},
+                                           "soft": {"epochs": 40}}})
+    assert [cfg.epochs_for_ipc(i) for i in (1, 10, 50)] == [300, 30, 30]
+    assert [cfg.epochs_for_ipc(i, "soft") for i in (1, 10, 50)] == [40, 40, 40]  # one count without a table
+    assert cfg.evaluation.teacher.model == "convnet" and cfg.teacher_epochs() == 3
+    cfg = config_from_dict({"evaluation": {"soft": {"epochs_by_ipc": {1: 500, 50: 100}},
+                                           "teacher": {"model": "resnet18", "epochs": 7}}})
+    assert [cfg.epochs_for_ipc(i, "soft") for i in (1, 10, 50)] == [500, 500, 100]
+    assert cfg.teacher_epochs() == 7
+    with pytest.raises(ValueError, match="evaluation.teacher.model"):
+        config_from_dict({"evaluation": {"teacher": {"model": "vgg11"}}})

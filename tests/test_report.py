@@ -90,3 +90,17 @@ def test_report_without_optional_inputs_and_bad_columns(tmp_path):
     assert "Diversity" not in rep.table_markdown
     with pytest.raises(ValueError, match="missing column"):
         write_report(tmp_path, fake_accuracy().drop(columns="best_acc"))
+
+
+def test_dd_ranking_scores_use_the_ranking_accuracy_when_every_run_has_it(tmp_path):
+    acc = fake_accuracy()
+    acc["ranking_acc"] = acc["final_acc"] + np.where(acc["method"] == "mgd3", 5.0, 0.0)
+    rep = write_report(tmp_path / "a", acc)
+    s = rep.summary.set_index("method")
+    assert s.loc["mgd3", "ior"] == pytest.approx(87.0 - 85.0)  # ranking 82 + 5 against random 85
+    assert s.loc["mgd3", "hlr"] == pytest.approx(99.0 - 87.0)
+    assert s.loc["mgd3", "mean"] == pytest.approx(82.0)  # the headline stays the final epoch
+    assert "last fifth of training" in rep.markdown.read_text()
+    acc.loc[0, "ranking_acc"] = np.nan  # one run without it: every score falls back to the final epoch
+    s = write_report(tmp_path / "b", acc).summary.set_index("method")
+    assert s.loc["mgd3", "ior"] == pytest.approx(82.0 - 85.0)

@@ -106,3 +106,23 @@ def test_long_runs_report_about_five_epoch_lines_and_each_evaluation(sweep):
     assert "test " in ipc1[-1] and "test " not in ipc1[0]
     fracs = [f for _, f in lines]
     assert fracs == sorted(fracs) and fracs[-1] == 1.0
+
+
+def test_the_teacher_run_stands_in_only_for_the_same_full_data_run(tmp_path):
+    def cfg(**teacher):
+        return config_from_dict({"name": "t", "evaluation": {"training_seeds": [3, 4], "teacher": teacher,
+                                                             "hard": {"full_data_epochs": 5}}})
+
+    assert evaluate.teacher_is_full_data_run(cfg(), "convnet", 3)
+    assert not evaluate.teacher_is_full_data_run(cfg(), "convnet", 4)       # another training seed
+    assert not evaluate.teacher_is_full_data_run(cfg(), "resnet18", 3)      # another student
+    assert evaluate.teacher_is_full_data_run(cfg(model="resnet18"), "resnet18", 3)
+    assert not evaluate.teacher_is_full_data_run(cfg(model="resnet18", epochs=9), "resnet18", 3)  # longer run
+
+    # A stored teacher of another model is refused by name, not loaded into the wrong network.
+    out = evaluate.teacher_dir(cfg(), tmp_path)
+    out.mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"")
+    (out / "meta.json").write_text('{"student": "convnet"}')
+    with pytest.raises(ValueError, match="is a 'convnet' teacher but evaluation.teacher.model is 'resnet18'"):
+        evaluate.load_teacher(cfg(model="resnet18"), tmp_path)

@@ -301,3 +301,24 @@ def test_soft_label_training_matches_a_frozen_teacher():
     assert r.history[-1]["loss"] < 0.5 * r.history[0]["loss"]
     assert r.history[4]["lr"] == pytest.approx(0.5 * 3e-3)
     assert r.final_acc > 80.0
+
+
+def test_evaluation_schedule_adds_the_ranking_window_in_the_last_fifth():
+    assert training._eval_epochs(10, 2) == {5, 10}  # 1 ranking evaluation = the final epoch
+    # DD-Ranking's schedule for 300 epochs: every 10 epochs after 80 % of training.
+    assert training._eval_epochs(300, 1, 6) == set(range(250, 301, 10))
+    assert training._eval_epochs(30, 2, 3) == {15, 26, 28, 30}
+    assert training._eval_epochs(2, 1, 4) == {2}  # a window of one epoch holds one evaluation
+    with pytest.raises(ValueError, match="ranking_evaluations must be >= 1"):
+        training._eval_epochs(10, 2, 0)
+
+
+def test_ranking_accuracy_is_the_best_evaluation_of_the_last_fifth():
+    x, y = stripes(24)
+    r = train_hard_label(build_student("convnet", 1, 2, 8, seed=0), x, y, x[::3], y[::3],
+                         cfg=HardLabelConfig(batch_size=16, lr=0.05), epochs=10, seed=0,
+                         orientation_sensitive=True, evaluations=2, ranking_evaluations=2)
+    evaluated = {h["epoch"]: h["eval_acc"] for h in r.history if h["eval_acc"] is not None}
+    assert sorted(evaluated) == [5, 9, 10]
+    assert r.ranking_acc == max(evaluated[9], evaluated[10])  # same run: exact
+    assert r.best_acc == max(evaluated.values()) and r.final_acc == evaluated[10]

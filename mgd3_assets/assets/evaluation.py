@@ -32,7 +32,7 @@ def _accuracy_summary(df: pd.DataFrame) -> dict:
     out = {}
     for (ipc, student, protocol), g in df.groupby(["ipc", "student", "protocol"], dropna=False):
         ipc_label = "all" if not (isinstance(ipc, (int, float)) and math.isfinite(ipc)) else int(ipc)
-        out[f"final_acc/ipc{ipc_label}/{student}/{protocol}"] = float(g["final_acc"].mean())
+        out[f"final_acc/ipc{ipc_label}/{student}/{protocol}"] = round(float(g["final_acc"].mean()), 2)
     return out
 
 
@@ -46,8 +46,9 @@ def _teacher_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         pool=ACCELERATOR_POOL,
         kinds={"pytorch"},
         automation_condition=on_upstream_data_change(),
-        description="ConvNet trained on the real training split of every configured class: the feature "
-        "space of the diversity metrics, the soft-label teacher, the ConvNet full-data bound. "
+        description="The classifier named by evaluation.teacher.model (ConvNet or ResNet-18) trained on the real "
+        "training split of every configured class: the soft-label teacher, the feature "
+        "space of the diversity metrics and the full-data run of its own student. "
         "Data version: hash of its weights.",
     )
     def teacher(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
