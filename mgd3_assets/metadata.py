@@ -36,31 +36,33 @@ def thumbnails_markdown(images: np.ndarray, caption: str, columns: int = GRID_CO
     return dg.MetadataValue.md(f"**{caption}**{more}\n\n![{caption}](data:image/png;base64,{data})")
 
 
-def _cell(value):
-    """A table cell: plain Python scalars; NaN and empty strings become empty cells."""
+def _cell(value, digits: int):
+    """A table cell: plain Python scalars, floats rounded to ``digits`` decimals for reading;
+    NaN and empty strings become empty cells."""
     if isinstance(value, (np.generic,)):
         value = value.item()
     if not isinstance(value, (int, float, bool, str, type(None))):
         value = str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    if isinstance(value, float):
+        return round(value, digits) if math.isfinite(value) else None
     if value == "":
         return None
     return value
 
 
-def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> dg.MetadataValue:
-    """A metadata table; ``columns`` are (key, type, description), type as in ``TableColumn``."""
+def table(rows: list[dict], columns: list[tuple[str, str, str]], digits: int = 3) -> dg.MetadataValue:
+    """A metadata table; ``columns`` are (key, type, description), type as in ``TableColumn``;
+    float cells rounded to ``digits`` decimals (the files keep full precision)."""
     schema = dg.TableSchema(columns=[dg.TableColumn(k, t, description=d) for k, t, d in columns])
-    records = [dg.TableRecord({k: _cell(r.get(k)) for k, _, _ in columns}) for r in rows]
+    records = [dg.TableRecord({k: _cell(r.get(k), digits) for k, _, _ in columns}) for r in rows]
     return dg.MetadataValue.table(records=records, schema=schema)
 
 
-def frame_table(df) -> dg.MetadataValue:
-    """A pandas DataFrame as a metadata table, column types from the dtypes."""
+def frame_table(df, digits: int = 2) -> dg.MetadataValue:
+    """A pandas DataFrame as a metadata table, column types from the dtypes, floats rounded."""
     kinds = {"i": "int", "u": "int", "f": "float", "b": "bool"}
     columns = [(str(c), kinds.get(df[c].dtype.kind, "string"), "") for c in df.columns]
-    return table(df.to_dict("records"), columns)
+    return table(df.to_dict("records"), columns, digits=digits)
 
 
 def progress_logger(log, label: str, every_s: float = 10.0) -> Callable[[str, float], None]:

@@ -6,6 +6,10 @@ one-layer DiT and a two-block VAE trained for 3 steps each, 4 sampling steps,
 IPC 2, one generation seed, one guided and one real-image method, students
 trained for 2 epochs. Its backbone has two labels, so a config with
 class "0" only can use it as a "pretrained" backbone and grow to "0", "1".
+
+The materialized tiny graph (``tiny_graph``) widens it to every method, both
+label protocols (a ResNet-18 teacher for the soft labels) and the t-SNE path,
+so one materialization covers the whole evaluation end to end.
 """
 
 from __future__ import annotations
@@ -46,6 +50,15 @@ TINY = {
     "methods": ["mgd3", "random_real"],
     "evaluation": {"generation_seeds": [0], "training_seeds": [0], "representativeness_k": 5, "tsne_classes": 0,
                    "hard": {"epochs_by_ipc": {1: 2}, "full_data_epochs": 2}},
+}
+
+
+ALL_METHODS = ["mgd3", "unguided", "mgd3_no_stop", "random_real", "closest_real", "decoded_centroids"]
+TINY_GRAPH_CHANGES = {
+    "methods": ALL_METHODS,
+    "evaluation": {**TINY["evaluation"], "protocols": ["hard", "soft"], "tsne_classes": 1,
+                   "soft": {"epochs": 2, "temperature": 4.0}, "teacher": {"model": "resnet18"},
+                   "ranking_evaluations": 2},
 }
 
 
@@ -160,8 +173,8 @@ class TinyGraph:
     """The tiny experiment materialized into a persistent SQLite instance under ``root``."""
 
     def __init__(self, root: Path, raw: dict | None = None):
-        """``raw``: the experiment config (default: the tiny one, ``tiny_config()``)."""
-        raw = raw if raw is not None else tiny_config()
+        """``raw``: the experiment config (default: the tiny one widened by ``TINY_GRAPH_CHANGES``)."""
+        raw = raw if raw is not None else tiny_config(**TINY_GRAPH_CHANGES)
         self.root = root
         self.home = root / "home"
         self.dagster_home = root / "dagster_home"

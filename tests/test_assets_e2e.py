@@ -12,14 +12,17 @@ import subprocess
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
+import pandas as pd
 import pytest
 
 from mgd3_assets import demo
-from mgd3_core import backbones, pipeline, storage
+from mgd3_core import backbones, evaluate, pipeline, storage
 from mgd3_core.backbones import embedded_backbone_dir
 from mgd3_core.distilled import lineage_of
 from mgd3_core.latents import validate_latent_store
 from tests.dagster_helpers import (
+    ALL_METHODS,
     DATA_VERSION_TAG,
     all_partitions,
     build_defs,
@@ -45,7 +48,8 @@ def test_every_asset_partition_is_materialized_and_every_check_passed(tiny_graph
     for check_key in graph.asset_check_keys:
         records = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=100)
         assert records and all(r.evaluation.passed for r in records if r.evaluation), check_key
-    assert sum(r.runs for r in tiny_graph.stage_reports) == 1 + 2 + 4 + 1 + 2 + 1
+    # backbone, 2 classes, 6 methods x 2 classes, teacher + full data, 6 students, reports
+    assert sum(r.runs for r in tiny_graph.stage_reports) == 1 + 2 + 12 + 1 + 6 + 1
 
 
 def test_stores_carry_their_content_hash_as_data_version(tiny_graph):
@@ -67,35 +71,109 @@ def test_mode_centroids_show_counts_per_mode_and_the_closest_real_images(tiny_gr
     assert "data:image/png;base64," in _meta(mat, "closest_real_images")
 
 
-@pytest.mark.parametrize("method", ["mgd3", "random_real"])
+def _rounded(value, digits):
+    return not isinstance(value, float) or value == round(value, digits)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_distilled_images_carry_a_lineage_table_and_a_small_thumbnail_grid(tiny_graph, method):
+    """Every method's partition shows each image's full lineage (the manifest's columns, floats
+    rounded for reading) and a thumbnail grid; the table agrees with the manifest file."""
     cfg, home = tiny_graph.cfg, tiny_graph.home
     mat = latest_materialization(tiny_graph.instance, "distilled_images", f"0|{method}")
-    rows = [r.data for r in _meta(mat, "lineage").records]
-    assert len(rows) == 2 and [r["mode_index"] for r in rows if method == "mgd3"] in ([0, 1], [])
+    table = _meta(mat, "lineage")
+    columns = {c.name for c in table.schema.columns}
+    assert {"mode_index", "mode_count", "dist_to_mode", "dist_to_nearest_other_mode", "seed", "lambda", "t_stop",
+            "cfg_scale", "steps", "sampler", "backbone_fingerprint", "class_name"} <= columns
+    rows = [r.data for r in table.records]
+    assert len(rows) == 2  # IPC 2, one generation seed
+    diffusion = method in ("mgd3", "unguided", "mgd3_no_stop")
+    sampler = cfg.sampler_for(method) if diffusion else None
     for r in rows:
-        assert r["dist_to_mode"] >= 0 and r["ipc"] == 2 and r["gen_seed"] == 0
-        assert (r["seed"] is not None) == (method == "mgd3")  # sampling seed for diffusion methods
-        assert (r["source_item"] is not None) == (method == "random_real")  # source image for real ones
+        assert r["dist_to_mode"] >= 0 and r["ipc"] == 2 and r["gen_seed"] == 0 and r["class_name"] == "zero"
+        assert all(_rounded(v, 3) for v in r.values()), r  # numbers rounded for reading
+        assert r["mode_count"] >= 1 and r["backbone_fingerprint"] == _meta(mat, "backbone_fingerprint") != ""
+        assert (r["seed"] is not None) == diffusion  # sampling seed for diffusion methods
+        assert (r["source_item"] is not None) == (method in ("random_real", "closest_real"))
+        if diffusion:  # the settings that made it: unguided is lambda 0, no-stop is t_stop 0
+            assert (r["lambda"], r["t_stop"], r["cfg_scale"], r["steps"], r["sampler"]) == (
+                sampler.guidance_strength, sampler.t_stop, sampler.cfg_scale, sampler.steps, sampler.kind)
+        else:
+            assert r["lambda"] is None and r["sampler"] is None
         # The metadata row and the manifest row of the same PNG agree (lineage_of reads the manifest).
         png = storage.distilled_root(cfg, home) / r["image"]
         lineage = lineage_of(png)
-        assert lineage["verified"] and int(lineage["mode_index"]) == r["mode_index"]
-        assert lineage["backbone_fingerprint"] == _meta(mat, "backbone_fingerprint")
+        assert lineage["verified"] and lineage["method"] == method
+        assert int(lineage["mode_index"]) == r["mode_index"] and int(lineage["mode_count"]) == r["mode_count"]
+        assert abs(float(lineage["dist_to_mode"]) - r["dist_to_mode"]) <= 5e-4  # rounded to 3 decimals
+        assert lineage["backbone_fingerprint"] == r["backbone_fingerprint"]
+    if method not in ("random_real",):  # one image per mode, in mode order
+        assert [r["mode_index"] for r in rows] == [0, 1]
     md = _meta(mat, "thumbnails")
     png_b64 = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", md).group(1)
     assert base64.b64decode(png_b64)[:8] == b"\x89PNG\r\n\x1a\n" and len(md) < 8_000  # a few KB
 
 
-def test_reports_list_every_method_and_the_full_data_bound(tiny_graph):
-    mat = latest_materialization(tiny_graph.instance, "evaluation_report")
+def test_reports_list_every_method_and_protocol_and_the_full_data_bound(tiny_graph):
+    cfg, instance = tiny_graph.cfg, tiny_graph.instance
+    mat = latest_materialization(instance, "evaluation_report")
     table = _meta(mat, "results_table")
-    for method in ("full_data", "mgd3", "random_real"):
-        assert f"| {method} |" in table
+    assert "| hard | convnet | all | full_data |" in table
+    for method in ALL_METHODS:
+        for protocol in ("hard", "soft"):
+            assert f"| {protocol} | convnet | 2 | {method} |" in table, (method, protocol)
+        students = latest_materialization(instance, "students", method)
+        runs = [r.data for r in _meta(students, "runs").records]
+        assert sorted(r["protocol"] for r in runs) == ["hard", "soft"]  # one IPC x seed x student each
+        assert all(0 <= r["final_acc"] <= 100 and _rounded(r["final_acc"], 2) for r in runs)
     assert Path(_meta(mat, "report_html")).is_file()
-    students = latest_materialization(tiny_graph.instance, "students", "mgd3")
-    assert len(_meta(students, "runs").records) == 1  # one IPC x seed x student x protocol
-    assert "| mgd3 |" in demo.results_text(tiny_graph.instance)
+    summary = [r.data for r in _meta(mat, "summary").records]
+    assert all(_rounded(v, 2) for r in summary for v in r.values())  # report tables rounded for reading
+    assert "| mgd3 |" in demo.results_text(instance)
+
+
+def test_soft_labels_come_from_the_named_teacher_asset(tiny_graph):
+    """The teacher asset is the configured ResNet-18; soft-label students read it (their run
+    records are keyed by its weights), and the ConvNet full-data bound is its own run."""
+    cfg, home, instance = tiny_graph.cfg, tiny_graph.home, tiny_graph.instance
+    teacher = latest_materialization(instance, "teacher")
+    assert _meta(teacher, "student") == "resnet18" and 0 <= _meta(teacher, "final_acc") <= 100
+    model = evaluate.load_teacher(cfg, home)
+    assert type(model).__name__ == "ResNet" and not model.training
+    results = pd.read_csv(storage.report_dir(cfg, home) / "results.csv")
+    soft = results[results["protocol"] == "soft"]
+    assert sorted(soft["method"]) == sorted(ALL_METHODS)
+    assert (soft["epochs"] == cfg.evaluation.soft.epochs).all()
+    full = results[results["method"] == "full_data"]
+    assert list(full["student"]) == ["convnet"] and (full["seconds"] > 0).all()
+    assert not evaluate.teacher_is_full_data_run(cfg, "convnet", 0)
+
+
+def test_dd_ranking_scores_use_the_best_of_the_last_evaluations(tiny_graph):
+    """IOR in the report = mean ranking accuracy of the method - that of random real images,
+    where a run's ranking accuracy is its best test evaluation in the last fifth of training."""
+    cfg, home = tiny_graph.cfg, tiny_graph.home
+    results = pd.read_csv(storage.report_dir(cfg, home) / "results.csv")
+    assert (results["ranking_acc"] >= results["final_acc"]).all()
+    assert (results["ranking_acc"] <= results["best_acc"]).all()
+    summary = pd.read_csv(storage.report_dir(cfg, home) / "summary.csv")
+    hard = results[results["protocol"] == "hard"].groupby("method")["ranking_acc"].mean()
+    row = summary[(summary["method"] == "mgd3") & (summary["protocol"] == "hard")].iloc[0]
+    assert row["ior"] == pytest.approx(hard["mgd3"] - hard["random_real"], abs=1e-9)  # float64 sums
+    assert row["hlr"] == pytest.approx(hard["full_data"] - hard["mgd3"], abs=1e-9)
+    assert "best test accuracy over the evaluations in the last fifth" in (
+        storage.report_dir(cfg, home) / "report.md").read_text()
+
+
+def test_the_tsne_path_embeds_every_method_next_to_real_images(tiny_graph):
+    cfg, home, instance = tiny_graph.cfg, tiny_graph.home, tiny_graph.instance
+    diversity = latest_materialization(instance, "diversity_report")
+    tsne = pd.read_csv(_meta(diversity, "tsne_csv"))
+    assert set(tsne["method"]) == {"real", *ALL_METHODS}
+    assert (tsne[tsne["method"] != "real"].groupby("method").size() == 2).all()  # IPC 2, one class shown
+    assert np.isfinite(tsne[["x", "y"]].to_numpy()).all()
+    report_md = (storage.report_dir(cfg, home) / "report.md").read_text()
+    assert "(tsne_ipc2.png)" in report_md and (storage.report_dir(cfg, home) / "tsne_ipc2.png").stat().st_size > 0
 
 
 def test_rerunning_with_an_unchanged_backbone_reruns_nothing(tiny_graph):

@@ -19,16 +19,25 @@ from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
 from ..versions import checked_config, combined_hash, stage_asset
 
 
+# Every manifest column a reader asks about (``mgd3_core.distilled.MANIFEST_COLUMNS``); floats are
+# rounded to 3 decimals for reading, the manifest CSV keeps full precision.
 LINEAGE_COLUMNS = [
     ("image", "string", "PNG path relative to the distilled root"),
+    ("class_name", "string", "readable class name"),
     ("ipc", "int", "images per class of the set"),
     ("gen_seed", "int", "generation seed of the set"),
     ("mode_index", "int", "the mode (centroid) the image was generated for or is nearest to"),
-    ("mode_count", "int", "training latents in that mode"),
+    ("mode_count", "int", "training latents in that mode (its size)"),
     ("dist_to_mode", "float", "L2 distance of the image's latent to its centroid"),
     ("dist_to_nearest_other_mode", "float", "L2 distance to the nearest other centroid"),
     ("seed", "int", "sampling noise seed (diffusion methods)"),
+    ("lambda", "float", "mode-guidance strength λ (diffusion methods; 0 = unguided)"),
+    ("t_stop", "int", "guidance stops at this step index (diffusion methods; 0 = never)"),
+    ("cfg_scale", "float", "classifier-free guidance scale (diffusion methods)"),
+    ("steps", "int", "sampling steps (diffusion methods)"),
+    ("sampler", "string", "ddpm or ddim (diffusion methods)"),
     ("source_item", "string", "training image id (real-image methods)"),
+    ("backbone_fingerprint", "string", "hash of the backbone's configs and weights"),
 ]
 # Shown only for a text-to-image backbone's images (the rows then carry a prompt).
 PROMPT_LINEAGE_COLUMNS = [
