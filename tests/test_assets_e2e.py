@@ -128,7 +128,10 @@ def test_reports_list_every_method_and_protocol_and_the_full_data_bound(tiny_gra
         assert all(0 <= r["final_acc"] <= 100 and _rounded(r["final_acc"], 2) for r in runs)
     assert Path(_meta(mat, "report_html")).is_file()
     summary = [r.data for r in _meta(mat, "summary").records]
-    assert all(_rounded(v, 2) for r in summary for v in r.values())  # report tables rounded for reading
+    assert all(_rounded(v, 3) for r in summary for v in r.values())  # report tables rounded for reading
+    diversity = [r.data for r in _meta(latest_materialization(instance, "diversity_report"), "summary").records]
+    assert {r["method"] for r in diversity} == set(ALL_METHODS)
+    assert all(_rounded(v, 3) for r in diversity for v in r.values())
     assert "| mgd3 |" in demo.results_text(instance)
 
 

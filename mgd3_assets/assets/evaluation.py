@@ -120,7 +120,7 @@ def _report_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         out = evaluate.diversity_report(cfg, experiment.storage(),
                                         progress=progress_logger(context.log, "diversity_report"))
         return dg.MaterializeResult(metadata={
-            "summary": frame_table(out["summary"]),
+            "summary": frame_table(out["summary"], digits=3),  # cosine metrics live in [0, 1]
             "metrics_csv": dg.MetadataValue.path(out["metrics_csv"]),
             "tsne_csv": dg.MetadataValue.path(out["tsne_csv"]),
         })
@@ -147,7 +147,7 @@ def _report_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
             "report_dir": dg.MetadataValue.path(str(report.out_dir)),
         }
         if report.summary is not None:
-            metadata["summary"] = frame_table(report.summary)
+            metadata["summary"] = frame_table(report.summary, digits=3)
         return dg.MaterializeResult(metadata=metadata)
 
     return [diversity_report, evaluation_report]
