@@ -23,7 +23,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from mgd3_core.config import config_from_dict
+from mgd3_core.config import ALL_METHODS, config_from_dict
 
 warnings.filterwarnings("ignore", category=dg.BetaWarning)
 warnings.filterwarnings("ignore", category=dg.PreviewWarning)
@@ -53,9 +53,8 @@ TINY = {
 }
 
 
-ALL_METHODS = ["mgd3", "unguided", "mgd3_no_stop", "random_real", "closest_real", "decoded_centroids"]
 TINY_GRAPH_CHANGES = {
-    "methods": ALL_METHODS,
+    "methods": list(ALL_METHODS),
     "evaluation": {**TINY["evaluation"], "protocols": ["hard", "soft"], "tsne_classes": 1,
                    "soft": {"epochs": 2, "temperature": 4.0}, "teacher": {"model": "resnet18"},
                    "ranking_evaluations": 2},

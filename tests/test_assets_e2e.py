@@ -19,10 +19,10 @@ import pytest
 from mgd3_assets import demo
 from mgd3_core import backbones, evaluate, pipeline, storage
 from mgd3_core.backbones import embedded_backbone_dir
+from mgd3_core.config import ALL_METHODS
 from mgd3_core.distilled import lineage_of
 from mgd3_core.latents import validate_latent_store
 from tests.dagster_helpers import (
-    ALL_METHODS,
     DATA_VERSION_TAG,
     all_partitions,
     build_defs,

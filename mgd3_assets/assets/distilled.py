@@ -32,7 +32,7 @@ LINEAGE_COLUMNS = [
     ("dist_to_nearest_other_mode", "float", "L2 distance to the nearest other centroid"),
     ("seed", "int", "sampling noise seed (diffusion methods)"),
     ("lambda", "float", "mode-guidance strength λ (diffusion methods; 0 = unguided)"),
-    ("t_stop", "int", "guidance stops at this step index (diffusion methods; 0 = never)"),
+    ("t_stop", "int", "guided while t > t_stop (diffusion methods; 0 = guided to the end)"),
     ("cfg_scale", "float", "classifier-free guidance scale (diffusion methods)"),
     ("steps", "int", "sampling steps (diffusion methods)"),
     ("sampler", "string", "ddpm or ddim (diffusion methods)"),
