@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from mgd3_assets import demo
-from mgd3_core import backbones, evaluate, pipeline, storage
+from mgd3_core import backbones, pipeline, storage
+from mgd3_core import evaluate as core_evaluate
 from mgd3_core.backbones import embedded_backbone_dir
 from mgd3_core.config import ALL_METHODS
 from mgd3_core.distilled import lineage_of
@@ -141,7 +142,7 @@ def test_soft_labels_come_from_the_named_teacher_asset(tiny_graph):
     cfg, home, instance = tiny_graph.cfg, tiny_graph.home, tiny_graph.instance
     teacher = latest_materialization(instance, "teacher")
     assert _meta(teacher, "student") == "resnet18" and 0 <= _meta(teacher, "final_acc") <= 100
-    model = evaluate.load_teacher(cfg, home)
+    model = core_evaluate.load_teacher(cfg, home)
     assert type(model).__name__ == "ResNet" and not model.training
     results = pd.read_csv(storage.report_dir(cfg, home) / "results.csv")
     soft = results[results["protocol"] == "soft"]
@@ -149,7 +150,7 @@ def test_soft_labels_come_from_the_named_teacher_asset(tiny_graph):
     assert (soft["epochs"] == cfg.evaluation.soft.epochs).all()
     full = results[results["method"] == "full_data"]
     assert list(full["student"]) == ["convnet"] and (full["seconds"] > 0).all()
-    assert not evaluate.teacher_is_full_data_run(cfg, "convnet", 0)
+    assert not core_evaluate.teacher_is_full_data_run(cfg, "convnet", 0)
 
 
 def test_dd_ranking_scores_use_the_best_of_the_last_evaluations(tiny_graph):

@@ -120,9 +120,9 @@ def test_the_teacher_run_stands_in_only_for_the_same_full_data_run(tmp_path):
     assert not evaluate.teacher_is_full_data_run(cfg(model="resnet18", epochs=9), "resnet18", 3)  # longer run
 
     # A stored teacher of another model is refused by name, not loaded into the wrong network.
-    out = evaluate.teacher_dir(cfg(), tmp_path)
-    out.mkdir(parents=True)
-    (out / "model.safetensors").write_bytes(b"")
-    (out / "meta.json").write_text('{"student": "convnet"}')
+    weights = storage.teacher_weights_file(cfg(), tmp_path)
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")
+    (storage.teacher_dir(cfg(), tmp_path) / "meta.json").write_text('{"student": "convnet"}')
     with pytest.raises(ValueError, match="is a 'convnet' teacher but evaluation.teacher.model is 'resnet18'"):
         evaluate.load_teacher(cfg(model="resnet18"), tmp_path)
