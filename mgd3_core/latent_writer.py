@@ -6,14 +6,10 @@ The format and the crash-safety argument are in ``latents.py``'s docstring.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,6 +29,7 @@ from .latents import (
     iter_rows,
     partial_path,
 )
+from .locks import LockedError, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -40,40 +37,23 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- locking
 @contextlib.contextmanager
 def writer_lock(path: Path, timeout: float | None = 0.0) -> Iterator[None]:
-    """Hold the exclusive writer lock of store ``path`` (``<path>.lock``, ``flock``).
+    """Hold the exclusive writer lock of store ``path`` (``<path>.lock``, see ``mgd3_core.locks``).
 
     timeout: 0 = fail at once, None = wait as long as it takes, > 0 = wait up
     to that many seconds. Raises LatentStoreLockedError naming the holder.
-    The lock file is left in place: removing it would let a third process lock
-    a fresh inode while the second still holds the old one.
     """
     lock = path.with_name(path.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    held = contextlib.ExitStack()
     try:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                if deadline is not None and time.monotonic() >= deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-                    raise LatentStoreLockedError(
-                        f"{path}: another process ({holder}) is writing this latent store "
-                        f"(lock {lock} held{f' for over {timeout:g} s' if timeout else ''}); wait for it "
-                        "to finish, or stop it first. Two writers must never share a store."
-                    ) from None
-                time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        held.enter_context(file_lock(lock, timeout))
+    except LockedError as e:
+        raise LatentStoreLockedError(
+            f"{path}: another process ({e.holder}) is writing this latent store "
+            f"(lock {lock} held{f' for over {timeout:g} s' if timeout else ''}); wait for it "
+            "to finish, or stop it first. Two writers must never share a store."
+        ) from None
+    with held:
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
-
-
 
 
 # --------------------------------------------------------------------------- writing

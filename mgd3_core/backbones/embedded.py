@@ -30,14 +30,12 @@ substituted once, before the model, and every block's dropout is set to 0.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import diffusers
@@ -45,6 +43,7 @@ import torch
 
 from .. import storage
 from ..config import BackboneConfig, ExperimentConfig
+from ..locks import file_lock
 from ..progress import TrainingProgress
 from .base import Backbone, experiment_of
 from .diffusers_backbone import DTYPES, diffusers_fingerprint, load_diffusers_backbone
@@ -128,18 +127,6 @@ def describe(cfg: ExperimentConfig) -> str:
 
 
 # --------------------------------------------------------------------------- training
-@contextmanager
-def _lock(path: Path):
-    """An exclusive lock file: two processes never train the same backbone at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _log_progress(stage: str, step: int, total: int, metrics: dict) -> None:
     if step == total or step % max(total // 10, 1) == 0:
         log.info("embedded backbone %s: step %d/%d %s", stage, step, total,
@@ -163,7 +150,9 @@ def ensure_embedded_backbone(cfg: ExperimentConfig, home: Path, progress: Traini
     if final.is_dir():
         return final
     progress = progress or _log_progress
-    with _lock(final.with_name(final.name + ".lock")):
+    # Two processes never train the same backbone at once: the second waits, then reuses it.
+    with file_lock(final.with_name(final.name + ".lock"), timeout=None,
+                   on_wait=lambda holder: log.info("waiting for %s to finish training %s", holder, final.name)):
         if final.is_dir():  # trained by another process while we waited
             return final
         for stale in final.parent.glob(final.name + ".tmp*"):  # a run killed while saving
