@@ -12,6 +12,12 @@ Only what is missing or stale is run (as the UI's "Materialize unsynced"): a
 second ``make demo`` with nothing changed runs nothing, and after a class is
 added only that class and the gathering assets run. ``--force`` re-runs all.
 At the end it prints the results table and where the report is.
+
+Two demos on one storage root never run at once: the second waits for the
+first (``<storage root>/demo.lock`` names its pid and host), then runs only
+what is still missing. A failure ends with its root cause on the last line
+(``DatasetError: class 'delta' has no usable image in ...``); a bad config,
+dataset or storage root found before any run prints that one line and exits 2.
 """
 
 import argparse
@@ -24,10 +30,15 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from mgd3_core.config import PROJECT_ROOT, load_config
+from mgd3_core.config import PROJECT_ROOT, ConfigError, load_config
+from mgd3_core.data import DatasetError
+from mgd3_core.latents import LatentStoreError
+from mgd3_core.locks import LockedError, file_lock
+from mgd3_core.storage import storage_root
 
 from .automation import DEMO_RUN_TAG
 from .dagster_private import is_fresh, stale_status_resolver
+from .failures import exception_line, root_cause_line
 from .jobs import BACKBONE_JOB, DISTILL_JOB, PER_CLASS_JOB, REPORTS_JOB, STUDENTS_JOB, TEACHER_JOB
 
 
@@ -52,6 +63,9 @@ def run_config(log_level: str = "INFO") -> dict:
     not Dagster's DEBUG event stream."""
     return {"loggers": {"console": {"config": {"log_level": log_level}}}}
 
+
+# Held by a running demo, under the storage root (see _run).
+DEMO_LOCK = "demo.lock"
 
 # Tags of every demo run: who launched it, and which process on which host (release_abandoned_runs).
 LAUNCHED_BY, PID, HOST = DEMO_RUN_TAG, "mgd3/pid", "mgd3/host"
@@ -102,7 +116,9 @@ def run_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage, 
                                         run_config=run_config(log_level), raise_on_error=False,
                                         tags=_run_tags())
         if not result.success:
-            raise DemoError(f"{stage.job} {pk or ''} failed (run {result.run_id}):\n{_failure_text(result)}")
+            # The root cause last: it is what a user reads first.
+            raise DemoError(f"{stage.job} {pk or ''} failed (run {result.run_id}; its full trace is in the "
+                            f"UI, `make ui`):\n{_failure_text(result)}")
         log(f"   [{i}/{len(todo)}] {stage.job} {pk or ''} ({', '.join(k.to_user_string() for k in keys)}): "
             f"{time.perf_counter() - t:.1f} s")
         report.partitions.append(pk)
@@ -145,11 +161,13 @@ def release_abandoned_runs(instance: dg.DagsterInstance, log=print) -> list[str]
 
 
 def _failure_text(result: dg.ExecuteInProcessResult) -> str:
+    """What failed: per failed step "in step <key>:" and then its root cause on a line of its own
+    (see ``failures``), so the last line of a failed demo is a root cause; failed checks too."""
     lines = []
     for event in result.all_events:
         data = event.event_specific_data
-        if event.is_step_failure and getattr(data, "error", None) is not None:
-            lines.append(f"{event.step_key}: {data.error.message.strip()}")
+        if event.is_step_failure:
+            lines += [f"in step {event.step_key}:", root_cause_line(event) or "see the run in the UI"]
         elif event.event_type_value == "ASSET_CHECK_EVALUATION" and not data.passed:
             lines.append(f"check {data.asset_check_key.name} failed: {data.description}")
     return "\n".join(lines) or "see the run's logs in the UI"
@@ -190,28 +208,47 @@ def main(argv=None) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT))
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    try:
+        return _run(args.force)
+    except (ConfigError, DatasetError, LatentStoreError, LockedError, OSError) as e:
+        # A bad config, dataset or storage root: the message says what to fix; a traceback would
+        # only bury it. (Errors inside a run are reported by the run, see _failure_text.)
+        print(exception_line(e), file=sys.stderr)
+        return 2
 
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _run(force: bool) -> int:
     from .definitions import build_definitions
 
     cfg = load_config()
     defs = build_definitions()
-    t0 = time.perf_counter()
-    with dg.DagsterInstance.get() as instance:
-        print(f"MGD3 demo: experiment {cfg.name!r}, Dagster instance {os.environ['DAGSTER_HOME']} "
-              f"(files in {instance.storage_directory()})", flush=True)
-        release_abandoned_runs(instance, log=lambda m: print(m, flush=True))
-        try:
-            reports = materialize_graph(defs, instance, force=args.force,
-                                        log=lambda m: print(m, flush=True))
-        except DemoError as e:
-            print(f"\nFAILED: {e}", file=sys.stderr)
-            return 1
-        total = time.perf_counter() - t0
-        print("\n== timings")
-        for r in reports:
-            print(f"   {r.job:<14} {r.runs:>4} run(s) {r.seconds:8.1f} s")
-        print(f"   {'total':<14} {sum(r.runs for r in reports):>4} run(s) {total:8.1f} s")
-        print("\n== results\n" + results_text(instance))
+    home = storage_root()
+    # One demo at a time per storage root: a second one waits, then finds everything up to
+    # date. Creating the lock file is also the demo's first write, so a read-only or full
+    # storage root fails here, before any work, naming the path and the OS error.
+    lock = home / DEMO_LOCK
+    with file_lock(lock, timeout=None, on_wait=lambda holder: _say(
+            f"waiting for the demo already running on {home} ({holder}; lock {lock}) to finish")):
+        t0 = time.perf_counter()
+        with dg.DagsterInstance.get() as instance:
+            _say(f"MGD3 demo: experiment {cfg.name!r}, Dagster instance {os.environ['DAGSTER_HOME']} "
+                 f"(files in {instance.storage_directory()})")
+            release_abandoned_runs(instance, log=_say)
+            try:
+                reports = materialize_graph(defs, instance, force=force, log=_say)
+            except DemoError as e:
+                print(f"\nFAILED: {e}", file=sys.stderr)
+                return 1
+            total = time.perf_counter() - t0
+            print("\n== timings")
+            for r in reports:
+                print(f"   {r.job:<14} {r.runs:>4} run(s) {r.seconds:8.1f} s")
+            print(f"   {'total':<14} {sum(r.runs for r in reports):>4} run(s) {total:8.1f} s")
+            print("\n== results\n" + results_text(instance))
     return 0
 
 

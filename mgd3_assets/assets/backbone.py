@@ -13,6 +13,7 @@ from mgd3_core.backbones.registry import backbone_kind
 from mgd3_core.config import ExperimentConfig
 
 from ..automation import observe_backbone_on_schedule, on_backbone_config_change
+from ..failures import fails_with_root_cause
 from ..metadata import training_progress_logger
 from ..resources import ACCELERATOR_POOL, BackboneResource
 from ..versions import checked_config, stage_asset
@@ -47,6 +48,7 @@ def _trained_backbone(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         automation_condition=on_backbone_config_change(),
         description=f"{backbone_kind(cfg).describe(cfg)} Data version: its fingerprint.",
     )
+    @fails_with_root_cause
     def backbone(context: dg.AssetExecutionContext, backbone: BackboneResource) -> dg.MaterializeResult:
         checked_config(context, backbone.experiment)
         fingerprint = backbone.ensure(progress=training_progress_logger(context.log, "backbone"))
@@ -67,6 +69,7 @@ def _observed_backbone(cfg: ExperimentConfig) -> dg.SourceAsset:
         description=f"{backbone_kind(cfg).describe(cfg)} Each observation fingerprints the weight files; "
         "the fingerprint is the data version.",
     )
+    @fails_with_root_cause
     def backbone(context, backbone: BackboneResource) -> dg.ObserveResult:
         fingerprint = backbone.fingerprint()
         if fingerprint is None:

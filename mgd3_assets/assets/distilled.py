@@ -13,6 +13,7 @@ from mgd3_core import pipeline, storage
 from mgd3_core.config import ExperimentConfig
 
 from ..automation import on_upstream_data_change
+from ..failures import fails_with_root_cause
 from ..metadata import progress_logger, table, thumbnails_markdown
 from ..partitions import CLASS_DIM, distilled_partitions, method_and_class
 from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
@@ -63,6 +64,7 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         "a lineage manifest under `<home>/runs/<experiment>/distilled/<method>/ipc<k>/seed<s>/`. "
         "Data version: hash of the PNGs.",
     )
+    @fails_with_root_cause
     def distilled_images(
         context: dg.AssetExecutionContext, experiment: ExperimentResource, backbone: BackboneResource
     ) -> dg.MaterializeResult:

@@ -21,6 +21,7 @@ from mgd3_core import evaluate, storage
 from mgd3_core.config import ExperimentConfig
 
 from ..automation import on_upstream_data_change
+from ..failures import fails_with_root_cause
 from ..metadata import frame_table, progress_logger
 from ..partitions import METHOD_DIM, method_partitions
 from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
@@ -51,6 +52,7 @@ def _teacher_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         "space of the diversity metrics and the full-data run of its own student. "
         "Data version: hash of its weights.",
     )
+    @fails_with_root_cause
     def teacher(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment)
         meta = evaluate.train_teacher(cfg, experiment.storage(), progress=progress_logger(context.log, "teacher"))
@@ -75,6 +77,7 @@ def _student_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         automation_condition=on_upstream_data_change(),
         description="Every configured student trained on the whole real training split: the upper bound.",
     )
+    @fails_with_root_cause
     def full_data_students(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment)
         df = evaluate.train_students(cfg, experiment.storage(), evaluate.FULL_DATA,
@@ -93,6 +96,7 @@ def _student_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         description="Student classifiers trained on one method's distilled sets (all classes), for every "
         "IPC, generation seed, student and protocol, evaluated on the real test split.",
     )
+    @fails_with_root_cause
     def students(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment)
         method = context.partition_key
@@ -115,6 +119,7 @@ def _report_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         description="Diversity and representativeness of every method's distilled sets per class, in the "
         "teacher's feature space, and a t-SNE of real vs synthetic features.",
     )
+    @fails_with_root_cause
     def diversity_report(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment)
         out = evaluate.diversity_report(cfg, experiment.storage(),
@@ -135,6 +140,7 @@ def _report_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         "the full-data bound, with DD-Ranking scores, feature metrics, plots and image grids "
         "(report.md, index.html, CSVs).",
     )
+    @fails_with_root_cause
     def evaluation_report(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                           backbone: BackboneResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment)

@@ -6,6 +6,7 @@ from mgd3_core import pipeline
 from mgd3_core.config import ExperimentConfig
 
 from ..automation import on_upstream_data_change
+from ..failures import fails_with_root_cause
 from ..metadata import progress_logger
 from ..partitions import class_partitions
 from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
@@ -24,6 +25,7 @@ def build_latent_store_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         "in `<home>/latents/<dataset>/<vae fingerprint>/<class>.h5`; reused when a valid store exists. "
         "Data version: the store's content hash.",
     )
+    @fails_with_root_cause
     def latent_store(
         context: dg.AssetExecutionContext, experiment: ExperimentResource, backbone: BackboneResource
     ) -> dg.MaterializeResult:

@@ -6,6 +6,7 @@ from mgd3_core import pipeline
 from mgd3_core.config import ExperimentConfig
 
 from ..automation import on_upstream_data_change
+from ..failures import fails_with_root_cause
 from ..metadata import table, thumbnails_markdown
 from ..partitions import class_partitions
 from ..resources import BackboneResource, ExperimentResource
@@ -31,6 +32,7 @@ def build_mode_centroids_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         "generation seed (centroids, counts, assignment, closest real image), in "
         "`<home>/runs/<experiment>/modes/<class>.h5`. Data version: hash of the centroids.",
     )
+    @fails_with_root_cause
     def mode_centroids(
         context: dg.AssetExecutionContext, experiment: ExperimentResource, backbone: BackboneResource
     ) -> dg.MaterializeResult:

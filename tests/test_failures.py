@@ -1,0 +1,232 @@
+"""Failures that say their cause, two demos on one storage root, a read-only or full disk.
+
+The demo tests run ``python -m mgd3_assets.demo`` as a user would (a subprocess on the
+tiny config, the instance under ``$MGD3_HOME/dagster``). The disk tests mount small
+tmpfs file systems (the suite runs as root, and root ignores directory permission
+bits, so a read-only *mount* is the only honest read-only directory); each mount is
+removed by its fixture's finalizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+from PIL import Image
+
+from mgd3_assets import demo
+from mgd3_core.latents import validate_latent_store
+from tests.dagster_helpers import (
+    TinyGraph,
+    materialized_partitions,
+    tiny_config,
+    tiny_graph,  # noqa: F401  (session fixture)
+    write_config,
+)
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _demo(config: Path, home: Path, timeout: float = 600) -> subprocess.Popen:
+    env = {**os.environ, "MGD3_HOME": str(home), "DAGSTER_HOME": str(ROOT), "PYTHONPATH": str(ROOT)}
+    env.pop("MGD3_CONFIG", None)
+    return subprocess.Popen([sys.executable, "-m", "mgd3_assets.demo", "--config", str(config)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _imagefolder_with_empty_class(root: Path) -> Path:
+    """train/ and val/ with classes alpha, beta (4 images each) and delta (no training image)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("alpha", "beta", "delta"):
+            d = root / split / name
+            d.mkdir(parents=True)
+            if name == "delta" and split == "train":
+                continue
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def _empty_class_config(tmp_path: Path) -> Path:
+    data = _imagefolder_with_empty_class(tmp_path / "data")
+    raw = tiny_config(dataset={"kind": "imagefolder", "root": str(data), "classes": None, "max_per_class": None})
+    return write_config(tmp_path / "cfg.yaml", raw)
+
+
+# --------------------------------------------------------------------------- root causes
+def test_failed_demo_ends_with_the_root_cause(tmp_path):
+    rc, out, err = _finish(_demo(_empty_class_config(tmp_path), tmp_path / "home"))
+    assert rc == 1, out + err
+    last = err.strip().splitlines()[-1]
+    assert last == (f"DatasetError: class 'delta' (delta) has no usable image in {tmp_path / 'data/train/delta'}; "
+                    "add images or remove the class from dataset.classes"), err[-2000:]
+    assert "DagsterExecutionStepExecutionError" not in err.strip().splitlines()[-3:][0]
+
+
+@pytest.mark.parametrize("case", ["bad config", "missing dataset root"])
+def test_errors_while_the_definitions_load_print_one_line(tmp_path, case):
+    if case == "bad config":
+        cfg = write_config(tmp_path / "bad.yaml", {**tiny_config(), "ipc": [0], "sampler": {"steps": 4, "t_stop": 9}})
+        expected = re.compile(r"ConfigError: .*bad\.yaml: invalid configuration: ipc: .*>= 1 .*; sampler: .*t_stop = 9")
+    else:
+        raw = tiny_config(dataset={"kind": "imagefolder", "root": str(tmp_path / "nowhere"), "classes": None,
+                                   "max_per_class": None})
+        cfg = write_config(tmp_path / "cfg.yaml", raw)
+        expected = re.compile(r"DatasetError: .*nowhere/train is not a directory: set dataset\.root")
+    rc, out, err = _finish(_demo(cfg, tmp_path / "home"))
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and expected.match(err.strip()), err
+    assert not (tmp_path / "home").exists(), "nothing is written before the config is valid"
+
+
+def test_the_event_log_carries_the_root_cause(tmp_path):
+    """What the UI shows for the failed run: the step failure's message and metadata."""
+    cfg_path = _empty_class_config(tmp_path)
+    from mgd3_assets.definitions import build_definitions
+
+    defs = build_definitions(config_path=str(cfg_path), home=str(tmp_path / "home"))
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
+        with pytest.raises(demo.DemoError) as err:
+            demo.run_stage(defs, instance, demo.STAGES[0], log=lambda m: None, log_level="ERROR")
+        cause = f"DatasetError: class 'delta' (delta) has no usable image in {tmp_path / 'data/train/delta'}"
+        assert str(err.value).splitlines()[-1].startswith(cause)
+        run = instance.get_runs(limit=1)[0]
+        failures = [e.dagster_event for e in instance.all_logs(run.run_id)
+                    if e.dagster_event is not None and e.dagster_event.is_step_failure]
+        assert len(failures) == 1
+        data = failures[0].step_failure_data
+        assert data.error.message.startswith("dagster._core.definitions.events.Failure: " + cause)
+        assert data.user_failure_data.description.startswith(cause)
+        assert data.user_failure_data.metadata["error"].value == "DatasetError"
+        assert "mgd3_core/data.py" in data.error.cause.to_string()  # the trace is still there, below
+
+
+# --------------------------------------------------------------------------- two demos at once
+def _digests(home: Path, name: str = "tiny") -> dict[str, str]:
+    """sha256 of every latent store, modes file and distilled file (PNG, latents, manifest)."""
+    out = {}
+    for sub in ("latents", f"runs/{name}/modes", f"runs/{name}/distilled"):
+        for p in sorted((home / sub).rglob("*")):
+            if p.is_file() and not p.name.endswith(".lock"):
+                out[str(p.relative_to(home))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_two_demos_on_one_storage_root_compute_one_set_of_outputs(tmp_path, tiny_graph, monkeypatch):
+    config, home = write_config(tmp_path / "tiny.yaml", tiny_config()), tmp_path / "home"
+    procs = [_demo(config, home), _demo(config, home)]
+    results = [_finish(p) for p in procs]
+    for rc, out, err in results:
+        assert rc == 0, err[-3000:]
+    runs = [int(re.search(r"total\s+(\d+) run\(s\)", out).group(1)) for _, out, _ in results]
+    waited = [i for i, (_, out, _) in enumerate(results) if "waiting for the demo already running" in out]
+    assert len(waited) == 1, [out[:500] for _, out, _ in results]
+    second, first = waited[0], 1 - waited[0]
+    assert f"(pid {procs[first].pid} on {os.uname().nodename}; lock {home / demo.DEMO_LOCK})" in results[second][1]
+    assert runs[second] == 0 and runs[first] == sum(r.runs for r in tiny_graph.stage_reports)
+    # Bit-identical to one demo alone: same code, same inputs, same machine and thread count.
+    assert _digests(home) == _digests(tiny_graph.home) and len(_digests(home)) > 10
+    monkeypatch.setenv("MGD3_HOME", str(home))  # the repository's dagster.yaml: the demo's instance
+    with dg.DagsterInstance.from_config(str(ROOT)) as instance:
+        for key in ("latent_store", "distilled_images"):
+            records = instance.fetch_materializations(dg.AssetKey(key), limit=100).records
+            parts = [r.partition_key for r in records]
+            assert sorted(parts) == sorted(set(parts)), f"{key} materialized more than once: {parts}"
+
+
+# --------------------------------------------------------------------------- disk and permissions
+@pytest.fixture()
+def tmpfs():
+    """``mount(path, size, ro=False)``: a tmpfs at ``path``; ``remount(path, "ro"|"rw")``.
+    Every mount is removed at the end (lazily, so an open file cannot keep it)."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str = "32m", ro: bool = False) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{',ro' if ro else ''}", "tmpfs", str(path)],
+                       check=True, capture_output=True)
+        mounted.append(path)
+        return path
+
+    def remount(path: Path, mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True, capture_output=True)
+
+    mount.remount = remount
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _fill(directory: Path) -> Path:
+    """Write a file until the file system is full (ENOSPC); returns it."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * (1 << 16))
+    except OSError as e:
+        assert e.errno == 28, e
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _every_file(home: Path) -> dict[str, str]:
+    return {str(p.relative_to(home)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(home.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+def test_read_only_storage_root_fails_at_the_first_write_in_one_line(tmp_path, tmpfs):
+    ro = tmpfs(tmp_path / "ro", size="1m", ro=True)
+    config = write_config(tmp_path / "tiny.yaml", tiny_config())
+    rc, out, err = _finish(_demo(config, ro / "home"))
+    assert rc == 2 and err.strip() == f"OSError: [Errno 30] Read-only file system: '{ro / 'home'}'", err[-2000:]
+
+
+def test_a_full_or_read_only_disk_mid_graph_names_it_and_keeps_earlier_outputs(tmp_path, tmpfs):
+    """The storage root on its own small file system (the instance elsewhere): the first stages
+    succeed, then the disk fills up, then turns read-only: the next stage fails with the OS error
+    and a path under the root, every earlier file is unchanged and valid, and once the disk is
+    writable again the graph completes."""
+    g = TinyGraph(tmp_path / "g")
+    tmpfs(g.home, size="48m")
+    quiet = dict(log=lambda m: None, log_level="ERROR")
+    demo.materialize_graph(g.defs, g.instance, stages=demo.STAGES[:2], **quiet)
+    before = _every_file(g.home)
+    assert any(k.startswith("latents/") for k in before) and any("/modes/" in k for k in before)
+
+    def fails_naming(error: str) -> None:
+        with pytest.raises(demo.DemoError) as failed:
+            demo.run_stage(g.defs, g.instance, demo.STAGES[2], **quiet)
+        last = str(failed.value).splitlines()[-1]
+        assert last.startswith("OSError: " + error) and str(g.home) in last, last
+        after = _every_file(g.home)
+        assert {k: after.get(k) for k in before} == before, "an earlier output changed"
+        for store in (g.home / "latents").rglob("*.h5"):
+            validate_latent_store(store)
+
+    filler = _fill(g.home)
+    fails_naming("[Errno 28] No space left on device")
+    filler.unlink()
+    tmpfs.remount(g.home, "ro")
+    fails_naming("[Errno 30] Read-only file system")
+
+    tmpfs.remount(g.home, "rw")
+    demo.materialize_graph(g.defs, g.instance, stages=demo.STAGES[2:], **quiet)
+    for asset in ("distilled_images", "students", "evaluation_report"):
+        assert materialized_partitions(g.instance, asset), asset
