@@ -34,6 +34,7 @@ from .diffusers_files import (
     BackboneMismatchError,
     check_class_name,
     component_fingerprint,
+    load_pretrained,
     read_json,
     resolve_component_dir,
     weight_files,
@@ -279,13 +280,7 @@ def load_diffusers_backbone(
     """
     r = _Resolved(transformer_path, vae_path)
     fingerprint, vae_fp = r.fingerprints()
-    try:
-        transformer = DiTTransformer2DModel.from_pretrained(
-            r.transformer_dir, local_files_only=True, use_safetensors=True, torch_dtype=dtype,
-            low_cpu_mem_usage=False,  # the faster path needs `accelerate`, not a dependency
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise BackboneFilesError(f"{r.transformer_dir}: cannot load DiTTransformer2DModel ({e})") from e
+    transformer = load_pretrained(DiTTransformer2DModel, r.transformer_dir, dtype)
     vae, _ = load_vae(r.vae_dir, device=device, dtype=dtype)
     return DiffusersBackbone(
         transformer, vae, r.betas, fingerprint=fingerprint, vae_fingerprint=vae_fp, device=device, dtype=dtype,

@@ -124,3 +124,37 @@ def check_class_name(config: dict, config_path: Path, allowed: tuple[str, ...]) 
             f"{config_path}: _class_name is {name!r}, expected one of {list(allowed)}; "
             "point the setting at the right component folder"
         )
+
+
+def load_pretrained(model_cls, component_dir: Path, dtype):
+    """``model_cls.from_pretrained`` on a local component directory, refusing weights that
+    do not fit its ``config.json``.
+
+    diffusers initialises parameters that the weights lack at random and only
+    warns; a transformer whose config asks for more layers than its weights hold
+    would then load "successfully" and sample noise. Raises BackboneFilesError
+    (unloadable files) or BackboneMismatchError (missing, unexpected or
+    differently shaped parameters), naming the directory.
+    """
+    name = model_cls.__name__
+    try:
+        model, info = model_cls.from_pretrained(
+            component_dir, local_files_only=True, use_safetensors=True, torch_dtype=dtype,
+            low_cpu_mem_usage=False,  # the faster path needs `accelerate`, not a dependency
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BackboneFilesError(f"{component_dir}: cannot load {name} ({e})") from e
+    problems = [
+        f"{len(info[key])} {what}, e.g. {sorted(map(str, info[key]))[:3]}"
+        for key, what in (("missing_keys", "parameter(s) of the model missing from the weights"),
+                          ("unexpected_keys", "weight(s) the model has no parameter for"),
+                          ("mismatched_keys", "weight(s) of another shape"))
+        if info.get(key)
+    ]
+    if problems:
+        raise BackboneMismatchError(
+            f"{component_dir}: the weights are of another architecture than config.json describes "
+            f"({'; '.join(problems)}); use the config.json saved with these weights"
+        )
+    return model

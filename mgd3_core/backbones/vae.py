@@ -13,10 +13,10 @@ import torch
 from diffusers import AutoencoderKL
 
 from .diffusers_files import (
-    BackboneFilesError,
     BackboneMismatchError,
     check_class_name,
     component_fingerprint,
+    load_pretrained,
     read_json,
     resolve_component_dir,
     weight_files,
@@ -68,12 +68,6 @@ def load_vae(
     """
     vae_dir = find_vae_dir(path, what)
     fingerprint = component_fingerprint(vae_dir)
-    try:
-        vae = AutoencoderKL.from_pretrained(
-            vae_dir, local_files_only=True, use_safetensors=True, torch_dtype=dtype,
-            low_cpu_mem_usage=False,  # the faster path needs `accelerate`, not a dependency
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise BackboneFilesError(f"{vae_dir}: cannot load AutoencoderKL ({e})") from e
+    vae = load_pretrained(AutoencoderKL, vae_dir, dtype)
     vae.to(device).eval().requires_grad_(False)
     return vae, fingerprint
