@@ -67,7 +67,10 @@ def check_image_file(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> str | 
     misses. What this misses surfaces as UnreadableImageError at ``load``.
     """
     try:
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError as e:  # a dangling or looping symbolic link, a permission error
+            return f"cannot be read ({e.strerror})"
         if not stat.S_ISREG(st.st_mode):
             return "not a regular file"  # a FIFO or device would block or never end
         if st.st_size == 0:
@@ -111,6 +114,8 @@ class ImageFolderSource(ImageSource):
     :func:`check_image_file` (headers only, no pixel decoding). Unusable files
     are listed in ``skipped`` or, with ``strict``, raise DatasetError.
     Hidden entries (names starting with ".") are ignored and listed too.
+    Symbolic links to folders are followed; a folder reached a second time (a
+    link loop) is listed as skipped, not walked again.
     """
 
     def __init__(self, cfg: DatasetConfig):
@@ -157,7 +162,16 @@ class ImageFolderSource(ImageSource):
     def _base_items(self, info: ClassInfo, split: str) -> list[str]:
         d = self._class_dir(info, split)
         candidates = []
-        for dirpath, dirnames, filenames in os.walk(d):
+        seen: set[tuple[int, int]] = set()
+        # Linked folders are followed (a class may gather images from elsewhere); a folder
+        # reached twice (a link loop, or two links to one folder) is listed once.
+        for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:
+                self.skipped.append((dirpath, "folder already listed (a symbolic link loop)"))
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
             for name in sorted(dirnames):
                 if name.startswith("."):
                     self.skipped.append((os.path.join(dirpath, name), "hidden entry ignored"))
