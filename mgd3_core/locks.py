@@ -77,8 +77,11 @@ def file_lock(
                 on_wait(holder_of(fd))
                 told = True
             time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        except OSError as e:  # a full disk: write() knows no path, so name it here
+            raise OSError(e.errno, e.strerror, str(path)) from None
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock

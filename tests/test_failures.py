@@ -191,11 +191,20 @@ def _every_file(home: Path) -> dict[str, str]:
             for p in sorted(home.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
 
 
-def test_read_only_storage_root_fails_at_the_first_write_in_one_line(tmp_path, tmpfs):
-    ro = tmpfs(tmp_path / "ro", size="1m", ro=True)
+@pytest.mark.parametrize("disk", ["read-only", "full"])
+def test_unwritable_storage_root_fails_at_the_first_write_in_one_line(tmp_path, tmpfs, disk):
+    mnt = tmpfs(tmp_path / "mnt", size="1m")
+    home = mnt / "home"
+    if disk == "full":
+        home.mkdir()
+        _fill(mnt)
+        expected = f"OSError: [Errno 28] No space left on device: '{home / demo.DEMO_LOCK}'"
+    else:
+        tmpfs.remount(mnt, "ro")
+        expected = f"OSError: [Errno 30] Read-only file system: '{home}'"
     config = write_config(tmp_path / "tiny.yaml", tiny_config())
-    rc, out, err = _finish(_demo(config, ro / "home"))
-    assert rc == 2 and err.strip() == f"OSError: [Errno 30] Read-only file system: '{ro / 'home'}'", err[-2000:]
+    rc, out, err = _finish(_demo(config, home))
+    assert rc == 2 and err.strip() == expected, err[-2000:]
 
 
 def test_a_full_or_read_only_disk_mid_graph_names_it_and_keeps_earlier_outputs(tmp_path, tmpfs):
