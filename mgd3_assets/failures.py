@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 
 import dagster as dg
-from dagster._utils.error import SerializableErrorInfo
 
 
 def _one_line(text: str) -> str:
@@ -38,8 +37,8 @@ def exception_line(exc: BaseException) -> str:
     return _one_line(f"{type(exc).__name__}: {exc}")
 
 
-def error_info_line(error: SerializableErrorInfo) -> str:
-    """The same line for an error recorded by Dagster, without the module path
+def error_info_line(error) -> str:
+    """The same line for an error recorded by Dagster (its ``SerializableErrorInfo``), without the module path
     (``mgd3_core.data.DatasetError: ...`` becomes ``DatasetError: ...``)."""
     while error.cls_name and error.cls_name.startswith("Dagster") and error.cause is not None:
         error = error.cause
