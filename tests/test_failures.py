@@ -109,7 +109,7 @@ def test_the_event_log_carries_the_root_cause(tmp_path):
                     if e.dagster_event is not None and e.dagster_event.is_step_failure]
         assert len(failures) == 1
         data = failures[0].step_failure_data
-        assert data.error.message.startswith("dagster._core.definitions.events.Failure: " + cause)
+        assert data.error.cls_name == "Failure" and data.error.message.split(": ", 1)[1].startswith(cause)
         assert data.user_failure_data.description.startswith(cause)
         assert data.user_failure_data.metadata["error"].value == "DatasetError"
         assert "raise DatasetError(" in data.error.cause.to_string()  # the trace is still there, below
