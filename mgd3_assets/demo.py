@@ -34,7 +34,7 @@ from mgd3_core.config import PROJECT_ROOT, ConfigError, load_config
 from mgd3_core.data import DatasetError
 from mgd3_core.latents import LatentStoreError
 from mgd3_core.locks import LockedError, file_lock
-from mgd3_core.storage import storage_root
+from mgd3_core.storage import demo_lock_file, storage_root
 
 from .automation import DEMO_RUN_TAG
 from .dagster_private import is_fresh, stale_status_resolver
@@ -63,9 +63,6 @@ def run_config(log_level: str = "INFO") -> dict:
     not Dagster's DEBUG event stream."""
     return {"loggers": {"console": {"config": {"log_level": log_level}}}}
 
-
-# Held by a running demo, under the storage root (see _run).
-DEMO_LOCK = "demo.lock"
 
 # Tags of every demo run: who launched it, and which process on which host (release_abandoned_runs).
 LAUNCHED_BY, PID, HOST = DEMO_RUN_TAG, "mgd3/pid", "mgd3/host"
@@ -230,7 +227,7 @@ def _run(force: bool) -> int:
     # One demo at a time per storage root: a second one waits, then finds everything up to
     # date. Creating the lock file is also the demo's first write, so a read-only or full
     # storage root fails here, before any work, naming the path and the OS error.
-    lock = home / DEMO_LOCK
+    lock = demo_lock_file(home)
     with file_lock(lock, timeout=None, on_wait=lambda holder: _say(
             f"waiting for the demo already running on {home} ({holder}; lock {lock}) to finish")):
         t0 = time.perf_counter()

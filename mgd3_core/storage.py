@@ -10,6 +10,7 @@ The README's "Storage" section shows the same tree::
         distilled/<method>/ipc<k>/seed<s>/{images/<class>/, latents/<class>.h5, manifest/<class>.csv}
         teacher/, students/{<method>.csv, runs/}, diversity/, report/
       dagster/                                the persistent Dagster instance
+      demo.lock                               held by a running `make demo` (pid and host)
 
 Functions take the experiment config and the storage root (``home``) and only
 compute paths: nothing here creates, reads or writes files. Keys that are
@@ -34,6 +35,11 @@ def storage_root() -> Path:
 def dagster_dir(home: Path) -> Path:
     """``<home>/dagster``: the persistent Dagster instance's files."""
     return Path(home) / "dagster"
+
+
+def demo_lock_file(home: Path) -> Path:
+    """``<home>/demo.lock``: held by a running demo, so two never run on one storage root."""
+    return Path(home) / "demo.lock"
 
 
 # --------------------------------------------------------------------------- backbones

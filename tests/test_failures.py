@@ -23,6 +23,7 @@ from PIL import Image
 
 from mgd3_assets import demo
 from mgd3_core.latents import validate_latent_store
+from mgd3_core.storage import demo_lock_file
 from tests.dagster_helpers import (
     TinyGraph,
     materialized_partitions,
@@ -136,7 +137,7 @@ def test_two_demos_on_one_storage_root_compute_one_set_of_outputs(tmp_path, tiny
     waited = [i for i, (_, out, _) in enumerate(results) if "waiting for the demo already running" in out]
     assert len(waited) == 1, [out[:500] for _, out, _ in results]
     second, first = waited[0], 1 - waited[0]
-    assert f"(pid {procs[first].pid} on {os.uname().nodename}; lock {home / demo.DEMO_LOCK})" in results[second][1]
+    assert f"(pid {procs[first].pid} on {os.uname().nodename}; lock {demo_lock_file(home)})" in results[second][1]
     assert runs[second] == 0 and runs[first] == sum(r.runs for r in tiny_graph.stage_reports)
     # Bit-identical to one demo alone: same code, same inputs, same machine and thread count.
     assert _digests(home) == _digests(tiny_graph.home) and len(_digests(home)) > 10
@@ -197,7 +198,7 @@ def test_unwritable_storage_root_fails_at_the_first_write_in_one_line(tmp_path, 
     if disk == "full":
         home.mkdir()
         _fill(mnt)
-        expected = f"OSError: [Errno 28] No space left on device: '{home / demo.DEMO_LOCK}'"
+        expected = f"OSError: [Errno 28] No space left on device: '{demo_lock_file(home)}'"
     else:
         tmpfs.remount(mnt, "ro")
         expected = f"OSError: [Errno 30] Read-only file system: '{home}'"
