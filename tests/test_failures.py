@@ -128,7 +128,7 @@ def _digests(home: Path, name: str = "tiny") -> dict[str, str]:
 
 
 def test_two_demos_on_one_storage_root_compute_one_set_of_outputs(tmp_path, tiny_graph, monkeypatch):
-    config, home = write_config(tmp_path / "tiny.yaml", tiny_config()), tmp_path / "home"
+    config, home = tiny_graph.config_path, tmp_path / "home"  # the single run's config
     procs = [_demo(config, home), _demo(config, home)]
     results = [_finish(p) for p in procs]
     for rc, out, err in results:
@@ -212,7 +212,7 @@ def test_a_full_or_read_only_disk_mid_graph_names_it_and_keeps_earlier_outputs(t
     succeed, then the disk fills up, then turns read-only: the next stage fails with the OS error
     and a path under the root, every earlier file is unchanged and valid, and once the disk is
     writable again the graph completes."""
-    g = TinyGraph(tmp_path / "g")
+    g = TinyGraph(tmp_path / "g", tiny_config())
     tmpfs(g.home, size="48m")
     quiet = dict(log=lambda m: None, log_level="ERROR")
     demo.materialize_graph(g.defs, g.instance, stages=demo.STAGES[:2], **quiet)
