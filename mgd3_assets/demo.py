@@ -6,7 +6,9 @@ Runs every stage in dependency order, one in-process run per partition, into
 the persistent instance (``$DAGSTER_HOME``, default the repository root, whose
 ``dagster.yaml`` keeps the instance under ``$MGD3_HOME/dagster``), so ``make ui``
 shows everything afterwards. All runs happen in this one Python process, so the
-backbone is loaded once and reused by every partition.
+backbone is loaded once and reused by every partition. With ``MGD3_EXECUTOR=dask``
+(``mgd3_assets/executors.py``) each run's steps go to the Dask cluster instead, one
+run after another; ``make cluster-demo`` runs the partitions of a stage concurrently.
 
 Only what is missing or stale is run (as the UI's "Materialize unsynced"): a
 second ``make demo`` with nothing changed runs nothing, and after a class is
@@ -28,6 +30,9 @@ from mgd3_core.config import PROJECT_ROOT, load_config
 
 from .automation import DEMO_RUN_TAG
 from .dagster_private import is_fresh, stale_status_resolver
+from .dagster_private import reconstructable_job as private_reconstructable_job
+from .executors import uses_dask
+from .instance import PostgresUnreachable
 from .jobs import BACKBONE_JOB, DISTILL_JOB, PER_CLASS_JOB, REPORTS_JOB, STUDENTS_JOB, TEACHER_JOB
 
 
@@ -98,17 +103,40 @@ def run_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage, 
     t0 = time.perf_counter()
     for i, (pk, keys) in enumerate(todo, 1):
         t = time.perf_counter()
-        result = job.execute_in_process(instance=instance, partition_key=pk, asset_selection=keys,
-                                        run_config=run_config(log_level), raise_on_error=False,
-                                        tags=_run_tags())
-        if not result.success:
-            raise DemoError(f"{stage.job} {pk or ''} failed (run {result.run_id}):\n{_failure_text(result)}")
+        execute = _execute_on_dask if uses_dask() else _execute_in_process
+        success, run_id, failure = execute(job, instance, pk, keys, run_config(log_level))
+        if not success:
+            raise DemoError(f"{stage.job} {pk or ''} failed (run {run_id}):\n{failure}")
         log(f"   [{i}/{len(todo)}] {stage.job} {pk or ''} ({', '.join(k.to_user_string() for k in keys)}): "
             f"{time.perf_counter() - t:.1f} s")
         report.partitions.append(pk)
     report.runs = len(todo)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _execute_in_process(job, instance, pk, keys, config) -> tuple[bool, str, str]:
+    result = job.execute_in_process(instance=instance, partition_key=pk, asset_selection=keys,
+                                    run_config=config, raise_on_error=False, tags=_run_tags())
+    return result.success, result.run_id, "" if result.success else _failure_text(result)
+
+
+def reconstructable_job(name: str):
+    """A job other processes (run workers, Dask workers) can load: ``mgd3_assets.definitions:defs``,
+    built there from the same ``MGD3_CONFIG`` / ``MGD3_HOME`` as here."""
+    return private_reconstructable_job("mgd3_assets.definitions", "defs", name, str(PROJECT_ROOT))
+
+
+def partition_tags(job: dg.JobDefinition, pk: str | None) -> dict:
+    """The run tags that make a run materialize partition ``pk`` (all dimensions of a multi-partition)."""
+    return dict(job.partitions_def.get_tags_for_partition_key(pk)) if pk is not None else {}
+
+
+def _execute_on_dask(job, instance, pk, keys, config) -> tuple[bool, str, str]:
+    # execute_in_process always runs in this process; execute_job uses the job's executor.
+    with dg.execute_job(reconstructable_job(job.name), instance, run_config=config, asset_selection=keys,
+                        tags={**_run_tags(), **partition_tags(job, pk)}, raise_on_error=False) as result:
+        return result.success, result.run_id, "" if result.success else _failure_text(result)
 
 
 def _run_tags() -> dict:
@@ -196,7 +224,12 @@ def main(argv=None) -> int:
     cfg = load_config()
     defs = build_definitions()
     t0 = time.perf_counter()
-    with dg.DagsterInstance.get() as instance:
+    try:
+        instance = dg.DagsterInstance.get()
+    except PostgresUnreachable as e:  # deploy/dagster.yaml: before anything is written
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
+    with instance:
         print(f"MGD3 demo: experiment {cfg.name!r}, Dagster instance {os.environ['DAGSTER_HOME']} "
               f"(files in {instance.storage_directory()})", flush=True)
         release_abandoned_runs(instance, log=lambda m: print(m, flush=True))
