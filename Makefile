@@ -15,10 +15,11 @@ export DAGSTER_HOME ?= $(CURDIR)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help env test demo ui bench browser-deps clean-home
+.PHONY: help env test demo cluster-demo ui bench browser-deps clean-home
 
 help:
 	@echo "make demo   - run the whole asset graph on configs/embedded.yaml (MGD3_CONFIG=... for another)"
+	@echo "make cluster-demo - the same graph on a local PostgreSQL + Dask cluster + Dagster daemon"
 	@echo "make test   - run the test suite"
 	@echo "make ui     - start the Dagster UI on http://127.0.0.1:3000"
 	@echo "make bench  - run the CPU benchmarks in bench/"
@@ -50,3 +51,10 @@ bench: env
 
 clean-home:
 	rm -rf "$(MGD3_HOME)"
+
+# The graph on a local cluster: PostgreSQL, a Dask scheduler + 2 single-thread workers and the
+# Dagster daemon on 127.0.0.1, all stopped at the end (mgd3_assets/cluster_demo.py).
+# Its storage root is CLUSTER_HOME, beside make demo's, so the two can be compared (--compare).
+CLUSTER_HOME ?= $(CURDIR)/mgd3_home_cluster
+cluster-demo: env
+	MGD3_HOME="$(CLUSTER_HOME)" $(PY) -m mgd3_assets.cluster_demo $(CLUSTER_DEMO_ARGS)

@@ -6,7 +6,9 @@ name here still exists and takes the arguments we pass, so an upgrade that chang
 one fails there, by name, before a demo or the UI breaks.
 
 - storage classes subclassed by ``instance.py`` (the instance under the storage root);
-- Dagster's own staleness resolver, what the UI's "unsynced" badge shows (``demo.py``).
+- Dagster's own staleness resolver, what the UI's "unsynced" badge shows (``demo.py``);
+- a reconstructable job, a workspace and a job subset selector: what ``dagster job launch``
+  uses to submit runs to the instance's queue (``cluster_demo.py``, ``demo.py`` on Dask).
 
 No heavy imports at module level: the webserver and daemon import ``instance.py``.
 """
@@ -25,7 +27,10 @@ __all__ = [
     "LocalArtifactStorage",
     "LocalComputeLogManager",
     "is_fresh",
+    "job_subset_selector",
+    "reconstructable_job",
     "stale_status_resolver",
+    "workspace_process_context",
 ]
 
 
@@ -46,3 +51,28 @@ def is_fresh(resolver, key: dg.AssetKey, partition: str | None) -> bool:
     from dagster._core.definitions.data_version import StaleStatus
 
     return resolver.get_status(key, partition) == StaleStatus.FRESH
+
+
+# ---------------------------------------------------------------- scale-out (cluster_demo.py, demo.py)
+def reconstructable_job(module: str, attribute: str, job_name: str, working_directory: str):
+    """A job that other processes (run workers, Dask workers) load from ``module:attribute``."""
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    repo = ReconstructableRepository.for_module(module, attribute, working_directory=working_directory)
+    return repo.get_reconstructable_job(job_name)
+
+
+def workspace_process_context(instance: dg.DagsterInstance, workspace_yaml: str):
+    """A workspace of ``workspace.yaml`` (starts its code servers), as the webserver and daemon use."""
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import WorkspaceFileTarget
+
+    return WorkspaceProcessContext(instance, WorkspaceFileTarget([workspace_yaml]))
+
+
+def job_subset_selector(location_name: str, repository_name: str, job_name: str, asset_selection):
+    """Selects ``asset_selection`` of a job in a code location (what ``dagster job launch`` builds)."""
+    from dagster._core.definitions.selector import JobSubsetSelector
+
+    return JobSubsetSelector(location_name=location_name, repository_name=repository_name, job_name=job_name,
+                             op_selection=None, asset_selection=list(asset_selection))

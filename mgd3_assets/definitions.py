@@ -15,6 +15,7 @@ from mgd3_core.config import load_config
 from .assets import build_assets
 from .automation import automation_sensor
 from .checks import build_checks
+from .executors import build_executor
 from .jobs import build_jobs
 from .resources import build_resources
 
@@ -33,6 +34,7 @@ def build_definitions(config_path: str | None = None, home: str | None = None) -
             jobs=build_jobs(),
             sensors=[automation_sensor()],
             resources=build_resources(config_path, home),
+            executor=build_executor(),  # MGD3_EXECUTOR (mgd3_assets/executors.py)
         )
 
 

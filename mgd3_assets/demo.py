@@ -6,7 +6,9 @@ Runs every stage in dependency order, one in-process run per partition, into
 the persistent instance (``$DAGSTER_HOME``, default the repository root, whose
 ``dagster.yaml`` keeps the instance under ``$MGD3_HOME/dagster``), so ``make ui``
 shows everything afterwards. All runs happen in this one Python process, so the
-backbone is loaded once and reused by every partition.
+backbone is loaded once and reused by every partition. With ``MGD3_EXECUTOR=dask``
+(``mgd3_assets/executors.py``) each run's steps go to the Dask cluster instead, one
+run after another; ``make cluster-demo`` runs the partitions of a stage concurrently.
 
 Only what is missing or stale is run (as the UI's "Materialize unsynced"): a
 second ``make demo`` with nothing changed runs nothing, and after a class is
@@ -38,7 +40,10 @@ from mgd3_core.storage import demo_lock_file, storage_root
 
 from .automation import DEMO_RUN_TAG
 from .dagster_private import is_fresh, stale_status_resolver
+from .dagster_private import reconstructable_job as private_reconstructable_job
+from .executors import uses_dask
 from .failures import exception_line, root_cause_line
+from .instance import PostgresUnreachable, storage_is_a_server
 from .jobs import BACKBONE_JOB, DISTILL_JOB, PER_CLASS_JOB, REPORTS_JOB, STUDENTS_JOB, TEACHER_JOB
 
 
@@ -109,19 +114,42 @@ def run_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage, 
     t0 = time.perf_counter()
     for i, (pk, keys) in enumerate(todo, 1):
         t = time.perf_counter()
-        result = job.execute_in_process(instance=instance, partition_key=pk, asset_selection=keys,
-                                        run_config=run_config(log_level), raise_on_error=False,
-                                        tags=_run_tags())
-        if not result.success:
+        execute = _execute_on_dask if uses_dask() else _execute_in_process
+        success, run_id, failure = execute(job, instance, pk, keys, run_config(log_level))
+        if not success:
             # The root cause last: it is what a user reads first.
-            raise DemoError(f"{stage.job} {pk or ''} failed (run {result.run_id}; its full trace is in the "
-                            f"UI, `make ui`):\n{_failure_text(result)}")
+            raise DemoError(f"{stage.job} {pk or ''} failed (run {run_id}; its full trace is in the UI, "
+                            f"`make ui`):\n{failure}")
         log(f"   [{i}/{len(todo)}] {stage.job} {pk or ''} ({', '.join(k.to_user_string() for k in keys)}): "
             f"{time.perf_counter() - t:.1f} s")
         report.partitions.append(pk)
     report.runs = len(todo)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _execute_in_process(job, instance, pk, keys, config) -> tuple[bool, str, str]:
+    result = job.execute_in_process(instance=instance, partition_key=pk, asset_selection=keys,
+                                    run_config=config, raise_on_error=False, tags=_run_tags())
+    return result.success, result.run_id, "" if result.success else _failure_text(result)
+
+
+def reconstructable_job(name: str):
+    """A job other processes (run workers, Dask workers) can load: ``mgd3_assets.definitions:defs``,
+    built there from the same ``MGD3_CONFIG`` / ``MGD3_HOME`` as here."""
+    return private_reconstructable_job("mgd3_assets.definitions", "defs", name, str(PROJECT_ROOT))
+
+
+def partition_tags(job: dg.JobDefinition, pk: str | None) -> dict:
+    """The run tags that make a run materialize partition ``pk`` (all dimensions of a multi-partition)."""
+    return dict(job.partitions_def.get_tags_for_partition_key(pk)) if pk is not None else {}
+
+
+def _execute_on_dask(job, instance, pk, keys, config) -> tuple[bool, str, str]:
+    # execute_in_process always runs in this process; execute_job uses the job's executor.
+    with dg.execute_job(reconstructable_job(job.name), instance, run_config=config, asset_selection=keys,
+                        tags={**_run_tags(), **partition_tags(job, pk)}, raise_on_error=False) as result:
+        return result.success, result.run_id, "" if result.success else _failure_text(result)
 
 
 def _run_tags() -> dict:
@@ -224,6 +252,14 @@ def _run(force: bool) -> int:
     cfg = load_config()
     defs = build_definitions()
     home = storage_root()
+    # A PostgreSQL instance is opened first: an unreachable server fails here, naming host and
+    # port, before anything is written. A file-based one lives under the storage root and is
+    # opened after the demo lock.
+    try:
+        server = dg.DagsterInstance.get() if storage_is_a_server() else None
+    except PostgresUnreachable as e:
+        print(f"FAILED: {e}", file=sys.stderr)
+        return 1
     # One demo at a time per storage root: a second one waits, then finds everything up to
     # date. Creating the lock file is also the demo's first write, so a read-only or full
     # storage root fails here, before any work, naming the path and the OS error.
@@ -231,7 +267,7 @@ def _run(force: bool) -> int:
     with file_lock(lock, timeout=None, on_wait=lambda holder: _say(
             f"waiting for the demo already running on {home} ({holder}; lock {lock}) to finish")):
         t0 = time.perf_counter()
-        with dg.DagsterInstance.get() as instance:
+        with server or dg.DagsterInstance.get() as instance:
             _say(f"MGD3 demo: experiment {cfg.name!r}, Dagster instance {os.environ['DAGSTER_HOME']} "
                  f"(files in {instance.storage_directory()})")
             release_abandoned_runs(instance, log=_say)

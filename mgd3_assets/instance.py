@@ -6,15 +6,27 @@ thin subclasses of Dagster's SQLite storage, compute-log manager and artifact
 storage resolve the directory the same way the core does
 (``mgd3_core.storage.storage_root``), so runs, event logs, schedules and step
 logs land next to the data they describe, whatever launched Dagster
-(``make demo``, ``make ui``, ``dagster dev`` by hand). For production, replace
-the ``storage`` block of ``dagster.yaml`` with the commented Postgres one.
+(``make demo``, ``make ui``, ``dagster dev`` by hand).
+
+A deployment shared by a webserver, a daemon and many run and Dask workers keeps
+runs, event logs and schedules in PostgreSQL instead (``deploy/dagster.yaml``,
+``Mgd3PostgresStorage``): Dagster's own storage, after one check that the server
+answers, so a wrong host or port is one clear error before anything is written.
 
 No heavy imports here: the webserver and daemon import this module too.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from dagster_postgres import DagsterPostgresStorage
+from dagster_postgres.utils import pg_url_from_config
 
 from mgd3_core.storage import dagster_dir, storage_root
 
@@ -65,3 +77,45 @@ class Mgd3ArtifactStorage(LocalArtifactStorage):
     @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value) -> "Mgd3ArtifactStorage":
         return cls(str(dagster_storage_dir()), inst_data=inst_data)
+
+
+class PostgresUnreachable(ConnectionError):
+    """The instance's PostgreSQL server does not answer; the message names host and port."""
+
+
+def check_postgres_reachable(url: str, timeout: float = 5.0) -> tuple[str, int]:
+    """(host, port) of a ``postgresql://`` URL once a TCP connection to it succeeds.
+
+    Raises ``PostgresUnreachable`` naming the host, the port and the variables that set
+    them (``deploy/dagster.yaml``), instead of Dagster's retries ending in "too many
+    retries for DB connection".
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "localhost", parts.port or 5432
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise PostgresUnreachable(
+            f"PostgreSQL at {host}:{port} is unreachable ({e.strerror or e}): start the server, or point "
+            "DAGSTER_PG_HOST / DAGSTER_PG_PORT at it (deploy/dagster.yaml)") from None
+    return host, port
+
+
+def storage_is_a_server() -> bool:
+    """Whether ``$DAGSTER_HOME/dagster.yaml`` keeps runs and events in PostgreSQL (``deploy/``)
+    rather than in files under the storage root (the default ``dagster.yaml``)."""
+    path = Path(os.environ.get("DAGSTER_HOME", ".")) / "dagster.yaml"
+    config = yaml.safe_load(path.read_text()) if path.is_file() else None
+    storage = (config or {}).get("storage") or {}
+    return "postgres" in storage or (storage.get("custom") or {}).get("class") == "Mgd3PostgresStorage"
+
+
+class Mgd3PostgresStorage(DagsterPostgresStorage):
+    """Dagster's PostgreSQL run, event-log and schedule storage, after ``check_postgres_reachable``."""
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value) -> "Mgd3PostgresStorage":
+        url = pg_url_from_config(config_value)
+        check_postgres_reachable(url)
+        return cls(postgres_url=url, inst_data=inst_data,
+                   should_autocreate_tables=config_value.get("should_autocreate_tables", True))

@@ -231,7 +231,20 @@ class DistillResult:
 def distill_class(
     cfg: ExperimentConfig, home: Path, method: str, class_id: str, progress: StageProgress = no_progress
 ) -> DistillResult:
-    """Write every (IPC, generation seed) set of one method for one class."""
+    """Write every (IPC, generation seed) set of one method for one class.
+
+    Two runs of the same (method, class) at once, e.g. on two cluster workers sharing the
+    storage root, take turns: the second waits for the first's lock (``flock``, so the
+    filesystem must support it) and then writes the same files again; their outputs never mix.
+    """
+    from .latent_writer import writer_lock
+
+    with writer_lock(storage.distill_lock(cfg, home, method, class_id), timeout=None):
+        return _distill_class(cfg, home, method, class_id, progress)
+
+
+def _distill_class(cfg: ExperimentConfig, home: Path, method: str, class_id: str,
+                   progress: StageProgress) -> DistillResult:
     info = class_info(cfg, class_id)
     keys = set_keys(cfg)
     modes = {key: read_modes(cfg, home, class_id, *key) for key in keys}

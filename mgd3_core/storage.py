@@ -90,6 +90,11 @@ def distilled_root(cfg: ExperimentConfig, home: Path) -> Path:
     return run_dir(cfg, home) / "distilled"
 
 
+def distill_lock(cfg: ExperimentConfig, home: Path, method: str, class_id: str) -> Path:
+    """``<distilled root>/.locks/<method>.<class_id>``: runs of one (method, class) take turns on it."""
+    return distilled_root(cfg, home) / ".locks" / f"{method}.{class_id}"
+
+
 def set_dir(root: Path, method: str, ipc: int, gen_seed: int) -> Path:
     """One distilled set: ``<distilled root>/<method>/ipc<k>/seed<s>``."""
     return Path(root) / method / f"ipc{ipc}" / f"seed{gen_seed}"

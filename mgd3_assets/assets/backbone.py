@@ -15,7 +15,8 @@ from mgd3_core.config import ExperimentConfig
 from ..automation import observe_backbone_on_schedule, on_backbone_config_change
 from ..failures import fails_with_root_cause
 from ..metadata import training_progress_logger
-from ..resources import ACCELERATOR_POOL, BackboneResource
+from ..executors import accelerator_step
+from ..resources import BackboneResource
 from ..versions import checked_config, stage_asset
 
 
@@ -43,7 +44,7 @@ def build_backbone_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition | dg.Sour
 def _trained_backbone(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     @stage_asset(
         cfg, "backbone",
-        pool=ACCELERATOR_POOL,
+        **accelerator_step(),
         kinds={"pytorch"},
         automation_condition=on_backbone_config_change(),
         description=f"{backbone_kind(cfg).describe(cfg)} Data version: its fingerprint.",

@@ -16,7 +16,8 @@ from ..automation import on_upstream_data_change
 from ..failures import fails_with_root_cause
 from ..metadata import progress_logger, table, thumbnails_markdown
 from ..partitions import CLASS_DIM, distilled_partitions, method_and_class
-from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
+from ..executors import accelerator_step
+from ..resources import BackboneResource, ExperimentResource
 from ..versions import checked_config, combined_hash, stage_asset
 
 
@@ -56,7 +57,7 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
             dg.AssetDep("mode_centroids",
                         partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=CLASS_DIM)),
         ],
-        pool=ACCELERATOR_POOL,
+        **accelerator_step(),
         kinds={"pytorch", "png"},
         automation_condition=on_upstream_data_change(),
         description="Distilled images of one class by one method (mgd3, unguided, mgd3_no_stop, random_real, "

@@ -24,7 +24,8 @@ from ..automation import on_upstream_data_change
 from ..failures import fails_with_root_cause
 from ..metadata import frame_table, progress_logger
 from ..partitions import METHOD_DIM, method_partitions
-from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
+from ..executors import accelerator_step
+from ..resources import BackboneResource, ExperimentResource
 from ..versions import checked_config, stage_asset
 
 
@@ -44,7 +45,7 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
 def _teacher_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     @stage_asset(
         cfg, "teacher",
-        pool=ACCELERATOR_POOL,
+        **accelerator_step(),
         kinds={"pytorch"},
         automation_condition=on_upstream_data_change(),
         description="The classifier named by evaluation.teacher.model (ConvNet or ResNet-18) trained on the real "
@@ -72,7 +73,7 @@ def _student_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
     @stage_asset(
         cfg, "full_data_students",
         deps=["teacher"],
-        pool=ACCELERATOR_POOL,
+        **accelerator_step(),
         kinds={"pytorch"},
         automation_condition=on_upstream_data_change(),
         description="Every configured student trained on the whole real training split: the upper bound.",
@@ -90,7 +91,7 @@ def _student_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         deps=[dg.AssetDep("distilled_images",
                           partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=METHOD_DIM)),
               *(["teacher"] if soft else [])],
-        pool=ACCELERATOR_POOL,
+        **accelerator_step(),
         kinds={"pytorch"},
         automation_condition=on_upstream_data_change(),
         description="Student classifiers trained on one method's distilled sets (all classes), for every "

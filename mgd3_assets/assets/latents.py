@@ -9,7 +9,8 @@ from ..automation import on_upstream_data_change
 from ..failures import fails_with_root_cause
 from ..metadata import progress_logger
 from ..partitions import class_partitions
-from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
+from ..executors import accelerator_step
+from ..resources import BackboneResource, ExperimentResource
 from ..versions import checked_config, stage_asset
 
 
@@ -18,7 +19,7 @@ def build_latent_store_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         cfg, "latent_store",
         partitions_def=class_partitions(cfg),
         deps=["backbone"],
-        pool=ACCELERATOR_POOL,
+        **accelerator_step(),
         kinds={"hdf5"},
         automation_condition=on_upstream_data_change(),
         description="VAE latents (posterior mean x scaling factor) of one class's training images, "

@@ -1,0 +1,141 @@
+"""Scale-out: the distill stage of the embedded demo on 1 vs 2 single-thread Dask workers, and
+the Dask executor's per-step scheduling overhead.
+
+The distill stage's inputs (backbone, latent stores, modes) come from a storage root where
+``make demo`` or ``make cluster-demo`` ran (``--home``, default ``mgd3_home``); each measurement
+copies them into a fresh temporary root, so both start from the same state. For N workers:
+PostgreSQL, a Dask cluster of N workers (1 Dask thread, 1 torch thread, 1 ``accelerator`` each)
+and the Dagster daemon, as ``make cluster-demo`` starts them; every ``distilled_images``
+partition is submitted to the run queue at once; the stage time runs from submission to the last
+run's end. Speedup = time(1 worker) / time(2 workers).
+
+Overhead: a job of K independent no-op steps through the Dask executor on the 2-worker cluster,
+vs one of 1 step: (t_K - t_1) / (K - 1) per step; t_1 is one whole run of one no-op step.
+
+    .venv/bin/python bench/scaleout.py                     # the embedded demo's distill stage
+    .venv/bin/python bench/scaleout.py --home H --config C # another materialized experiment
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when Dask workers load this file
+from _common import REPO, header, markdown_table  # noqa: E402
+
+import dagster as dg  # noqa: E402
+from dagster_dask import dask_executor  # noqa: E402
+
+NOOP_STEPS = 16
+
+
+def _noop_op(i: int):
+    @dg.op(name=f"noop_{i}")
+    def noop() -> None:
+        return None
+
+    return noop
+
+
+@dg.job(executor_def=dask_executor)
+def noop_1():
+    _noop_op(0)()
+
+
+@dg.job(executor_def=dask_executor)
+def noop_k():
+    for i in range(NOOP_STEPS):
+        _noop_op(i)()
+
+
+def _copy_inputs(src: Path, dst: Path, experiment: str) -> None:
+    """What the distill stage reads: backbones, latent stores, the experiment's modes."""
+    for rel in ("backbones", "latents", f"runs/{experiment}/modes"):
+        if not (src / rel).is_dir():
+            raise SystemExit(f"{src / rel} missing: materialize the experiment first (make demo), or pass --home")
+        shutil.copytree(src / rel, dst / rel, ignore=shutil.ignore_patterns("*.lock", "*.partial"))
+
+
+def distill_stage(n_workers: int, src: Path, experiment: str) -> tuple[float, int, dict]:
+    """(seconds, runs, steps per worker) of the distill stage on ``n_workers`` workers."""
+    from mgd3_assets import cluster_demo, demo
+    from mgd3_assets.definitions import build_definitions
+
+    home = Path(tempfile.mkdtemp(prefix=f"mgd3-bench-scaleout-{n_workers}w-"))
+    logs = home / "logs"
+    logs.mkdir()
+    os.environ["MGD3_HOME"] = str(home)
+    try:
+        _copy_inputs(src, home, experiment)
+        with cluster_demo.local_deployment(n_workers, 1, logs) as (_, cluster):
+            defs = build_definitions()
+            stage = next(s for s in demo.STAGES if s.job == demo.DISTILL_JOB)
+            with dg.DagsterInstance.get() as instance, cluster_demo.run_queue(instance, logs) as submitter:
+                seconds, run_ids = cluster_demo.run_stage(defs, instance, submitter, stage, log=lambda m: None)
+                split = cluster_demo.worker_split(cluster, instance, run_ids)
+        return seconds, len(run_ids), dict(split)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def noop_overhead(repeats: int = 3) -> tuple[float, float]:
+    """(seconds of a one-no-op-step run, seconds per extra no-op step) through the Dask executor."""
+    from mgd3_assets import cluster_demo
+
+    home = Path(tempfile.mkdtemp(prefix="mgd3-bench-noop-"))
+    os.environ["MGD3_HOME"] = str(home)
+    try:
+        with cluster_demo.local_deployment(2, 1, home) as (_, cluster):
+            executor = {"execution": {"config": {"cluster": {"existing": {"address": cluster.address}}}}}
+            times = {}
+            with dg.DagsterInstance.get() as instance:
+                for name in ("noop_1", "noop_k"):
+                    recon = dg.reconstructable(globals()[name])
+                    samples = []
+                    for _ in range(repeats + 1):  # the first run warms the workers' imports
+                        t = time.perf_counter()
+                        with dg.execute_job(recon, instance, run_config=executor) as result:
+                            assert result.success, f"{name} failed"
+                        samples.append(time.perf_counter() - t)
+                    times[name] = statistics.median(samples[1:])
+        return times["noop_1"], (times["noop_k"] - times["noop_1"]) / (NOOP_STEPS - 1)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, default=REPO / "mgd3_home", help="a materialized storage root")
+    parser.add_argument("--config", help="its experiment YAML (default: $MGD3_CONFIG or configs/embedded.yaml)")
+    args = parser.parse_args()
+    if args.config:
+        os.environ["MGD3_CONFIG"] = str(Path(args.config).resolve())
+    from mgd3_core.config import load_config
+
+    cfg = load_config()
+    print(header(1, extra=f"experiment {cfg.name}, inputs from {args.home}"), flush=True)
+    rows, seconds = [], {}
+    for n in (1, 2):
+        load0 = os.getloadavg()[0]
+        s, runs, split = distill_stage(n, args.home.resolve(), cfg.name)
+        seconds[n] = s
+        rows.append([n, runs, f"{s:.1f}", f"{seconds[1] / s:.2f}x",
+                     ", ".join(f"{w}: {k}" for w, k in sorted(split.items())),
+                     f"{load0:.1f} -> {os.getloadavg()[0]:.1f}"])
+        print(f"{n} worker(s): {s:.1f} s", flush=True)
+    print(markdown_table(["workers", "runs", "distill stage (s)", "speedup", "steps per worker", "load avg"], rows))
+    one, per_step = noop_overhead()
+    print(f"\nno-op step through the Dask executor (2 workers): one run of 1 step {one:.2f} s; "
+          f"each further step {per_step * 1000:.0f} ms ({NOOP_STEPS} vs 1 steps, median of 3)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""The services of a scale-out deployment, started on 127.0.0.1 for ``make cluster-demo`` and the tests.
+
+- ``PostgresServer``: Debian's PostgreSQL (installed with apt-get when absent), a throw-away
+  data directory and a free port; as root the server runs as the ``postgres`` user, since
+  ``initdb`` and ``postgres`` refuse to run as root.
+- ``DaskCluster``: a ``dask scheduler`` and single-thread ``dask worker`` processes (each
+  under a nanny that restarts it if it dies), each with its own Dask resources.
+
+Both are context managers that stop every process they started and remove their
+directories, also when the body raises or is interrupted. Nothing listens beyond 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mgd3_core.config import PROJECT_ROOT
+
+HOST = "127.0.0.1"
+
+
+class ServiceError(RuntimeError):
+    """A local service did not start; the message names it and where its log is."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(what: str, ready, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        if proc.poll() is not None:
+            raise ServiceError(f"{what} exited with status {proc.returncode}; its log:\n{_tail(log)}")
+        time.sleep(0.2)
+    raise ServiceError(f"{what} not ready after {timeout:.0f} s; its log:\n{_tail(log)}")
+
+
+def _tail(log: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def stop_process(proc: subprocess.Popen | None, sig=signal.SIGTERM, timeout: float = 20) -> None:
+    """Signal the process group a service was started in (start_new_session: the group is the
+    service and its children: a nanny's worker, a daemon's code server and run workers)."""
+    if proc is None or proc.poll() is not None:
+        return
+    _signal_group(proc, sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def start_process(name: str, cmd: list[str], log_dir: Path, env: dict | None = None) -> subprocess.Popen:
+    """``cmd`` in its own session (so a terminal's Ctrl-C reaches only us, and we stop it),
+    output to ``log_dir/<name>.log``."""
+    with open(Path(log_dir) / f"{name}.log", "wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT,
+                                start_new_session=True)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------- PostgreSQL
+def postgres_bin() -> Path:
+    """Debian's PostgreSQL binaries, installing the ``postgresql`` package when absent."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        if os.geteuid() != 0:
+            raise ServiceError("PostgreSQL is not installed (/usr/lib/postgresql/*/bin/initdb); "
+                               "install Debian's postgresql package (apt-get install postgresql)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "postgresql"]):
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent
+
+
+@dataclass
+class PostgresServer:
+    """A throw-away PostgreSQL server: ``with PostgresServer() as pg: pg.env()``."""
+
+    db_name: str = "dagster"
+    user: str = "postgres"
+    port: int = 0
+    root: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    def _as_owner(self, cmd: list[str]) -> list[str]:
+        # initdb and postgres refuse to run as root: run them as the postgres user.
+        return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+    def start(self) -> "PostgresServer":
+        bin_dir = postgres_bin()
+        self.root = Path(tempfile.mkdtemp(prefix="mgd3-pg-"))
+        data, log = self.root / "data", self.root / "server.log"
+        if os.geteuid() == 0:
+            shutil.chown(self.root, "postgres", "postgres")
+        self.root.chmod(0o700)
+        subprocess.run(self._as_owner([str(bin_dir / "initdb"), "-D", str(data), "-U", self.user, "-A", "trust",
+                                       "-E", "UTF8", "--no-sync"]),
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.port = self.port or free_port()
+        with open(log, "wb") as out:
+            # Sockets only on 127.0.0.1 and in the data directory; fsync off: the data is thrown away.
+            self.proc = subprocess.Popen(
+                self._as_owner([str(bin_dir / "postgres"), "-D", str(data), "-h", HOST, "-p", str(self.port),
+                                "-k", str(self.root), "-c", "fsync=off", "-c", "max_connections=200"]),
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_for(f"PostgreSQL on {HOST}:{self.port}", self._accepts, self.proc, log, 60)
+        subprocess.run([str(bin_dir / "createdb"), "-h", HOST, "-p", str(self.port), "-U", self.user, self.db_name],
+                       check=True)
+        return self
+
+    def _accepts(self) -> bool:
+        isready = postgres_bin() / "pg_isready"
+        return subprocess.run([str(isready), "-q", "-h", HOST, "-p", str(self.port)]).returncode == 0
+
+    def env(self) -> dict[str, str]:
+        """The variables deploy/dagster.yaml reads."""
+        return {"DAGSTER_PG_HOST": HOST, "DAGSTER_PG_PORT": str(self.port), "DAGSTER_PG_USER": self.user,
+                "DAGSTER_PG_PASSWORD": "", "DAGSTER_PG_DB": self.db_name}
+
+    def stop(self) -> None:
+        stop_process(self.proc, signal.SIGINT)  # SIGINT = PostgreSQL's fast shutdown
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "PostgresServer":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------- Dask
+@dataclass
+class DaskCluster:
+    """A scheduler and one single-thread worker process per entry of ``workers``
+    ({name: {resource: amount}}), e.g. ``{"w0": {"accelerator": 1}, "w1": {}}``.
+
+    ``env`` is every worker's environment (the storage root, the experiment, the Dagster
+    instance); ``torch_threads`` fixes the workers' torch thread count (``None``: 1, Dask's
+    default), which steps running on a worker must match to reproduce another run bit for bit.
+    """
+
+    workers: dict
+    env: dict | None = None
+    torch_threads: int | None = None
+    log_dir: Path | None = None  # where the processes' logs go (default: the cluster's temp dir)
+    address: str = ""
+    root: Path | None = None
+    procs: dict | None = None
+
+    def _env(self) -> dict:
+        env = {**os.environ, **(self.env or {}), "PYTHONPATH": str(PROJECT_ROOT)}
+        if self.torch_threads:
+            # The nanny sets these for each worker process it (re)starts (Dask's default: 1);
+            # torch takes its thread count from OMP_NUM_THREADS. A config file, since Dask
+            # lower-cases the keys of DASK_* variables.
+            conf = self.root / "dask-config"
+            conf.mkdir(exist_ok=True)
+            n = int(self.torch_threads)
+            (conf / "mgd3.yaml").write_text(
+                "distributed:\n  nanny:\n    pre-spawn-environ:\n"
+                + "".join(f"      {v}: {n}\n" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")))
+            env["DASK_CONFIG"] = str(conf)
+        return env
+
+    def start(self) -> "DaskCluster":
+        self.root = Path(tempfile.mkdtemp(prefix="mgd3-dask-"))
+        self.procs = {}
+        port = free_port()
+        self.address = f"tcp://{HOST}:{port}"
+        dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+        self.procs["scheduler"] = self._spawn("scheduler", [*dask, "--host", HOST, "--port", str(port),
+                                                            "--dashboard-address", f"{HOST}:0"])
+        _wait_for(f"Dask scheduler {self.address}", lambda: _listening(port), self.procs["scheduler"],
+                  (self.log_dir or self.root) / "scheduler.log", 60)
+        for name, resources in self.workers.items():
+            cmd = [sys.executable, "-m", "distributed.cli.dask_worker", self.address, "--name", name,
+                   "--nthreads", "1", "--nworkers", "1", "--host", HOST, "--no-dashboard",
+                   "--local-directory", str(self.root / name)]
+            if resources:
+                cmd += ["--resources", " ".join(f"{k}={v}" for k, v in resources.items())]
+            self.procs[name] = self._spawn(name, cmd)
+        self.wait_for_workers(len(self.workers))
+        return self
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        return start_process(name, cmd, self.log_dir or self.root, self._env())
+
+    def client(self):
+        from distributed import Client
+
+        return Client(self.address, timeout=30)
+
+    def wait_for_workers(self, n: int, timeout: float = 120) -> None:
+        with self.client() as client:
+            client.wait_for_workers(n, timeout=timeout)
+
+    def worker_pids(self) -> dict[str, int]:
+        """{worker name: pid of its worker process} (the nanny's child, the one running steps)."""
+        with self.client() as client:
+            info = client.scheduler_info(n_workers=-1)["workers"]
+            pids = client.run(os.getpid)
+        return {info[addr]["name"]: pid for addr, pid in pids.items()}
+
+    def stop(self) -> None:
+        procs = dict(self.procs or {})
+        scheduler = procs.pop("scheduler", None)
+        for proc in procs.values():  # the workers first, all at once, then the scheduler
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
+        for proc in procs.values():
+            stop_process(proc)
+        stop_process(scheduler)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "DaskCluster":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

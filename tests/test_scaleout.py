@@ -1,0 +1,180 @@
+"""The graph on a PostgreSQL instance with its steps on a Dask cluster (tests/services.py),
+compared with the in-process run of the same tiny experiment (``tiny_graph``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from mgd3_assets import demo
+from mgd3_assets.cluster_demo import output_files as _outputs
+from mgd3_assets.executors import DASK_RESOURCES_TAG, ExecutorConfigError, build_executor
+from mgd3_assets.local_cluster import free_port
+from mgd3_core import pipeline
+from mgd3_core.config import PROJECT_ROOT
+from mgd3_core.distilled import lineage_of
+from tests.dagster_helpers import tiny_config, write_config
+from tests.services import DEPLOY, scaleout  # noqa: F401  (session fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def _step_pids(instance, run_ids) -> list[tuple[str, int]]:
+    """(step key, pid of the process that started it) for every STEP_START of the runs."""
+    out = []
+    for run_id in run_ids:
+        for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_START).records:
+            event = record.event_log_entry.dagster_event
+            out.append((event.step_key, event.pid))
+    return out
+
+
+def _distill_partition(scaleout, key: str):
+    job = scaleout.defs.resolve_job_def(demo.DISTILL_JOB)
+    return job, next(pk for pk in job.partitions_def.get_partition_keys() if pk == key)
+
+
+@pytest.fixture(scope="module")
+def dask_graph(tiny_graph, scaleout):  # the in-process reference first, before MGD3_EXECUTOR=dask
+    """The tiny graph materialized through the Dask executor on PostgreSQL (once per module)."""
+    t0 = time.time()
+    reports = demo.materialize_graph(scaleout.defs, scaleout.instance, log=lambda m: None, log_level="WARNING")
+    print("dask stages:", ", ".join(f"{r.job} {r.runs} run(s) {r.seconds:.1f} s" for r in reports))
+    return reports, t0
+
+
+def test_the_graph_on_postgres_and_dask_writes_what_the_in_process_run_writes(tiny_graph, scaleout, dask_graph):
+    reports, _ = dask_graph
+    assert sum(r.runs for r in reports) == 1 + 2 + 4 + 1 + 2 + 1  # every stage ran, as in process
+    assert type(scaleout.instance.run_storage).__name__ == "PostgresRunStorage"
+    # Same experiment, same seeds, same torch thread count: the same bytes (PNGs, latent stores,
+    # modes, manifests, checkpoints), computed in other processes.
+    # The reference graph has every method; this one the tiny config's two (mgd3, random_real).
+    for under in ("backbones", "latents", f"runs/{scaleout.cfg.name}/modes", f"runs/{scaleout.cfg.name}/distilled"):
+        mine, reference = _outputs(scaleout.home, under), _outputs(tiny_graph.home, under)
+        assert mine and (mine.keys() <= reference.keys() if under.endswith("distilled")
+                         else mine.keys() == reference.keys()), under
+        assert [k for k in mine if mine[k] != reference[k]] == [], under
+    distilled = _outputs(scaleout.home, f"runs/{scaleout.cfg.name}/distilled")
+    assert {k.split("/")[3] for k in distilled} == {"mgd3", "random_real"}
+    assert pipeline.backbone_fingerprint(scaleout.cfg, scaleout.home) == \
+        pipeline.backbone_fingerprint(tiny_graph.cfg, tiny_graph.home)
+
+
+def test_accelerator_steps_run_only_on_the_worker_that_advertises_it(scaleout, dask_graph):
+    _, t0 = dask_graph
+    runs = [r.run_id for r in scaleout.instance.get_runs() if r.job_name != "__ASSET_JOB"]
+    pids = scaleout.cluster.worker_pids()
+    graph = scaleout.defs.resolve_asset_graph()
+    accelerator = {k.to_python_identifier() for k in graph.materializable_asset_keys
+                   if DASK_RESOURCES_TAG in scaleout.defs.resolve_assets_def(k).op.tags}
+    assert accelerator == {"backbone", "latent_store", "distilled_images", "teacher", "full_data_students",
+                           "students"}
+    steps = _step_pids(scaleout.instance, runs)
+    assert {s for s, _ in steps} >= accelerator | {"mode_centroids", "diversity_report", "evaluation_report"}
+    # Every step ran in a worker process, none in this (the orchestrating) process.
+    assert os.getpid() not in {pid for _, pid in steps}
+    assert {pid for s, pid in steps if s in accelerator} == {pids["w0"]}
+
+
+def test_two_runs_of_one_job_at_once_each_execute_their_own_steps(scaleout, dask_graph):
+    """The run queue starts several partitions of one stage at once, each in its own run worker,
+    on the shared scheduler: each run's steps must execute for that run (dagster-dask's task keys
+    alone, "<job>.<step>", would hand the second run the first run's task)."""
+    parts = ("0|random_real", "1|random_real")
+    procs = [subprocess.Popen([sys.executable, "-c", f"from tests.services import distill_on_dask; distill_on_dask({p!r})"],
+                              cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}) for p in parts]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    for pk, (out, _) in zip(parts, outs):
+        run_id = out.split()[-1]
+        assert [s for s, _ in _step_pids(scaleout.instance, [run_id]) if s == "distilled_images"] == \
+            ["distilled_images"], pk
+        assert scaleout.instance.get_run_by_id(run_id).tags["dagster/partition"] == pk
+
+
+def test_a_worker_killed_mid_step_is_replaced_and_the_step_rerun_with_the_same_outputs(scaleout, dask_graph, tmp_path):
+    job, pk = _distill_partition(scaleout, "0|mgd3")
+    set_dir = f"runs/{scaleout.cfg.name}/distilled/mgd3"
+    before = _outputs(scaleout.home, set_dir)
+    marker = tmp_path / "step-started"
+    from tests.services import slow_down_distill
+
+    with scaleout.cluster.client() as client:
+        w0 = next(a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == "w0")
+        pid = client.run(slow_down_distill, str(marker), 600, workers=[w0])[w0]
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.update(result=demo._execute_on_dask(
+        job, scaleout.instance, pk, [dg.AssetKey("distilled_images")], demo.run_config("WARNING"))))
+    run.start()
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the step never started on w0"
+    os.kill(pid, signal.SIGKILL)  # the worker process, mid-step; its nanny starts a fresh one
+    run.join(300)
+    success, run_id, failure = outcome["result"]
+    assert success, failure
+    starts = [p for s, p in _step_pids(scaleout.instance, [run_id]) if s == "distilled_images"]
+    assert len(starts) == 2 and starts[0] == pid and starts[1] == scaleout.cluster.worker_pids()["w0"] != pid
+    assert _outputs(scaleout.home, set_dir) == before
+
+
+def test_two_runs_of_one_partition_at_once_take_turns_and_never_mix_outputs(scaleout, dask_graph, tmp_path):
+    set_dir = f"runs/{scaleout.cfg.name}/distilled/mgd3"
+    before = _outputs(scaleout.home, set_dir)
+    timeline = tmp_path / "timeline"
+    code = f"from tests.services import materialize_with_timeline as m; m('1|mgd3', {str(timeline)!r})"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}) for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    events = [line.split() for line in timeline.read_text().splitlines()]
+    first_done = min(float(t) for _, what, t in events if what == "done")
+    # Both runs were inside distill_class before either finished writing: they ran at once ...
+    assert len({pid for pid, what, _ in events if what == "enter"}) == 2
+    assert all(float(t) < first_done for _, what, t in events if what == "enter")
+    # ... and the second wrote only after the first had finished (the class's lock).
+    order = [(pid, what) for pid, what, _ in sorted(events, key=lambda e: float(e[2])) if what != "enter"]
+    assert [w for _, w in order] == ["write", "done", "write", "done"] and order[0][0] == order[1][0]
+    assert _outputs(scaleout.home, set_dir) == before  # the same bytes, not a mixture
+    pngs = sorted((scaleout.home / set_dir).rglob("images/1/*.png"))
+    assert pngs and all(lineage_of(p)["verified"] for p in pngs)
+
+
+def test_an_unreachable_postgres_is_one_clear_error_and_nothing_is_written(tmp_path):
+    port, home = free_port(), tmp_path / "home"
+    env = {**os.environ, "DAGSTER_HOME": str(DEPLOY), "DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(port),
+           "DAGSTER_PG_USER": "dagster", "DAGSTER_PG_PASSWORD": "", "DAGSTER_PG_DB": "dagster",
+           "MGD3_HOME": str(home), "MGD3_CONFIG": str(write_config(tmp_path / "tiny.yaml", tiny_config())),
+           "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "mgd3_assets.demo"], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"PostgreSQL at 127.0.0.1:{port} is unreachable" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("unreachable") == 1
+    assert not home.exists()
+
+
+def test_the_executor_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("MGD3_EXECUTOR", raising=False)
+    assert build_executor() is None  # Dagster's default; make demo runs in process
+    monkeypatch.setenv("MGD3_EXECUTOR", "dask")
+    monkeypatch.setenv("MGD3_DASK_SCHEDULER", "tcp://10.0.0.1:8786")
+    executor = build_executor()
+    assert executor.name == "dask"
+    resolved = executor.config_schema.resolve_config({}).value["config"]
+    assert resolved == {"cluster": {"existing": {"address": "tcp://10.0.0.1:8786"}}}
+    monkeypatch.setenv("MGD3_EXECUTOR", "spark")
+    with pytest.raises(ExecutorConfigError, match="MGD3_EXECUTOR='spark': expected one of in_process, dask"):
+        build_executor()
