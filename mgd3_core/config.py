@@ -26,6 +26,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "embedded.yaml"
 DEFAULT_HOME = PROJECT_ROOT / "mgd3_home"
 
+# Memory for one batch's activations in student training, evaluation and feature
+# extraction (MiB); batch sizes follow from it and the image size (mgd3_core.batching).
+DEFAULT_MEMORY_BUDGET_MB = 2048
+
 DIFFUSION_METHODS = ("mgd3", "unguided", "mgd3_no_stop")
 REAL_METHODS = ("random_real", "closest_real", "decoded_centroids")
 ALL_METHODS = DIFFUSION_METHODS + REAL_METHODS
@@ -279,6 +283,10 @@ class EvaluationConfig(_Strict):
     # DD-Ranking does (it tests every 10 epochs after 80 % of training and keeps the best).
     # 1 = the final epoch only.
     ranking_evaluations: int = Field(default=1, ge=1)
+    # Activation memory of one batch on evaluation.device (MiB). Evaluation and feature
+    # extraction take as many images per batch as fit; training keeps the protocol's batch
+    # size and splits it into micro-batches that fit (gradients accumulated).
+    memory_budget_mb: int = Field(default=DEFAULT_MEMORY_BUDGET_MB, ge=16)
 
     @field_validator("generation_seeds", "training_seeds")
     @classmethod
