@@ -15,7 +15,7 @@ from mgd3_core.config import ExperimentConfig
 from ..automation import on_upstream_data_change
 from ..metadata import progress_logger, table, thumbnails_markdown
 from ..partitions import CLASS_DIM, distilled_partitions, method_and_class
-from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
+from ..resources import ACCELERATOR_POOL, ExperimentResource
 from ..versions import checked_config, combined_hash, stage_asset
 
 
@@ -64,12 +64,12 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         "Data version: hash of the PNGs.",
     )
     def distilled_images(
-        context: dg.AssetExecutionContext, experiment: ExperimentResource, backbone: BackboneResource
+        context: dg.AssetExecutionContext, experiment: ExperimentResource
     ) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment)
         home = experiment.storage()
         method, class_id = method_and_class(context.partition_key)
-        backbone.get()  # load once per process; the core reuses it
+        # The core loads the backbone (once per process) only for the methods that sample or decode.
         result = pipeline.distill_class(cfg, home, method, class_id,
                                         progress=progress_logger(context.log, f"distilled_images[{method}/{class_id}]"))
         root = storage.distilled_root(cfg, home)

@@ -8,7 +8,7 @@ from mgd3_core.config import ExperimentConfig
 from ..automation import on_upstream_data_change
 from ..metadata import progress_logger
 from ..partitions import class_partitions
-from ..resources import ACCELERATOR_POOL, BackboneResource, ExperimentResource
+from ..resources import ACCELERATOR_POOL, ExperimentResource
 from ..versions import checked_config, stage_asset
 
 
@@ -25,11 +25,11 @@ def build_latent_store_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         "Data version: the store's content hash.",
     )
     def latent_store(
-        context: dg.AssetExecutionContext, experiment: ExperimentResource, backbone: BackboneResource
+        context: dg.AssetExecutionContext, experiment: ExperimentResource
     ) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment)
         class_id = context.partition_key
-        backbone.get()  # load once per process; the core reuses it
+        # The core loads the backbone (once per process) only when the store must be (re)written.
         info = pipeline.encode_latents(cfg, experiment.storage(), class_id,
                                        progress=progress_logger(context.log, f"latent_store[{class_id}]"))
         context.log.info(f"latent store of class {class_id}: {info.n} latents {info.shape[1:]} in {info.path}")
