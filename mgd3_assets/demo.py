@@ -15,12 +15,14 @@ At the end it prints the results table and where the report is.
 """
 
 import argparse
+import json
 import os
 import socket
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 
@@ -63,6 +65,8 @@ class StageReport:
     runs: int = 0
     seconds: float = 0.0
     partitions: list = field(default_factory=list)
+    peak_rss_mib: float = float("nan")  # of this stage alone (the kernel's high-water mark, reset per stage)
+    peak_device_mib: float | None = None  # peak CUDA memory, where there is a GPU
 
 
 class DemoError(RuntimeError):
@@ -158,7 +162,15 @@ def _failure_text(result: dg.ExecuteInProcessResult) -> str:
 def materialize_graph(defs: dg.Definitions, instance: dg.DagsterInstance, *, force: bool = False,
                       stages=STAGES, log=print, log_level: str = "INFO") -> list[StageReport]:
     """Run every stage in order (each plans against the results of the ones before it)."""
-    return [run_stage(defs, instance, s, force=force, log=log, log_level=log_level) for s in stages]
+    from mgd3_core.peak_memory import PeakMemory
+
+    reports = []
+    for stage in stages:
+        with PeakMemory() as peak:
+            report = run_stage(defs, instance, stage, force=force, log=log, log_level=log_level)
+        report.peak_rss_mib, report.peak_device_mib = peak.rss_mib, peak.device_mib
+        reports.append(report)
+    return reports
 
 
 def latest_metadata(instance: dg.DagsterInstance, asset: str) -> dict:
@@ -184,6 +196,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="experiment YAML (default: $MGD3_CONFIG or configs/embedded.yaml)")
     parser.add_argument("--force", action="store_true", help="re-materialize everything, not only what is unsynced")
+    parser.add_argument("--profile-json", metavar="PATH",
+                        help="also write each stage's runs, wall time and peak memory to this JSON file")
     args = parser.parse_args(argv)
     if args.config:
         os.environ["MGD3_CONFIG"] = args.config
@@ -207,10 +221,16 @@ def main(argv=None) -> int:
             print(f"\nFAILED: {e}", file=sys.stderr)
             return 1
         total = time.perf_counter() - t0
-        print("\n== timings")
+        print("\n== timings (peak RSS of each stage; peak GPU memory where there is one)")
         for r in reports:
-            print(f"   {r.job:<14} {r.runs:>4} run(s) {r.seconds:8.1f} s")
-        print(f"   {'total':<14} {sum(r.runs for r in reports):>4} run(s) {total:8.1f} s")
+            gpu = f" {r.peak_device_mib:9.0f} MiB GPU" if r.peak_device_mib is not None else ""
+            print(f"   {r.job:<14} {r.runs:>4} run(s) {r.seconds:8.1f} s {r.peak_rss_mib:9.0f} MiB RSS{gpu}")
+        print(f"   {'total':<14} {sum(r.runs for r in reports):>4} run(s) {total:8.1f} s "
+              f"{max(r.peak_rss_mib for r in reports):9.0f} MiB RSS")
+        if args.profile_json:
+            rows = [{"job": r.job, "runs": r.runs, "seconds": r.seconds, "peak_rss_mib": r.peak_rss_mib,
+                     "peak_device_mib": r.peak_device_mib} for r in reports]
+            Path(args.profile_json).write_text(json.dumps({"total_seconds": total, "stages": rows}, indent=2))
         print("\n== results\n" + results_text(instance))
     return 0
 
