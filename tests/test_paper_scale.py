@@ -173,3 +173,8 @@ def test_runtime_identity_and_the_embedded_backbone_code_version():
     # The embedded backbone must re-run (and report its new fingerprint) when its dtype changes.
     assert code_version(bf16, "backbone") != code_version(base, "backbone")
     assert code_version(config_from_dict(tiny_config()), "backbone") == code_version(base, "backbone")
+
+
+def test_the_demo_reports_each_stages_peak_memory(tiny_graph):
+    peaks = [r.peak_rss_mib for r in tiny_graph.stage_reports]
+    assert len(peaks) == 6 and all(100 < p < 64 * 1024 for p in peaks), peaks  # MiB: a torch process, bounded
