@@ -231,8 +231,8 @@ def main() -> None:
     p.add_argument("--batch1-images", type=int, default=None, help="images timed at batch 1 (default 4; --tiny 2)")
     p.add_argument("--max-batch", type=int, default=512, help="upper limit of the 'max' search")
     p.add_argument("--vae-batch", type=int, default=None, help="decode batch (default 16; --tiny 2)")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="bf16 FLOP/s bound, TFLOP/s (H100 / H200 SXM dense: 989)")
+    p.add_argument("--peak-tflops", type=float, default=800.0,
+                   help="bf16 FLOP/s bound, TFLOP/s (default 800 as in bench/RESULTS.md; H100 / H200 SXM dense: 989)")
     p.add_argument("--peak-tflops-fp32", type=float, default=None,
                    help="fp32 bound, TFLOP/s (default 67, H100 SXM non-tensor; 400 with --tf32)")
     p.add_argument("--no-unguided", action="store_true", help="skip the unguided runs (no ratio)")
@@ -297,8 +297,8 @@ def main() -> None:
     if tiny:
         xl = forward_flops_per_sample(XL)
         emit(f"(for reference, DiT-XL/2 counted the same way: {xl / 1e9:.1f} GFLOP per sample per forward, "
-             f"{xl * 2 * 50 / 1e12:.2f} TFLOP per 50-step CFG image, bound at 989 TFLOP/s "
-             f"{989e12 / (xl * 100):.1f} images/s)")
+             f"{xl * 2 * 50 / 1e12:.2f} TFLOP per 50-step CFG image, bound at 800 TFLOP/s "
+             f"{800e12 / (xl * 100):.1f} images/s)")
     emit(f"sampler: DDPM {steps} steps, CFG {args.cfg}, guided lambda 0.1 t_stop {round(25 * steps / 50)} vs "
          f"unguided lambda 0; one batch per cell (batch 1: {batch1_images} images); repeats {args.repeats}")
     if timed != steps:
