@@ -15,7 +15,7 @@ export DAGSTER_HOME ?= $(CURDIR)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help env test demo cluster-demo ui bench browser-deps clean-home
+.PHONY: help env test demo cluster-demo ui bench rehearsal browser-deps clean-home
 
 help:
 	@echo "make demo   - run the whole asset graph on configs/embedded.yaml (MGD3_CONFIG=... for another)"
@@ -23,6 +23,7 @@ help:
 	@echo "make test   - run the test suite"
 	@echo "make ui     - start the Dagster UI on http://127.0.0.1:3000"
 	@echo "make bench  - run the CPU benchmarks in bench/"
+	@echo "make rehearsal - the paper-scale path (DiT-XL/2 + SD VAE shapes, 256 px) end to end, with peak memory"
 
 env: $(STAMP)
 
@@ -48,6 +49,11 @@ ui: env
 bench: env
 	@for s in bench/encode.py bench/sampling.py bench/modes.py bench/incremental.py bench/gpu_dit.py; do \
 		echo "== $$s"; $(PY) $$s; done
+
+# DiT-XL/2 (random weights, --depth 1 on CPU) + SD VAE on a generated 256 px ImageNet-style tree,
+# through `python -m mgd3_assets.demo`, at N and 4N images per class (~10 min on 2 CPU cores).
+rehearsal: env
+	$(PY) bench/rehearsal.py $(REHEARSAL_ARGS)
 
 clean-home:
 	rm -rf "$(MGD3_HOME)"

@@ -101,19 +101,7 @@ def current_rss_mib() -> float:
     return _status_mib("VmRSS")
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) so a later ``window_peak_rss_mib``
-    sees only what follows; Linux >= 4.0. Returns False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def window_peak_rss_mib() -> float:
-    """VmHWM: the peak RSS since the last ``reset_peak_rss`` (or process start)."""
-    return _status_mib("VmHWM")
+from mgd3_core.peak_memory import reset_peak_rss, window_peak_rss_mib  # noqa: E402,F401  (one home)
 
 
 class Stopwatch:

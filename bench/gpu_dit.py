@@ -20,11 +20,15 @@ guidance lambda 0.1 until t_stop 25, per-image seeds) on one batch and reports:
 - VAE decode time per image.
 
 dtypes: ``fp32`` (TF32 matmuls off unless ``--tf32``), ``bf16`` (torch.autocast,
-fp32 weights and sampler state), ``bf16w`` (weights cast to bf16, no autocast;
-not in the default list). Attention is torch SDPA (diffusers' AttnProcessor2_0).
+fp32 weights and sampler state), ``bf16w`` (weights cast to bf16, no autocast).
+Attention (``--attention``): ``sdpa`` = torch's scaled_dot_product_attention
+(diffusers' AttnProcessor2_0: flash / memory-efficient kernels), ``math`` =
+diffusers' classic AttnProcessor (explicit softmax(QK^T)V, the full attention
+matrix in memory). ``--compile off,on`` runs every cell without and with
+torch.compile of the transformer. Every combination is one row.
 
     .venv/bin/python bench/gpu_dit.py                          # on a CUDA machine
-    .venv/bin/python bench/gpu_dit.py --compile --out dit.md   # + torch.compile, table to a file
+    .venv/bin/python bench/gpu_dit.py --compile off,on --attention sdpa,math --out dit.md
     .venv/bin/python bench/gpu_dit.py --tiny --device cpu      # 2-layer model on CPU: checks it works
 
 With no ``--device`` and no CUDA device the script runs ``--tiny`` on the CPU.
@@ -193,17 +197,30 @@ def vae_decode(backbone, batch: int, repeats: int) -> tuple[float, float]:
     return median(times) / batch, peak_mem_gib(backbone.device)
 
 
+def set_attention(model, kind: str) -> None:
+    """Every attention module of ``model`` on torch SDPA (``sdpa``) or the explicit ``math`` processor."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    cls = AttnProcessor2_0 if kind == "sdpa" else AttnProcessor
+    for module in model.modules():
+        if hasattr(module, "set_processor"):
+            module.set_processor(cls())
+
+
 # --------------------------------------------------------------------------- main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default="bf16,fp32", help="comma list of fp32, bf16 (autocast), bf16w")
+    p.add_argument("--dtype", default="fp32,bf16w,bf16", help="comma list of fp32, bf16w (bf16 weights), "
+                   "bf16 (autocast)")
     p.add_argument("--batches", default=None, help="comma list; 'max' = largest that fits "
-                   "(default 1,16,64,128,max; --tiny 1,2,4)")
+                   "(default 1,16,64,128,256; --tiny 1,2,4)")
+    p.add_argument("--attention", default="sdpa", help="comma list of sdpa, math (see the docstring)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; --tiny 4)")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, 8x8 latents: a CPU smoke run")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    p.add_argument("--compile", nargs="?", const="on", default="off",
+                   help="comma list of off, on (torch.compile the transformer); --compile alone = on")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode (default, reduce-overhead = CUDA graphs, max-autotune)")
     p.add_argument("--timed-steps", type=int, default=0,
@@ -214,7 +231,8 @@ def main() -> None:
     p.add_argument("--batch1-images", type=int, default=None, help="images timed at batch 1 (default 4; --tiny 2)")
     p.add_argument("--max-batch", type=int, default=512, help="upper limit of the 'max' search")
     p.add_argument("--vae-batch", type=int, default=None, help="decode batch (default 16; --tiny 2)")
-    p.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 FLOP/s bound, TFLOP/s (H100: ~800)")
+    p.add_argument("--peak-tflops", type=float, default=800.0,
+                   help="bf16 FLOP/s bound, TFLOP/s (default 800 as in bench/RESULTS.md; H100 / H200 SXM dense: 989)")
     p.add_argument("--peak-tflops-fp32", type=float, default=None,
                    help="fp32 bound, TFLOP/s (default 67, H100 SXM non-tensor; 400 with --tf32)")
     p.add_argument("--no-unguided", action="store_true", help="skip the unguided runs (no ratio)")
@@ -231,7 +249,11 @@ def main() -> None:
     device = torch.device(args.device)
     tiny = args.tiny
     steps = args.steps or (4 if tiny else 50)
-    batch_spec = args.batches or ("1,2,4" if tiny else "1,16,64,128,max")
+    batch_spec = args.batches or ("1,2,4" if tiny else "1,16,64,128,256")
+    attentions = [a.strip() for a in args.attention.split(",") if a.strip()]
+    compiles = [c.strip() == "on" for c in args.compile.split(",") if c.strip()]
+    if not set(attentions) <= {"sdpa", "math"} or not compiles:
+        p.error("--attention takes sdpa and/or math; --compile takes off and/or on")
     batch1_images = args.batch1_images or (2 if tiny else 4)
     vae_batch = args.vae_batch or (2 if tiny else 16)
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
@@ -256,7 +278,8 @@ def main() -> None:
     emit("```")
     timed = args.timed_steps if 0 < args.timed_steps < steps else steps
     emit(header(threads, str(device), extra=f"compile {args.compile}"
-                + (f" ({args.compile_mode})" if args.compile and args.compile_mode else "") + f" | tf32 {args.tf32}"))
+                + (f" ({args.compile_mode})" if args.compile_mode else "") + f" | attention {args.attention}"
+                + f" | tf32 {args.tf32}"))
     if note:
         emit(f"note: {note}")
     flops_fwd = forward_flops_per_sample(dit_kwargs)
@@ -288,15 +311,19 @@ def main() -> None:
     randomize_zero_init_(base_transformer)  # adaLN-Zero: avoid an all-zero denoiser output
     base_vae = build_vae(**vae_kwargs)
     rows, vae_rows = [], []
-    for dname in dtypes:
+    for dname, attention, compiled in [(d, a, c) for d in dtypes for a in attentions for c in compiles]:
         weight_dtype, amp = DTYPES[dname]
+        set_attention(base_transformer, attention)
         backbone, wrapper = random_weights_backbone(base_transformer, base_vae, dit_train_betas(), device=device,
                                                     dtype=weight_dtype, autocast=amp)
-        if args.compile:
+        if compiled:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             backbone.transformer = torch.compile(backbone.transformer, mode=args.compile_mode)
+        dname = f"{dname} {attention}{' compiled' if compiled else ''}"
         emit(f"({dname}: backbone {wrapper})")
         peak = args.peak_tflops if dname.startswith("bf16") else peak_fp32
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
         batches: list[int] = []
         for b in batch_spec.split(","):
@@ -325,6 +352,12 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 rows.append([dname, b, "OOM"] + ["-"] * 8)
                 continue
+            except RuntimeError as err:  # e.g. math attention's full matrix beyond the device
+                if "out of memory" not in str(err).lower():
+                    raise
+                torch.cuda.empty_cache()
+                rows.append([dname, b, "OOM"] + ["-"] * 8)
+                continue
             warm = time.perf_counter() - t0
             g_times, u_times = [], []
             reset_peak(device)
@@ -349,8 +382,10 @@ def main() -> None:
                 si(achieved * 1e12, "FLOP/s"), f"{100 * achieved / peak:.2g} %", f"{mem:.2f}", f"{warm:.1f}",
             ])
             print(f"  {' | '.join(map(str, rows[-1]))}", file=sys.stderr, flush=True)
-        sec_img, vmem = vae_decode(backbone, vae_batch, max(args.repeats, 1))
-        vae_rows.append([dname, vae_batch, f"{1000 * sec_img:.2f}", f"{1 / sec_img:.1f}", f"{vmem:.2f}"])
+        if attention == attentions[0] and compiled == compiles[0]:  # the VAE does not depend on either
+            sec_img, vmem = vae_decode(backbone, vae_batch, max(args.repeats, 1))
+            vae_rows.append([dname.split()[0], vae_batch, f"{1000 * sec_img:.2f}", f"{1 / sec_img:.1f}",
+                             f"{vmem:.2f}"])
         del backbone
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -362,7 +397,7 @@ def main() -> None:
     emit()
     emit(markdown_table(["dtype", "VAE decode batch", "ms / image", "images/s", mem_name], vae_rows))
     emit()
-    emit("targets: guided/unguided time <= 1.05; batched >= 10x batch 1; bf16 >= 40 % of the bound on an H100")
+    emit("targets: guided/unguided time <= 1.05; batched >= 10x batch 1; bf16 >= 40 % of the bound on an H100 / H200")
     if args.out:
         args.out.write_text("\n".join(out_lines) + "\n")
 

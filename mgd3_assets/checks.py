@@ -122,7 +122,7 @@ def build_checks(cfg: ExperimentConfig) -> list[dg.AssetChecksDefinition]:
     def latent_store_complete(context: dg.AssetCheckExecutionContext, experiment: ExperimentResource,
                               backbone: BackboneResource) -> dg.AssetCheckResult:
         problems, meta = latent_store_problems(experiment.config(), experiment.storage(), context.partition_key,
-                                               backbone.get().vae_fingerprint)
+                                               backbone.vae_fingerprint())
         return _result(problems, meta)
 
     @dg.asset_check(asset="mode_centroids", partitions_def=class_partitions(cfg), blocking=True,

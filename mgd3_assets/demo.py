@@ -23,12 +23,14 @@ dataset or storage root found before any run prints that one line and exits 2.
 """
 
 import argparse
+import json
 import os
 import socket
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 
@@ -79,6 +81,8 @@ class StageReport:
     runs: int = 0
     seconds: float = 0.0
     partitions: list = field(default_factory=list)
+    peak_rss_mib: float = float("nan")  # of this stage alone (the kernel's high-water mark, reset per stage)
+    peak_device_mib: float | None = None  # peak CUDA memory, where there is a GPU
 
 
 class DemoError(RuntimeError):
@@ -201,7 +205,15 @@ def _failure_text(result: dg.ExecuteInProcessResult) -> str:
 def materialize_graph(defs: dg.Definitions, instance: dg.DagsterInstance, *, force: bool = False,
                       stages=STAGES, log=print, log_level: str = "INFO") -> list[StageReport]:
     """Run every stage in order (each plans against the results of the ones before it)."""
-    return [run_stage(defs, instance, s, force=force, log=log, log_level=log_level) for s in stages]
+    from mgd3_core.peak_memory import PeakMemory
+
+    reports = []
+    for stage in stages:
+        with PeakMemory() as peak:
+            report = run_stage(defs, instance, stage, force=force, log=log, log_level=log_level)
+        report.peak_rss_mib, report.peak_device_mib = peak.rss_mib, peak.device_mib
+        reports.append(report)
+    return reports
 
 
 def latest_metadata(instance: dg.DagsterInstance, asset: str) -> dict:
@@ -227,6 +239,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="experiment YAML (default: $MGD3_CONFIG or configs/embedded.yaml)")
     parser.add_argument("--force", action="store_true", help="re-materialize everything, not only what is unsynced")
+    parser.add_argument("--profile-json", metavar="PATH",
+                        help="also write each stage's runs, wall time and peak memory to this JSON file")
     args = parser.parse_args(argv)
     if args.config:
         os.environ["MGD3_CONFIG"] = args.config
@@ -234,7 +248,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     try:
-        return _run(args.force)
+        return _run(args.force, args.profile_json)
     except (ConfigError, DatasetError, LatentStoreError, LockedError, OSError) as e:
         # A bad config, dataset or storage root: the message says what to fix; a traceback would
         # only bury it. (Errors inside a run are reported by the run, see _failure_text.)
@@ -242,11 +256,24 @@ def main(argv=None) -> int:
         return 2
 
 
+def _print_timings(reports: list[StageReport], total: float, profile_json: str | None) -> None:
+    print("\n== timings (peak RSS of each stage; peak GPU memory where there is one)")
+    for r in reports:
+        gpu = f" {r.peak_device_mib:9.0f} MiB GPU" if r.peak_device_mib is not None else ""
+        print(f"   {r.job:<14} {r.runs:>4} run(s) {r.seconds:8.1f} s {r.peak_rss_mib:9.0f} MiB RSS{gpu}")
+    print(f"   {'total':<14} {sum(r.runs for r in reports):>4} run(s) {total:8.1f} s "
+          f"{max(r.peak_rss_mib for r in reports):9.0f} MiB RSS")
+    if profile_json:
+        rows = [{"job": r.job, "runs": r.runs, "seconds": r.seconds, "peak_rss_mib": r.peak_rss_mib,
+                 "peak_device_mib": r.peak_device_mib} for r in reports]
+        Path(profile_json).write_text(json.dumps({"total_seconds": total, "stages": rows}, indent=2))
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _run(force: bool) -> int:
+def _run(force: bool, profile_json: str | None = None) -> int:
     from .definitions import build_definitions
 
     cfg = load_config()
@@ -277,10 +304,7 @@ def _run(force: bool) -> int:
                 print(f"\nFAILED: {e}", file=sys.stderr)
                 return 1
             total = time.perf_counter() - t0
-            print("\n== timings")
-            for r in reports:
-                print(f"   {r.job:<14} {r.runs:>4} run(s) {r.seconds:8.1f} s")
-            print(f"   {'total':<14} {sum(r.runs for r in reports):>4} run(s) {total:8.1f} s")
+            _print_timings(reports, total, profile_json)
             print("\n== results\n" + results_text(instance))
     return 0
 

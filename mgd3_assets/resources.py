@@ -54,6 +54,10 @@ class BackboneResource(dg.ConfigurableResource):
         """The backbone's fingerprint without loading it (None: not trained or not found)."""
         return pipeline.backbone_fingerprint(self.experiment.config(), self.experiment.storage())
 
+    def vae_fingerprint(self) -> str:
+        """The fingerprint latent stores are kept under, without loading any weights."""
+        return pipeline.vae_fingerprint(self.experiment.config(), self.experiment.storage())
+
     def ensure(self, progress: Callable[[str, int, int, dict], None] | None = None) -> str:
         """Train or reuse the embedded backbone, or check a pretrained one loads; its fingerprint.
 

@@ -51,7 +51,10 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
         return {"modes": dump["modes"], "ipc": dump["ipc"],
                 "generation_seeds": dump["evaluation"]["generation_seeds"]}
     if stage == "distilled_images":
-        inputs = {"seed": dump["seed"], "ipc": dump["ipc"], "sampler": dump["sampler"],
+        sampler = dict(dump["sampler"])
+        if sampler.get("cfg_channels") == "all":  # the default, as before the option existed
+            sampler.pop("cfg_channels")
+        inputs = {"seed": dump["seed"], "ipc": dump["ipc"], "sampler": sampler,
                   "method_overrides": dump["method_overrides"],
                   "generation_seeds": dump["evaluation"]["generation_seeds"]}
         if cfg.backbone.kind == "stable_diffusion":  # the prompts condition every image

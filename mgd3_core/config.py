@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +25,10 @@ PAPER_DEFAULTS = {
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "embedded.yaml"
 DEFAULT_HOME = PROJECT_ROOT / "mgd3_home"
+
+# Memory for one batch's activations in student training, evaluation and feature
+# extraction (MiB); batch sizes follow from it and the image size (mgd3_core.batching).
+DEFAULT_MEMORY_BUDGET_MB = 2048
 
 DIFFUSION_METHODS = ("mgd3", "unguided", "mgd3_no_stop")
 REAL_METHODS = ("random_real", "closest_real", "decoded_centroids")
@@ -195,6 +199,9 @@ class SamplerConfig(_Strict):
     guidance_strength: float = Field(default=PAPER_DEFAULTS["guidance_strength"], ge=0.0)
     t_stop: int = Field(default=PAPER_DEFAULTS["t_stop"], ge=0)
     batch_size: int = Field(default=100, ge=1)
+    # CFG on all noise channels (diffusers' DiTPipeline) or the first k, the rest conditional:
+    # the DiT / MGD3 reference code (forward_with_cfg) guides 3 of DiT-XL/2's 4 (cfg_channels: 3).
+    cfg_channels: Literal["all"] | Annotated[int, Field(ge=1)] = "all"
 
     @model_validator(mode="after")
     def _t_stop_in_range(self) -> "SamplerConfig":
@@ -279,6 +286,9 @@ class EvaluationConfig(_Strict):
     # DD-Ranking does (it tests every 10 epochs after 80 % of training and keeps the best).
     # 1 = the final epoch only.
     ranking_evaluations: int = Field(default=1, ge=1)
+    # Activation memory of one batch on evaluation.device (MiB): evaluation batches are as large as
+    # fit; training splits the protocol's batch into micro-batches that fit (gradients accumulated).
+    memory_budget_mb: int = Field(default=DEFAULT_MEMORY_BUDGET_MB, ge=16)
 
     @field_validator("generation_seeds", "training_seeds")
     @classmethod

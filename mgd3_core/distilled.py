@@ -31,7 +31,7 @@ from .images import png_bytes, read_png
 
 MANIFEST_COLUMNS = [
     "file", "set", "method", "ipc", "gen_seed", "class_id", "class_name", "class_label",
-    "mode_index", "mode_count", "seed", "lambda", "t_stop", "cfg_scale", "steps", "sampler",
+    "mode_index", "mode_count", "seed", "lambda", "t_stop", "cfg_scale", "cfg_channels", "steps", "sampler",
     "dist_to_mode", "dist_to_nearest_other_mode", "source_item", "backbone_fingerprint",
     "config", "sha256",
 ]

@@ -40,22 +40,29 @@ def _classes(cfg: ExperimentConfig) -> list:
 
 # --------------------------------------------------------------------------- real data
 @functools.lru_cache(maxsize=4)
-def _real_split_cached(dataset_json: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _real_split_cached(dataset_json: str, split: str):
+    from .batching import SplitImages
     from .config import DatasetConfig
     from .data import open_dataset
 
-    source = open_dataset(DatasetConfig.model_validate_json(dataset_json))
-    images, labels = [], []
-    for info in source.classes():
-        ids = source.items(info.id, split)
-        images.append(source.load(info.id, split, ids))
-        labels.append(np.full(len(ids), info.index, dtype=np.int64))
-    return np.concatenate(images), np.concatenate(labels)
+    images = SplitImages(open_dataset(DatasetConfig.model_validate_json(dataset_json)), split)
+    return images, images.labels
 
 
-def real_split(cfg: ExperimentConfig, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (N, C, H, W) images and (N,) class positions of one split, all classes."""
+def real_split(cfg: ExperimentConfig, split: str):
+    """One split, all classes: (images, labels). ``images`` is a lazy
+    :class:`~mgd3_core.batching.SplitImages` (uint8 (N, C, H, W) read from disk
+    batch by batch, never held whole); ``labels`` (N,) class positions."""
     return _real_split_cached(cfg.dataset.model_dump_json(), split)
+
+
+def _micro_batch(cfg: ExperimentConfig, model: torch.nn.Module, images, batch_size: int) -> int:
+    """Training micro-batch: the protocol's batch, or fewer images when their activations
+    would not fit ``evaluation.memory_budget_mb`` (gradients are then accumulated)."""
+    from .batching import model_batch_size
+
+    return model_batch_size(model, images.shape[1:], cfg.evaluation.memory_budget_mb, training=True,
+                            cap=batch_size)
 
 
 def distilled_set(cfg: ExperimentConfig, home: Path, method: str, ipc: int, gen_seed: int):
@@ -90,6 +97,7 @@ def train_teacher(cfg: ExperimentConfig, home: Path, progress: StageProgress = n
         model, x, y, xt, yt, cfg=ev.hard, epochs=epochs, seed=seed,
         orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device,
         evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
+        memory_budget_mb=ev.memory_budget_mb, micro_batch=_micro_batch(cfg, model, x, ev.hard.batch_size),
         progress=lambda r: progress(f"teacher ({name}) epoch {r['epoch']}/{epochs} loss {r['loss']:.3f}",
                                     r["epoch"] / epochs),
     )
@@ -129,8 +137,8 @@ def load_teacher(cfg: ExperimentConfig, home: Path) -> torch.nn.Module:
     if stored != name:
         raise ValueError(f"{path} is a {stored!r} teacher but evaluation.teacher.model is {name!r}; "
                          "materialize the teacher asset again")
-    x, y = real_split(cfg, "test")
-    model = build_student(name, x.shape[1], len(np.unique(y)), x.shape[-1])
+    _, y = real_split(cfg, "test")
+    model = build_student(name, cfg.dataset.channels, len(np.unique(y)), cfg.dataset.image_size)
     model.load_state_dict(load_file(str(path)))
     return model.eval().requires_grad_(False)
 
@@ -148,17 +156,14 @@ def teacher_meta(cfg: ExperimentConfig, home: Path) -> dict:
 STUDENT_RUN_VERSION = 2  # 2: rows carry ranking_acc (best test accuracy in the last fifth)
 
 
-def _digest(*arrays: np.ndarray) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+def _digest(*arrays) -> str:
+    from .batching import digest
+
+    return digest(*arrays)
 
 
 def _run_key(cfg: ExperimentConfig, spec: dict, train_digest: str, test_digest: str,
-             teacher_digest: str | None) -> str:
+             teacher_digest: str | None, micro_batch: int | None = None) -> str:
     """Everything a student run's result depends on: the run's settings, the protocol's
     hyper-parameters, the exact training and test images, the teacher's weights (soft
     labels), and the code and torch versions."""
@@ -169,6 +174,11 @@ def _run_key(cfg: ExperimentConfig, spec: dict, train_digest: str, test_digest: 
                    orientation_sensitive=cfg.dataset.orientation_sensitive,
                    protocol_cfg=protocol_cfg.model_dump(mode="json"), train=train_digest,
                    test=test_digest, teacher=teacher_digest)
+    protocol_batch = protocol_cfg.batch_size
+    if micro_batch is not None and micro_batch < protocol_batch:
+        # Accumulated micro-batches: the same update up to rounding for instance-norm students,
+        # smaller batch statistics for batch-norm ones. Absent when whole batches fit (old keys stay).
+        payload["micro_batch"] = micro_batch
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -203,6 +213,8 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
     depends on (settings, images, teacher, code version), so a sweep that is
     interrupted, or re-run with an added generation seed, student or IPC,
     trains only the runs it does not already have."""
+    from .students import build_student
+
     ev = cfg.evaluation
     test = real_split(cfg, "test")
     test_digest = _digest(*test)
@@ -229,7 +241,11 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
             epochs = cfg.epochs_for_ipc(ipc, protocol)
         spec = dict(method=method, ipc=ipc, gen_seed=gen_seed, student=student, protocol=protocol,
                     train_seed=train_seed, epochs=epochs)
-        record_path = runs_dir / f"{_run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest)}.json"
+        batch = ev.hard.batch_size if protocol == "hard" else ev.soft.batch_size
+        probe = build_student(student, x.shape[1], len(np.unique(test[1])), x.shape[-1])
+        micro = _micro_batch(cfg, probe, x, batch)
+        key = _run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest, micro)
+        record_path = runs_dir / f"{key}.json"
         done = _load_run(record_path)
         if done is not None:
             reused += 1
@@ -237,7 +253,8 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
             rows.append(done)
             continue
         progress(f"training {label} {where}", n / len(runs))
-        row = _train_student(cfg, spec, (x, y), test, teacher, _epoch_progress(progress, label, n, len(runs)))
+        row = _train_student(cfg, spec, (x, y), test, teacher, _epoch_progress(progress, label, n, len(runs)),
+                             micro)
         atomic_write(record_path, json.dumps({"spec": spec, "row": row}, default=_json_default))
         rows.append(row)
         log.info("%s: final %.2f%% (best %.2f%%)", label, row["final_acc"], row["best_acc"])
@@ -267,8 +284,9 @@ def _teacher_row(cfg: ExperimentConfig, home: Path, method: str, student: str, t
 
 
 def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple, teacher,
-                   on_epoch: EpochProgress) -> dict:
-    """Train one student run (``spec``) on ``train`` = (x, y) and evaluate it on ``test``; its row."""
+                   on_epoch: EpochProgress, micro_batch: int | None = None) -> dict:
+    """Train one student run (``spec``) on ``train`` = (x, y) and evaluate it on ``test``; its row.
+    ``micro_batch``: see ``_micro_batch``."""
     from .students import build_student
     from .training import train_hard_label, train_soft_label
 
@@ -279,7 +297,7 @@ def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple,
     t0 = time.perf_counter()
     kwargs = dict(epochs=epochs, seed=seed, orientation_sensitive=cfg.dataset.orientation_sensitive,
                   device=ev.device, evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
-                  progress=on_epoch)
+                  progress=on_epoch, micro_batch=micro_batch, memory_budget_mb=ev.memory_budget_mb)
     if spec["protocol"] == "hard":
         res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, **kwargs)
     else:
@@ -317,16 +335,17 @@ def diversity_report(cfg: ExperimentConfig, home: Path, progress: StageProgress 
     from .metrics import mean_over_classes, per_class_metrics, tsne_table
     from .students import penultimate_features
 
-    teacher = load_teacher(cfg, home)
+    device, budget = cfg.evaluation.device, cfg.evaluation.memory_budget_mb
+    teacher = load_teacher(cfg, home).to(device)
     xr, yr = real_split(cfg, "train")
-    fr = penultimate_features(teacher, xr)
+    fr = penultimate_features(teacher, xr, device=device, memory_budget_mb=budget)
     frames, tsne_frames = [], []
     for ipc in cfg.ipc:
         tsne_inputs = {}
         for method in cfg.methods:
             for g in cfg.evaluation.generation_seeds:
                 xs, ys = distilled_set(cfg, home, method, ipc, g)
-                fs = penultimate_features(teacher, xs)
+                fs = penultimate_features(teacher, xs, device=device, memory_budget_mb=budget)
                 df = per_class_metrics(fs, ys, fr, yr, k=cfg.evaluation.representativeness_k)
                 df.insert(0, "gen_seed", g)
                 df.insert(0, "ipc", ipc)

@@ -62,6 +62,16 @@ def backbone_fingerprint(cfg: ExperimentConfig, home: Path) -> str | None:
     return backbones.backbone_fingerprint(cfg, Path(home))
 
 
+def vae_fingerprint(cfg: ExperimentConfig, home: Path) -> str:
+    """The fingerprint latent stores are kept under, without loading any weights."""
+    from . import backbones
+
+    fp = backbones.backbone_vae_fingerprint(cfg, Path(home))
+    if fp is None:
+        raise FileNotFoundError("the embedded backbone has not been trained yet; materialize the backbone asset first")
+    return fp
+
+
 def ensure_backbone(cfg: ExperimentConfig, home: Path, progress=None) -> str:
     """Train (or reuse) a backbone the pipeline trains, check it loads; returns its fingerprint."""
     from . import backbones
@@ -90,14 +100,14 @@ def encode_latents(cfg: ExperimentConfig, home: Path, class_id: str, progress: S
     from .latent_writer import encode_class
     from .latents import LatentStoreError, validate_latent_store
 
-    backbone = get_backbone(cfg, home)
     source = open_source(cfg)
-    path = storage.latent_store_file(cfg, home, class_id, backbone.vae_fingerprint)
-    if path.exists():
+    path = storage.latent_store_file(cfg, home, class_id, vae_fingerprint(cfg, home))
+    if path.exists():  # a valid store is reused without loading the model
         try:
-            return validate_latent_store(path, expected_vae_fingerprint=backbone.vae_fingerprint)
+            return validate_latent_store(path, expected_vae_fingerprint=vae_fingerprint(cfg, home))
         except LatentStoreError as e:
             log.warning("re-encoding %s: %s", path, e)
+    backbone = get_backbone(cfg, home)
     return encode_class(
         source, class_id, "train", backbone.encode, path,
         vae_fingerprint=backbone.vae_fingerprint, scaling_factor=backbone.scaling_factor,
@@ -320,7 +330,7 @@ def _real_image_sets(cfg: ExperimentConfig, home: Path, method: str, class_id: s
     from .latents import read_latent_store
 
     source = open_source(cfg)
-    vae_fp = get_backbone(cfg, home).vae_fingerprint
+    vae_fp = vae_fingerprint(cfg, home)  # the fingerprint only: real images need no model
     store = read_latent_store(storage.latent_store_file(cfg, home, class_id, vae_fp),
                               expected_vae_fingerprint=vae_fp)
     contents = {}

@@ -37,8 +37,11 @@ class SamplerSettings:
     guidance_strength: float = 0.1  # lambda
     t_stop: int = 25
     kind: Literal["ddpm", "ddim"] = "ddpm"
+    cfg_channels: int | None = None  # guide the first k noise channels; None = all
 
     def __post_init__(self) -> None:
+        if self.cfg_channels is not None and self.cfg_channels < 1:
+            raise ValueError(f"cfg_channels = {self.cfg_channels} must be >= 1 (or None for all channels)")
         if not 0 <= self.t_stop <= self.steps:
             raise ValueError(f"t_stop = {self.t_stop} must be in [0, steps = {self.steps}]")
         if self.guidance_strength < 0:
@@ -54,6 +57,7 @@ class SamplerSettings:
             guidance_strength=cfg.guidance_strength,
             t_stop=cfg.t_stop,
             kind=cfg.kind,
+            cfg_channels=None if getattr(cfg, "cfg_channels", "all") == "all" else int(cfg.cfg_channels),
         )
 
     def guided_at(self, t: int) -> bool:
@@ -66,6 +70,7 @@ class SamplerSettings:
             "lambda": self.guidance_strength,
             "t_stop": self.t_stop,
             "cfg_scale": self.cfg_scale,
+            "cfg_channels": "all" if self.cfg_channels is None else self.cfg_channels,
             "steps": self.steps,
             "sampler": self.kind,
         }
@@ -219,12 +224,15 @@ def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 
 def denoise_with_cfg(
-    backbone: Backbone, x: torch.Tensor, t_train: int, labels: torch.Tensor, cfg_scale: float
+    backbone: Backbone, x: torch.Tensor, t_train: int, labels: torch.Tensor, cfg_scale: float,
+    cfg_channels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (doubled) denoiser call. Returns (eps, variance_values or None).
 
     CFG is applied to the noise channels only; a learned-variance model's extra
-    channels are taken from the conditional half (as DiT does).
+    channels are taken from the conditional half (as DiT does). ``cfg_channels = k``
+    guides only the first k noise channels and keeps the others conditional, as the
+    DiT reference code's ``forward_with_cfg`` does with k = 3; None guides all.
     """
     c = x.shape[1]
     t_vec = torch.full((x.shape[0],), t_train, dtype=torch.long, device=x.device)
@@ -237,7 +245,13 @@ def denoise_with_cfg(
         out = backbone.denoise(torch.cat([x, x]), torch.cat([t_vec, t_vec]), torch.cat([labels, null]))
         out_c, out_u = out.chunk(2)
         eps_c, rest_c = out_c[:, :c], out_c[:, c:]
+        k = c if cfg_channels is None else cfg_channels
+        if k > c:
+            raise ValueError(f"sampler.cfg_channels = {k} exceeds the backbone's {c} latent channels")
         eps = cfg_combine(eps_c, out_u[:, :c], cfg_scale)
+        if k < c:
+            # DiT reference (forward_with_cfg): guided first k channels, the rest from the conditional half.
+            eps = torch.cat([eps[:, :k], eps_c[:, k:]], dim=1)
     variance = rest_c if backbone.learned_variance else None
     return eps, variance
 
@@ -300,7 +314,8 @@ def sample(
             # copy overlaps with the forward pass instead of waiting for it (same draw order).
             z = _to_device(noise.draw(), device) if t > 0 else None
             eps, var = denoise_with_cfg(
-                backbone, x.to(dtype), int(schedule.timesteps[t]), y, settings.cfg_scale
+                backbone, x.to(dtype), int(schedule.timesteps[t]), y, settings.cfg_scale,
+                settings.cfg_channels,
             )
             eps = eps.float()
             var = var.float() if var is not None else None

@@ -30,6 +30,9 @@ import torch
 import torchvision
 from torch import nn
 
+from .batching import SplitImages, iter_batches, model_batch_size
+from .config import DEFAULT_MEMORY_BUDGET_MB
+
 STUDENTS = ("convnet", "resnetap10", "resnet18")
 Norm = Literal["instance", "batch"]
 
@@ -225,17 +228,23 @@ def _last_linear(model: nn.Module) -> nn.Linear:
 
 
 @torch.no_grad()
-def penultimate_features(model: nn.Module, images: torch.Tensor | np.ndarray, *,
-                         batch_size: int = 500, device: str | torch.device | None = None) -> np.ndarray:
+def penultimate_features(model: nn.Module, images, *, batch_size: int | None = None,
+                         device: str | torch.device | None = None,
+                         memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> np.ndarray:
     """Inputs of the classifier head, ``(N, d)`` float32 numpy, in eval mode.
 
-    ``images`` are uint8 ``(N, C, H, W)`` (see the module docstring). Uses the
-    model's ``features`` method when it has one, otherwise a forward hook on
-    its last ``nn.Linear`` (torchvision models). The model's train/eval mode
-    is restored afterwards.
+    ``images`` are uint8 ``(N, C, H, W)`` (see the module docstring), in memory
+    or a :class:`~mgd3_core.batching.SplitImages` read from disk batch by batch.
+    ``batch_size`` None: as many images as fit ``memory_budget_mb`` MiB of
+    activations. Uses the model's ``features`` method when it has one, otherwise
+    a forward hook on its last ``nn.Linear`` (torchvision models). The model's
+    train/eval mode is restored afterwards.
     """
-    images = as_uint8_images(images)
+    if not isinstance(images, SplitImages):
+        images = as_uint8_images(images)
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if batch_size is None:
+        batch_size = model_batch_size(model, images.shape[1:], memory_budget_mb, training=False)
     was_training = model.training
     model.eval()
     captured: list[torch.Tensor] = []
@@ -249,10 +258,50 @@ def penultimate_features(model: nn.Module, images: torch.Tensor | np.ndarray, *,
             model(x)
             return captured.pop()
     try:
-        out = [extract(as_model_input(images[i:i + batch_size].to(device))).float().cpu()
-               for i in range(0, len(images), batch_size)]
+        out = [extract(as_model_input(batch.to(device))).float().cpu() for batch in iter_batches(images, batch_size)]
     finally:
         if hook is not None:
             hook.remove()
         model.train(was_training)
     return torch.cat(out).flatten(1).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, images, labels: torch.Tensor | np.ndarray, *,
+             batch_size: int | None = None, device: str | torch.device = "cpu",
+             memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> float:
+    """Top-1 accuracy in percent of ``model`` on uint8 ``images`` (N, C, H, W) with int ``labels`` (N,).
+
+    ``images`` may be in memory or a :class:`~mgd3_core.batching.SplitImages` read from disk;
+    either way only one batch is on ``device`` at a time. ``batch_size`` None: as many images
+    as fit ``memory_budget_mb`` MiB of activations (:func:`~mgd3_core.batching.model_batch_size`).
+    """
+    images = _as_images(images, "eval_images")
+    labels = _as_labels(labels, len(images), "eval_labels")
+    if batch_size is None:
+        batch_size = model_batch_size(model, images.shape[1:], memory_budget_mb, training=False)
+    was_training = model.training
+    model.eval()
+    correct, pos = 0, 0
+    try:
+        for batch in iter_batches(images, batch_size):
+            logits = model(as_model_input(batch.to(device)))
+            correct += int((logits.argmax(1).cpu() == labels[pos:pos + len(batch)]).sum())
+            pos += len(batch)
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / max(len(images), 1)
+
+
+def _as_images(images, name: str):
+    """uint8 (N, C, H, W): an in-memory tensor (validated) or a lazy SplitImages as is."""
+    return images if isinstance(images, SplitImages) else as_uint8_images(images, name=name)
+
+
+
+def _as_labels(labels: torch.Tensor | np.ndarray, n: int, name: str) -> torch.Tensor:
+    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).long().cpu()
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match the images, got {tuple(labels.shape)}")
+    return labels

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import HardLabelConfig, SoftLabelConfig
+from .config import DEFAULT_MEMORY_BUDGET_MB, HardLabelConfig, SoftLabelConfig
 from .progress import EpochProgress
-from .students import as_model_input, as_uint8_images
+from .students import _as_images, _as_labels, as_model_input, evaluate  # noqa: F401  (evaluate: re-exported)
 
 
 # Random resized crop aspect-ratio range (torchvision's default).
@@ -215,32 +215,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, *, kind: Literal["multistep", 
     raise ValueError(f"lr_schedule: kind must be 'multistep' or 'cosine', got {kind!r}")
 
 
-# ---------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, *,
-             batch_size: int = 500, device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy in percent of ``model`` on uint8 ``images`` (N, C, H, W) with int ``labels`` (N,)."""
-    images = as_uint8_images(images, name="eval_images")
-    labels = _as_labels(labels, len(images), "eval_labels")
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        for i in range(0, len(images), batch_size):
-            logits = model(as_model_input(images[i:i + batch_size].to(device)))
-            correct += int((logits.argmax(1).cpu() == labels[i:i + batch_size]).sum())
-    finally:
-        model.train(was_training)
-    return 100.0 * correct / max(len(images), 1)
-
-
-def _as_labels(labels: torch.Tensor | np.ndarray, n: int, name: str) -> torch.Tensor:
-    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).long().cpu()
-    if labels.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},) to match the images, got {tuple(labels.shape)}")
-    return labels
-
-
+# ---------------------------------------------------------------- evaluation (students.evaluate)
 def ranking_window_start(epochs: int) -> int:
     """Evaluations after this (1-based) epoch form the ranking window: the last fifth of training.
 
@@ -264,26 +239,25 @@ def _eval_epochs(epochs: int, evaluations: int, ranking_evaluations: int = 1) ->
 BatchLoss = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-def _fit(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, *, batch_loss: BatchLoss,
+def _fit(model: nn.Module, images, targets: torch.Tensor | None, *, batch_loss: BatchLoss,
          optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
          augment: TrainAugment, epochs: int, batch_size: int, seed: int,
-         eval_images: torch.Tensor, eval_labels: torch.Tensor, evaluations: int,
-         device: torch.device, progress: EpochProgress | None, ranking_evaluations: int = 1) -> TrainResult:
-    """Shuffle -> augment -> loss -> step, per epoch; evaluate on schedule.
-
-    ``images`` uint8 (N, C, H, W); ``targets`` float (N, K) or None (soft labels
-    come from the teacher inside ``batch_loss``).
-    """
+         eval_images, eval_labels: torch.Tensor, evaluations: int,
+         device: torch.device, progress: EpochProgress | None, ranking_evaluations: int = 1,
+         micro_batch: int | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> TrainResult:
+    """Shuffle -> augment -> loss -> step, per epoch; evaluate on schedule. ``images`` uint8
+    (N, C, H, W), in memory or a lazy SplitImages: one batch at a time is read and moved to
+    ``device``. ``targets`` float (N, K) or None (soft labels: the teacher in ``batch_loss``).
+    ``micro_batch`` < ``batch_size``: gradients of micro-batches accumulated per step."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    micro = min(micro_batch or batch_size, batch_size)
     generator = torch.Generator().manual_seed(int(seed))
     eval_at = _eval_epochs(epochs, evaluations, ranking_evaluations)
     window_start = ranking_window_start(epochs)
     ranking_acc = -1.0
-    images = images.to(device)
-    targets = targets.to(device) if targets is not None else None
     model.to(device).train()
     history: list[dict] = []
     best_acc, best_epoch, final_acc = -1.0, 0, float("nan")
@@ -294,17 +268,22 @@ def _fit(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, *
         order = torch.randperm(n, generator=generator)
         loss_sum = 0.0
         for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size].to(device)
-            x, y = augment(as_model_input(images[idx]), targets[idx] if targets is not None else None, generator)
-            loss = batch_loss(model, x, y)
+            idx = order[i:i + batch_size]
+            x, y = augment(as_model_input(images[idx].to(device)),
+                           targets[idx].to(device) if targets is not None else None, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            batch_sum = 0.0
+            for j in range(0, len(idx), micro):
+                share = min(micro, len(idx) - j) / len(idx)
+                loss = batch_loss(model, x[j:j + micro], y[j:j + micro] if y is not None else None)
+                (loss * share if share < 1 else loss).backward()
+                batch_sum += float(loss.detach()) * share
             optimizer.step()
-            loss_sum += float(loss.detach()) * len(idx)
+            loss_sum += batch_sum * len(idx)
         scheduler.step()
         record = {"epoch": epoch, "loss": loss_sum / n, "lr": lr, "eval_acc": None}
         if epoch in eval_at:
-            acc = evaluate(model, eval_images, eval_labels, device=device)
+            acc = evaluate(model, eval_images, eval_labels, device=device, memory_budget_mb=memory_budget_mb)
             record["eval_acc"] = acc
             final_acc = acc
             if acc > best_acc:
@@ -320,8 +299,8 @@ def _fit(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, *
 
 
 def _prepare(images, labels, eval_images, eval_labels):
-    images = as_uint8_images(images, name="train_images")
-    eval_images = as_uint8_images(eval_images, name="eval_images")
+    images = _as_images(images, "train_images")
+    eval_images = _as_images(eval_images, "eval_images")
     if images.shape[1:] != eval_images.shape[1:]:
         raise ValueError(f"train_images are {tuple(images.shape[1:])} per image but eval_images are "
                          f"{tuple(eval_images.shape[1:])}; both must be (C, H, W) alike")
@@ -333,7 +312,8 @@ def _prepare(images, labels, eval_images, eval_labels):
 def train_hard_label(model: nn.Module, train_images, train_labels, eval_images, eval_labels, *,
                      cfg: HardLabelConfig, epochs: int, seed: int, orientation_sensitive: bool,
                      device: str | torch.device = "cpu", evaluations: int = 2, ranking_evaluations: int = 1,
-                     progress: EpochProgress | None = None) -> TrainResult:
+                     progress: EpochProgress | None = None, micro_batch: int | None = None,
+                     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> TrainResult:
     """Train ``model`` in place on (distilled or real) images with their hard labels.
 
     IDC/MinMax protocol: SGD(lr, momentum, weight decay from ``cfg``), batch
@@ -368,7 +348,8 @@ def train_hard_label(model: nn.Module, train_images, train_labels, eval_images, 
                 augment=make_augment(cfg, orientation_sensitive=orientation_sensitive),
                 epochs=epochs, batch_size=cfg.batch_size, seed=seed, eval_images=eval_images,
                 eval_labels=eval_labels, evaluations=evaluations, device=device, progress=progress,
-                ranking_evaluations=ranking_evaluations)
+                ranking_evaluations=ranking_evaluations, micro_batch=micro_batch,
+                memory_budget_mb=memory_budget_mb)
 
 
 # ---------------------------------------------------------------- soft-label protocol
@@ -382,7 +363,8 @@ def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def train_soft_label(student: nn.Module, train_images, teacher: nn.Module, eval_images, eval_labels, *,
                      cfg: SoftLabelConfig, seed: int, orientation_sensitive: bool, epochs: int | None = None,
                      device: str | torch.device = "cpu", evaluations: int = 2, ranking_evaluations: int = 1,
-                     progress: EpochProgress | None = None) -> TrainResult:
+                     progress: EpochProgress | None = None, micro_batch: int | None = None,
+                     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> TrainResult:
     """Train ``student`` in place to match ``teacher`` on augmented distilled images.
 
     RDED/SRe2L protocol: each augmented (crop/flip/CutMix) batch is labelled
@@ -411,7 +393,8 @@ def train_soft_label(student: nn.Module, train_images, teacher: nn.Module, eval_
                 augment=make_augment(cfg, orientation_sensitive=orientation_sensitive),
                 epochs=epochs, batch_size=cfg.batch_size, seed=seed, eval_images=eval_images,
                 eval_labels=eval_labels, evaluations=evaluations, device=device, progress=progress,
-                ranking_evaluations=ranking_evaluations)
+                ranking_evaluations=ranking_evaluations, micro_batch=micro_batch,
+                memory_budget_mb=memory_budget_mb)
 
 
 @torch.no_grad()

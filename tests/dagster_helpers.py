@@ -14,9 +14,11 @@ so one materialization covers the whole evaluation end to end.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -167,6 +169,46 @@ def materialized_partitions(instance: dg.DagsterInstance, asset: str) -> set:
     return set(parts) if parts else ({None} if instance.get_latest_materialization_event(key) else set())
 
 
+# ----------------------------------------------------------------- who loads the backbone
+@contextlib.contextmanager
+def recording_backbone_loads(step_names: set[str]):
+    """Record every backbone load while active, as the name of the asset or check function
+    on the call stack ("?" if none). The per-process cache is emptied before every
+    ``get_backbone``, so each step that needs the backbone loads it (as in its own process
+    under a multiprocess or distributed executor) and is seen here."""
+    from mgd3_core import backbones, pipeline
+
+    loads: list[str] = []
+    load, get = backbones.load_backbone, pipeline.get_backbone
+
+    def recording_load(*args, **kwargs):
+        frame, name = sys._getframe(1), "?"
+        while frame is not None:
+            if frame.f_code.co_name in step_names:
+                name = frame.f_code.co_name
+                break
+            frame = frame.f_back
+        loads.append(name)
+        return load(*args, **kwargs)
+
+    def uncached_get(*args, **kwargs):
+        pipeline._BACKBONES.clear()
+        return get(*args, **kwargs)
+
+    backbones.load_backbone, pipeline.get_backbone = recording_load, uncached_get
+    try:
+        yield loads
+    finally:
+        backbones.load_backbone, pipeline.get_backbone = load, get
+
+
+def step_names(defs: dg.Definitions) -> set[str]:
+    """Names of every asset and asset check (= their compute functions' names)."""
+    graph = defs.resolve_asset_graph()
+    return ({k.to_user_string() for k in graph.get_all_asset_keys()}
+            | {c.name for c in graph.asset_check_keys})
+
+
 # ----------------------------------------------------------------- one materialized tiny graph
 class TinyGraph:
     """The tiny experiment materialized into a persistent SQLite instance under ``root``."""
@@ -189,12 +231,15 @@ class TinyGraph:
         self.defs = build_defs(self.config_path, self.home)
         self.instance = dg.DagsterInstance.from_config(str(self.dagster_home))
         self.stage_reports = []
+        self.backbone_loads: list[str] = []
 
     def materialize(self):
         from mgd3_assets import demo
 
-        self.stage_reports = demo.materialize_graph(self.defs, self.instance, log=lambda m: None,
-                                                    log_level="WARNING")
+        with recording_backbone_loads(step_names(self.defs)) as loads:
+            self.stage_reports = demo.materialize_graph(self.defs, self.instance, log=lambda m: None,
+                                                        log_level="WARNING")
+        self.backbone_loads = list(loads)
         return self
 
     def env(self) -> dict:

@@ -12,7 +12,8 @@ from tests.dagster_helpers import all_partitions, build_defs, tiny_config, write
 ASSETS = {"backbone", "latent_store", "mode_centroids", "distilled_images", "teacher", "full_data_students",
           "students", "diversity_report", "evaluation_report"}
 # Every step that loads the backbone or trains a network holds the accelerator.
-ACCELERATOR_ASSETS = {"backbone", "latent_store", "distilled_images", "teacher", "full_data_students", "students"}
+ACCELERATOR_ASSETS = {"backbone", "latent_store", "distilled_images", "teacher", "full_data_students", "students",
+                      "diversity_report"}
 
 
 def _asset_graph(defs):

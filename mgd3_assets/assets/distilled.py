@@ -17,7 +17,7 @@ from ..failures import fails_with_root_cause
 from ..metadata import progress_logger, table, thumbnails_markdown
 from ..partitions import CLASS_DIM, distilled_partitions, method_and_class
 from ..executors import accelerator_step
-from ..resources import BackboneResource, ExperimentResource
+from ..resources import ExperimentResource
 from ..versions import checked_config, combined_hash, stage_asset
 
 
@@ -67,12 +67,12 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     )
     @fails_with_root_cause
     def distilled_images(
-        context: dg.AssetExecutionContext, experiment: ExperimentResource, backbone: BackboneResource
+        context: dg.AssetExecutionContext, experiment: ExperimentResource
     ) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment)
         home = experiment.storage()
         method, class_id = method_and_class(context.partition_key)
-        backbone.get()  # load once per process; the core reuses it
+        # The core loads the backbone (once per process) only for the methods that sample or decode.
         result = pipeline.distill_class(cfg, home, method, class_id,
                                         progress=progress_logger(context.log, f"distilled_images[{method}/{class_id}]"))
         root = storage.distilled_root(cfg, home)

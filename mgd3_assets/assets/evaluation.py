@@ -115,6 +115,7 @@ def _report_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         # mode_centroids would let a changed mode trigger this report a tick before the
         # distilled sets built from that mode are even requested.
         deps=[dg.AssetDep("distilled_images", partition_mapping=dg.AllPartitionMapping()), "teacher"],
+        **accelerator_step(),  # the teacher runs on evaluation.device
         kinds={"pandas"},
         automation_condition=on_upstream_data_change(),
         description="Diversity and representativeness of every method's distilled sets per class, in the "

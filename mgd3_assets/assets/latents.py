@@ -10,7 +10,7 @@ from ..failures import fails_with_root_cause
 from ..metadata import progress_logger
 from ..partitions import class_partitions
 from ..executors import accelerator_step
-from ..resources import BackboneResource, ExperimentResource
+from ..resources import ExperimentResource
 from ..versions import checked_config, stage_asset
 
 
@@ -28,11 +28,11 @@ def build_latent_store_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     )
     @fails_with_root_cause
     def latent_store(
-        context: dg.AssetExecutionContext, experiment: ExperimentResource, backbone: BackboneResource
+        context: dg.AssetExecutionContext, experiment: ExperimentResource
     ) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment)
         class_id = context.partition_key
-        backbone.get()  # load once per process; the core reuses it
+        # The core loads the backbone (once per process) only when the store must be (re)written.
         info = pipeline.encode_latents(cfg, experiment.storage(), class_id,
                                        progress=progress_logger(context.log, f"latent_store[{class_id}]"))
         context.log.info(f"latent store of class {class_id}: {info.n} latents {info.shape[1:]} in {info.path}")

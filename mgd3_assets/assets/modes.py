@@ -38,7 +38,7 @@ def build_mode_centroids_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment)
         home, class_id = experiment.storage(), context.partition_key
-        summary = pipeline.discover_modes(cfg, home, class_id, backbone.get().vae_fingerprint)
+        summary = pipeline.discover_modes(cfg, home, class_id, backbone.vae_fingerprint())
         rows = []
         for setting, s in summary["modes"].items():
             for i, (count, item) in enumerate(zip(s["counts"], s["closest_items"])):

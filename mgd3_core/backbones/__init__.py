@@ -14,7 +14,7 @@ from .diffusers_backbone import DiffusersBackbone, load_diffusers_backbone
 from .diffusers_files import BackboneFilesError, BackboneMismatchError
 from .embedded import embedded_backbone_dir, ensure_embedded_backbone
 from .embedded_training import build_dit, build_vae
-from .registry import backbone_fingerprint, ensure_backbone, load_backbone
+from .registry import backbone_fingerprint, backbone_vae_fingerprint, ensure_backbone, load_backbone
 from .schedule import betas_from_scheduler_config
 from .vae import load_vae, vae_fingerprint
 
@@ -24,6 +24,7 @@ __all__ = [
     "BackboneMismatchError",
     "DiffusersBackbone",
     "backbone_fingerprint",
+    "backbone_vae_fingerprint",
     "betas_from_scheduler_config",
     "build_dit",
     "build_vae",

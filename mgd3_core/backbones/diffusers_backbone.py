@@ -215,10 +215,27 @@ def find_transformer_dir(path: str | os.PathLike, what: str = "backbone.transfor
     return tdir
 
 
+def runtime_identity(device: str | torch.device, dtype: torch.dtype) -> dict:
+    """The settings besides the weights that change a backbone's outputs: the dtype it runs
+    in and the kind of device (CPU and CUDA kernels round differently; the index of a
+    GPU does not matter). Empty for float32 on the CPU, which keeps the fingerprints of
+    backbones made before these settings were part of them."""
+    kind = torch.device(device).type
+    name = str(dtype).removeprefix("torch.")
+    return {} if (kind, name) == ("cpu", "float32") else {"device": kind, "dtype": name}
+
+
+def fingerprint_cache_dir(home: Path) -> Path:
+    """Where weight-file hashes are kept between processes (see ``layout.component_fingerprint``)."""
+    return Path(home) / "cache" / "fingerprints"
+
+
 class _Resolved:
     """The files of one backbone, checked for compatibility without loading weights."""
 
-    def __init__(self, transformer_path, vae_path, what_t="backbone.transformer_dir", what_v="backbone.vae_dir"):
+    def __init__(self, transformer_path, vae_path, what_t="backbone.transformer_dir", what_v="backbone.vae_dir",
+                 cache_dir: Path | None = None):
+        self.cache_dir = cache_dir
         self.transformer_path = Path(transformer_path).expanduser()
         self.transformer_dir = find_transformer_dir(self.transformer_path, what_t)
         self.vae_dir = find_vae_dir(vae_path, what_v)
@@ -252,16 +269,22 @@ class _Resolved:
         else:
             self.betas = betas_from_scheduler_config(read_json(sched), str(sched))
 
-    def fingerprints(self) -> tuple[str, str]:
-        """(backbone fingerprint, VAE fingerprint): hashes of configs + weight files + betas."""
-        vae_fp = component_fingerprint(self.vae_dir)
+    def fingerprints(self, runtime: dict | None = None) -> tuple[str, str]:
+        """(backbone fingerprint, VAE fingerprint): hashes of configs + weight files + betas,
+        and of ``runtime`` (:func:`runtime_identity`): the same weights run in bfloat16 or on a
+        GPU give other latents and images, so they get other fingerprints (and latent stores)."""
+        vae_fp = component_fingerprint(self.vae_dir, self.cache_dir)
+        if runtime:
+            vae_fp = hashlib.sha256(json.dumps([vae_fp, runtime], sort_keys=True).encode()).hexdigest()[:16]
         parts = {
-            "transformer": component_fingerprint(self.transformer_dir),
+            "transformer": component_fingerprint(self.transformer_dir, self.cache_dir),
             "vae": vae_fp,
             # The betas, not the scheduler file: settings that do not change the
             # training schedule (clip_sample, ...) do not change the backbone.
             "betas": hashlib.sha256(self.betas.numpy().astype(np.float64).tobytes()).hexdigest(),
         }
+        if runtime:
+            parts["runtime"] = runtime
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], vae_fp
 
 
@@ -271,17 +294,19 @@ def load_diffusers_backbone(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
 ) -> DiffusersBackbone:
     """Load a DiT + VAE backbone from local diffusers-layout directories.
 
     Local files and safetensors only. Raises BackboneFilesError (missing
     directory or files) or BackboneMismatchError (in_channels / sample_size not
-    matching the VAE), naming the paths and values.
+    matching the VAE), naming the paths and values. ``cache_dir`` keeps the
+    weight hashes between processes (:func:`fingerprint_cache_dir`).
     """
-    r = _Resolved(transformer_path, vae_path)
-    fingerprint, vae_fp = r.fingerprints()
+    r = _Resolved(transformer_path, vae_path, cache_dir=cache_dir)
+    fingerprint, vae_fp = r.fingerprints(runtime_identity(device, dtype))
     transformer = load_pretrained(DiTTransformer2DModel, r.transformer_dir, dtype)
-    vae, _ = load_vae(r.vae_dir, device=device, dtype=dtype)
+    vae, _ = load_vae(r.vae_dir, device=device, dtype=dtype, cache_dir=cache_dir)
     return DiffusersBackbone(
         transformer, vae, r.betas, fingerprint=fingerprint, vae_fingerprint=vae_fp, device=device, dtype=dtype,
         source={
@@ -292,7 +317,16 @@ def load_diffusers_backbone(
     )
 
 
-def diffusers_fingerprint(transformer_path: str | os.PathLike, vae_path: str | os.PathLike) -> str:
-    """The fingerprint ``load_diffusers_backbone`` would give, without loading any weights:
-    configs and weight files (memoised per process on file size and mtime) and the betas."""
-    return _Resolved(transformer_path, vae_path).fingerprints()[0]
+def diffusers_fingerprints(transformer_path: str | os.PathLike, vae_path: str | os.PathLike, *,
+                           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                           cache_dir: Path | None = None) -> tuple[str, str]:
+    """(backbone fingerprint, VAE fingerprint) that ``load_diffusers_backbone`` would give, without
+    loading any weights: configs and weight files are hashed once and then recognised by size and
+    mtime (in this process, and under ``cache_dir`` across processes), the betas, and the dtype and
+    device kind they run in (:func:`runtime_identity`)."""
+    return _Resolved(transformer_path, vae_path, cache_dir=cache_dir).fingerprints(runtime_identity(device, dtype))
+
+
+def diffusers_fingerprint(transformer_path: str | os.PathLike, vae_path: str | os.PathLike, **kwargs) -> str:
+    """The backbone fingerprint of :func:`diffusers_fingerprints`."""
+    return diffusers_fingerprints(transformer_path, vae_path, **kwargs)[0]

@@ -12,6 +12,7 @@ unpickling an untrusted file can run arbitrary code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -101,19 +102,61 @@ def weight_files(component_dir: Path, name: str = WEIGHTS_NAME, index_name: str 
 # In-process memo: (path, size, mtime, inode) of every file -> fingerprint. A
 # multi-GB DiT-XL/2 is re-hashed only when one of its files changes on disk.
 _FINGERPRINT_MEMO: dict[tuple, str] = {}
+FINGERPRINT_CACHE_VERSION = 1
 
 
-def files_fingerprint(files: list[Path]) -> str:
-    """``hash_files(files)``, memoised per process on each file's size, mtime and inode."""
-    key = tuple((str(p), st.st_size, st.st_mtime_ns, st.st_ino) for p in files for st in [p.stat()])
-    if key not in _FINGERPRINT_MEMO:
-        _FINGERPRINT_MEMO[key] = hash_files(files)
-    return _FINGERPRINT_MEMO[key]
+def _cache_file(cache_dir: Path, files: list[Path]) -> Path:
+    digest = hashlib.sha256("\n".join(str(p.resolve()) for p in files).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"{digest}.json"
 
 
-def component_fingerprint(component_dir: Path) -> str:
-    """Hash of a component's ``config.json`` and the weight files it loads from."""
-    return files_fingerprint([component_dir / "config.json"] + weight_files(component_dir))
+def _read_cached(path: Path, key: list) -> str | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent, torn or foreign: hash again and overwrite
+    if data.get("version") == FINGERPRINT_CACHE_VERSION and data.get("files") == key:
+        fp = data.get("fingerprint")
+        return fp if isinstance(fp, str) else None
+    return None
+
+
+def _write_cached(path: Path, key: list, fingerprint: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": FINGERPRINT_CACHE_VERSION, "files": key,
+                                   "fingerprint": fingerprint}))
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache only costs a re-hash next time
+        pass
+
+
+def files_fingerprint(files: list[Path], cache_dir: Path | None = None) -> str:
+    """``hash_files(files)``, recomputed only when a file's (path, size, mtime, inode) changes.
+
+    Hashing DiT-XL/2's 2.7 GB of weights takes seconds to minutes, and every
+    step process that needs the fingerprint would pay it. So the hash is kept
+    per process and, with ``cache_dir``, on disk (one JSON file per set of
+    files) next to the files' (path, size, mtime, inode). A file rewritten in
+    place with the same size and a restored mtime would keep its old
+    fingerprint; touch it (or delete the cache file) to force a re-hash.
+    """
+    key = [[str(p), st.st_size, st.st_mtime_ns, st.st_ino] for p in files for st in [p.stat()]]
+    memo_key = tuple(tuple(k) for k in key)
+    if memo_key in _FINGERPRINT_MEMO:
+        return _FINGERPRINT_MEMO[memo_key]
+    cached = _read_cached(_cache_file(cache_dir, files), key) if cache_dir is not None else None
+    fingerprint = cached or hash_files(files)
+    if cache_dir is not None and cached is None:
+        _write_cached(_cache_file(cache_dir, files), key, fingerprint)
+    _FINGERPRINT_MEMO[memo_key] = fingerprint
+    return fingerprint
+
+
+def component_fingerprint(component_dir: Path, cache_dir: Path | None = None) -> str:
+    """Hash of a component's ``config.json`` and the weight files it loads from (``files_fingerprint``)."""
+    return files_fingerprint([component_dir / "config.json"] + weight_files(component_dir), cache_dir)
 
 
 def check_class_name(config: dict, config_path: Path, allowed: tuple[str, ...]) -> None:

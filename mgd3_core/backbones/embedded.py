@@ -46,7 +46,8 @@ from ..config import BackboneConfig, ExperimentConfig
 from ..locks import file_lock
 from ..progress import TrainingProgress
 from .base import Backbone, experiment_of
-from .diffusers_backbone import DTYPES, diffusers_fingerprint, load_diffusers_backbone
+from .diffusers_backbone import (DTYPES, diffusers_fingerprints, fingerprint_cache_dir, load_diffusers_backbone,
+                                 runtime_identity)
 from .diffusers_files import BackboneFilesError
 from .embedded_training import encode_mean, train_dit, train_vae, training_images
 from .vae import load_vae
@@ -107,18 +108,35 @@ def load(cfg: ExperimentConfig, home: Path) -> Backbone:
             f"{root}: the embedded backbone has not been trained yet; "
             "run ensure_embedded_backbone (the backbone asset) first"
         )
-    return load_diffusers_backbone(root, root, device=exp.backbone.device, dtype=DTYPES[exp.backbone.dtype])
+    return load_diffusers_backbone(root, root, device=exp.backbone.device, dtype=DTYPES[exp.backbone.dtype],
+                                   cache_dir=fingerprint_cache_dir(home))
+
+
+def _fingerprints(cfg: ExperimentConfig, home: Path) -> tuple[str, str] | None:
+    root, exp = _trained_dir(cfg, home)
+    if not root.is_dir():
+        return None
+    return diffusers_fingerprints(root, root, device=exp.backbone.device, dtype=DTYPES[exp.backbone.dtype],
+                                  cache_dir=fingerprint_cache_dir(home))
 
 
 def fingerprint(cfg: ExperimentConfig, home: Path) -> str | None:
-    root, _ = _trained_dir(cfg, home)
-    return diffusers_fingerprint(root, root) if root.is_dir() else None
+    fps = _fingerprints(cfg, home)
+    return fps[0] if fps else None
+
+
+def vae_fingerprint(cfg: ExperimentConfig, home: Path) -> str | None:
+    fps = _fingerprints(cfg, home)
+    return fps[1] if fps else None
 
 
 def version_inputs(cfg: ExperimentConfig) -> dict:
     """The core's identity of the trained weights: training settings, dataset, classes and
-    labels, training code version (the directory the embedded backbone is saved under)."""
-    return {"embedded_training_key": embedded_training_key(cfg)}
+    labels, training code version (the directory the embedded backbone is saved under); and the
+    dtype and device kind it runs in, which change its outputs and so its fingerprint (the asset's
+    data version): the asset must re-run to report it. No runtime entry for float32 on the CPU."""
+    runtime = runtime_identity(cfg.backbone.device, DTYPES[cfg.backbone.dtype])
+    return {"embedded_training_key": embedded_training_key(cfg), **({"runtime": runtime} if runtime else {})}
 
 
 def describe(cfg: ExperimentConfig) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import BackboneConfig, ExperimentConfig
 from .base import Backbone, configs_of
-from .diffusers_backbone import DTYPES, diffusers_fingerprint, load_diffusers_backbone
+from .diffusers_backbone import DTYPES, diffusers_fingerprints, fingerprint_cache_dir, load_diffusers_backbone
 
 TRAINED_BY_PIPELINE = False
 
@@ -27,11 +27,22 @@ def ensure(cfg: ExperimentConfig, home: Path, progress=None) -> None:
 
 def load(cfg: ExperimentConfig | BackboneConfig, home: Path) -> Backbone:
     bcfg, _ = configs_of(cfg)
-    return load_diffusers_backbone(*_paths(cfg), device=bcfg.device, dtype=DTYPES[bcfg.dtype])
+    return load_diffusers_backbone(*_paths(cfg), device=bcfg.device, dtype=DTYPES[bcfg.dtype],
+                                   cache_dir=fingerprint_cache_dir(home))
+
+
+def _fingerprints(cfg: ExperimentConfig | BackboneConfig, home: Path) -> tuple[str, str]:
+    bcfg, _ = configs_of(cfg)
+    return diffusers_fingerprints(*_paths(cfg), device=bcfg.device, dtype=DTYPES[bcfg.dtype],
+                                  cache_dir=fingerprint_cache_dir(home))
 
 
 def fingerprint(cfg: ExperimentConfig | BackboneConfig, home: Path) -> str | None:
-    return diffusers_fingerprint(*_paths(cfg))
+    return _fingerprints(cfg, home)[0]
+
+
+def vae_fingerprint(cfg: ExperimentConfig | BackboneConfig, home: Path) -> str | None:
+    return _fingerprints(cfg, home)[1]
 
 
 def version_inputs(cfg: ExperimentConfig) -> dict:

@@ -9,6 +9,8 @@ A kind module provides:
 - ``load(cfg, home) -> Backbone`` (``base.Backbone``);
 - ``fingerprint(cfg, home) -> str | None``: without loading weights; None when
   a backbone the pipeline trains has not been trained yet;
+- ``vae_fingerprint(cfg, home) -> str | None``: the fingerprint latent stores are
+  kept under, without loading weights (steps that need only it never load a model);
 - ``version_inputs(cfg) -> dict``: what the trained backbone depends on (the
   ``backbone`` asset's code version);
 - ``describe(cfg) -> str``: one line for the UI.
@@ -72,6 +74,12 @@ def backbone_fingerprint(cfg: ExperimentConfig | BackboneConfig, home: Path) -> 
     ``load_backbone`` for missing or mismatched pretrained files.
     """
     return backbone_kind(cfg).fingerprint(cfg, Path(home))
+
+
+def backbone_vae_fingerprint(cfg: ExperimentConfig | BackboneConfig, home: Path) -> str | None:
+    """The fingerprint of the configured backbone's VAE as it runs (weights, dtype, device kind),
+    without loading any weights; None when the embedded backbone has not been trained yet."""
+    return backbone_kind(cfg).vae_fingerprint(cfg, Path(home))
 
 
 def ensure_backbone(cfg: ExperimentConfig, home: Path, progress=None) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,17 +34,9 @@ from diffusers import UNet2DConditionModel
 
 from .base import experiment_of
 from .diffusers_backbone import DTYPES, _on
-from .diffusers_files import (
-    SCHEDULER_CONFIG_NAME,
-    BackboneFilesError,
-    BackboneMismatchError,
-    check_class_name,
-    component_fingerprint,
-    files_fingerprint,
-    read_json,
-    resolve_component_dir,
-    weight_files,
-)
+from .diffusers_files import (SCHEDULER_CONFIG_NAME, BackboneFilesError, BackboneMismatchError, check_class_name,
+                              component_fingerprint, files_fingerprint, read_json, resolve_component_dir,
+                              weight_files)
 from .schedule import betas_from_scheduler_config
 from .vae import find_vae_dir, load_vae, vae_downsampling_factor
 
@@ -392,10 +385,13 @@ def load(cfg, home: Path | None = None) -> StableDiffusionBackbone:
     )
 
 
-def fingerprint(cfg, home: Path | None = None) -> str:
-    """The fingerprint ``load`` would give, without loading weights."""
+def fingerprint(cfg, home: Path | None = None, which: int = 0) -> str:
+    """The fingerprint ``load`` would give (``which`` 1: its VAE's), without loading weights."""
     sd = _experiment(cfg).backbone.stable_diffusion
-    return StableDiffusionFiles(sd.pipeline_dir, sd.generation_size).fingerprints()[0]
+    return StableDiffusionFiles(sd.pipeline_dir, sd.generation_size).fingerprints()[which]
+
+
+vae_fingerprint = partial(fingerprint, which=1)  # the VAE's: latent stores are kept under it
 
 
 def version_inputs(cfg) -> dict:

@@ -57,6 +57,7 @@ def load_vae(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     what: str = "backbone.vae_dir",
+    cache_dir: Path | None = None,
 ) -> tuple[AutoencoderKL, str]:
     """Load an ``AutoencoderKL`` from a local diffusers-layout directory.
 
@@ -67,7 +68,7 @@ def load_vae(
     missing.
     """
     vae_dir = find_vae_dir(path, what)
-    fingerprint = component_fingerprint(vae_dir)
+    fingerprint = component_fingerprint(vae_dir, cache_dir)
     vae = load_pretrained(AutoencoderKL, vae_dir, dtype)
     vae.to(device).eval().requires_grad_(False)
     return vae, fingerprint
