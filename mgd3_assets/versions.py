@@ -72,7 +72,8 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
 def method_settings(cfg: ExperimentConfig, method: str) -> dict:
     """The settings one distillation method's images depend on beyond the shared ones
     (``stage_inputs(cfg, "distilled_images")``): the effective sampler for a diffusion
-    method (defaults, the method's own lambda / t_stop, ``method_overrides``); nothing
+    method (defaults, the method's own lambda / t_stop, ``method_overrides``) and, with a
+    Stable Diffusion backbone, its prompt settings; nothing
     for the real-image methods and decoded centroids, which never run the sampler
     (decoding batch size changes no image beyond float rounding)."""
     if method in DIFFUSION_METHODS:
