@@ -15,12 +15,13 @@ export DAGSTER_HOME ?= $(CURDIR)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help env test demo cluster-demo ui bench rehearsal browser-deps clean-home
+.PHONY: help env test test-portability demo cluster-demo ui bench rehearsal browser-deps clean-home
 
 help:
 	@echo "make demo   - run the whole asset graph on configs/embedded.yaml (MGD3_CONFIG=... for another)"
 	@echo "make cluster-demo - the same graph on a local PostgreSQL + Dask cluster + Dagster daemon"
 	@echo "make test   - run the test suite"
+	@echo "make test-portability - the suite at 1 and 2 threads, native and default (no AVX) CPU kernels"
 	@echo "make ui     - start the Dagster UI on http://127.0.0.1:3000"
 	@echo "make bench  - run the CPU benchmarks in bench/"
 	@echo "make rehearsal - the paper-scale path (DiT-XL/2 + SD VAE shapes, 256 px) end to end, with peak memory"
@@ -39,6 +40,22 @@ browser-deps:
 
 test: env browser-deps
 	$(PY) -m pytest -q
+
+# The suite as another machine would run it: 1 and 2 torch threads (MGD3_TEST_THREADS,
+# tests/conftest.py), each with ATen's native CPU kernels and with ATEN_CPU_CAPABILITY=default
+# (no AVX). A test comparing different model instances, kernels, thread counts or batch
+# compositions bit for bit fails here. Four runs of ~2-4 min each, so not part of `make test`
+# (10-minute budget); .ci/run runs both. The browser test does not depend on the CPU kernels.
+PORTABILITY_RUNS := 1:native 2:native 1:default 2:default
+test-portability: env
+	@for run in $(PORTABILITY_RUNS); do \
+		threads=$${run%%:*}; kernels=$${run##*:}; \
+		if [ "$$kernels" = default ]; then export ATEN_CPU_CAPABILITY=default; else unset ATEN_CPU_CAPABILITY; fi; \
+		echo "== portability: $$threads torch thread(s), $$kernels CPU kernels" \
+			"($$($(PY) -c 'import torch; print(torch.backends.cpu.get_cpu_capability())'))"; \
+		MGD3_TEST_THREADS=$$threads OMP_NUM_THREADS=$$threads $(PY) -m pytest -q -p no:cacheprovider -m "not browser" \
+			|| { echo "portability run failed: $$threads thread(s), $$kernels CPU kernels"; exit 1; }; \
+	done
 
 demo: env
 	$(PY) -m mgd3_assets.demo

@@ -118,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--grid", default=None, help="PNG path of the sample grid (default: <home>/samples.png)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's, = cores); 1 is far faster on a busy machine")
+                    help="torch threads, training included (sets backbone.embedded.threads; default: the "
+                         "config's for training, torch's for the rest); 1 is far faster on a busy machine")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     raw = yaml.safe_load(Path(args.config).read_text()) or {}
+    if args.threads:  # training runs with backbone.embedded.threads, whatever the process's count
+        raw.setdefault("backbone", {}).setdefault("embedded", {})["threads"] = args.threads
     for s in args.set:
         _override(raw, s)
     cfg = config_from_dict(raw, source=args.config)

@@ -24,19 +24,25 @@ then waits until no parent is missing or in progress. So:
 
 The embedded backbone itself is re-trained when its code version changes (a
 changed ``backbone`` or ``dataset`` section of the config); a pretrained
-backbone is observed on a schedule, which is how a swapped weights file is found.
+backbone is observed on a schedule, which is how a swapped weights file is found;
+so are the per-class image files (``dataset``) and per-method settings
+(``method_settings``), which is how an edited image or a changed sampler
+reaches exactly its class's or its methods' partitions.
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
-# How often a pretrained backbone's weights are re-fingerprinted (when the sensor runs).
-OBSERVE_BACKBONE_CRON = "0 * * * *"
+# How often the observed inputs are re-read (when the sensor runs): a pretrained backbone's
+# weights, each class's image files, each method's settings.
+OBSERVE_CRON = "0 * * * *"
 # Tag of the runs `make demo` launches (mgd3_assets/demo.py). The demo runs the whole graph in
 # order itself, so its materializations must not also trigger the sensor (a UI opened while
 # the demo runs would otherwise start a second copy of the remaining work).
 DEMO_RUN_TAG = "mgd3/launched_by"
+# Observable sources giving per-partition versions of the inputs (assets/inputs.py).
+OBSERVED_INPUTS = ("dataset", "method_settings")
 
 
 def _needs_run() -> dg.AutomationCondition:
@@ -57,12 +63,15 @@ def _needs_run() -> dg.AutomationCondition:
 
 def on_upstream_data_change() -> dg.AutomationCondition:
     """Request a partition that needs a run once none of its parents is missing, in progress, or
-    itself waiting to run: so an asset that gathers many partitions runs once, after all of them."""
+    itself waiting to run: so an asset that gathers many partitions runs once, after all of them.
+    The observed inputs are not waited for: a class added in the UI is observed on the next
+    scheduled observation, and its stores should not wait for that (the observation then
+    re-requests nothing unless the content differs from what was encoded)."""
     needs_run = _needs_run()
     parent_waiting = dg.AutomationCondition.any_deps_match(
         ((dg.AutomationCondition.missing() | needs_run) & ~dg.AutomationCondition.will_be_requested())
         | dg.AutomationCondition.in_progress()
-    ).with_label("any_parent_missing_running_or_waiting")
+    ).ignore(dg.AssetSelection.assets(*OBSERVED_INPUTS)).with_label("any_parent_missing_running_or_waiting")
     return (needs_run & ~parent_waiting & ~dg.AutomationCondition.in_progress()).with_label(
         "on_upstream_data_change")
 
@@ -75,9 +84,9 @@ def on_backbone_config_change() -> dg.AutomationCondition:
     ).with_label("on_backbone_config_change")
 
 
-def observe_backbone_on_schedule() -> dg.AutomationCondition:
-    """Re-fingerprint a pretrained backbone's weights periodically."""
-    return dg.AutomationCondition.cron_tick_passed(OBSERVE_BACKBONE_CRON).with_label("observe_hourly")
+def observe_on_schedule() -> dg.AutomationCondition:
+    """Re-observe an observable source (pretrained weights, image files, method settings) periodically."""
+    return dg.AutomationCondition.cron_tick_passed(OBSERVE_CRON).with_label("observe_hourly")
 
 
 def checks_with_their_asset() -> dg.AutomationCondition:

@@ -46,7 +46,8 @@ from .dagster_private import reconstructable_job as private_reconstructable_job
 from .executors import uses_dask
 from .failures import exception_line, root_cause_line
 from .instance import PostgresUnreachable, storage_is_a_server
-from .jobs import BACKBONE_JOB, DISTILL_JOB, PER_CLASS_JOB, REPORTS_JOB, STUDENTS_JOB, TEACHER_JOB
+from .jobs import (BACKBONE_JOB, DATASET_JOB, DISTILL_JOB, METHOD_SETTINGS_JOB, PER_CLASS_JOB, REPORTS_JOB,
+                   STUDENTS_JOB, TEACHER_JOB)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,14 @@ class Stage:
     assets: tuple[str, ...]
 
 
+# Observed first, every time (cheap): an edited image or a changed sampler setting then
+# shows as stale partitions of exactly its class or its methods.
+INPUT_STAGES = (
+    Stage(DATASET_JOB, ("dataset",)),
+    Stage(METHOD_SETTINGS_JOB, ("method_settings",)),
+)
 STAGES = (
+    *INPUT_STAGES,
     Stage(BACKBONE_JOB, ("backbone",)),
     Stage(PER_CLASS_JOB, ("latent_store", "mode_centroids")),
     Stage(DISTILL_JOB, ("distilled_images",)),
@@ -94,13 +102,19 @@ def plan_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage,
     graph = defs.resolve_asset_graph()
     keys = [dg.AssetKey(a) for a in stage.assets]
     node = graph.get(keys[0])
-    if not node.is_materializable:  # a pretrained backbone: observe it every time (cheap)
+    if not node.is_materializable:  # observed inputs, a pretrained backbone: observe every time (cheap)
         return [(None, keys)]
     partitions = node.partitions_def.get_partition_keys() if node.partitions_def else [None]
     resolver = stale_status_resolver(defs, instance)
     plan = []
     for pk in partitions:
-        todo = [k for k in keys if force or not is_fresh(resolver, k, pk)]
+        todo = []
+        for k in keys:  # a stage's assets are in dependency order
+            # A key whose parent in this stage is about to re-run: Dagster calls it fresh until
+            # that parent has new data, but it will be stale once the stage's run has made it.
+            parent_runs = any(p in todo for p in graph.get(k).parent_keys)
+            if force or parent_runs or not is_fresh(resolver, k, pk):
+                todo.append(k)
         if todo:
             plan.append((pk, todo))
     return plan

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dagster as dg
 
+DATASET_JOB = "observe_dataset_job"
+METHOD_SETTINGS_JOB = "observe_method_settings_job"
 BACKBONE_JOB = "backbone_job"
 PER_CLASS_JOB = "per_class_job"
 DISTILL_JOB = "distill_job"
@@ -19,6 +21,11 @@ REPORTS_JOB = "reports_job"
 
 def build_jobs() -> list[dg.UnresolvedAssetJobDefinition]:
     return [
+        # One job per partitioning, so two observation jobs.
+        dg.define_asset_job(DATASET_JOB, selection=dg.AssetSelection.assets("dataset"),
+                            description="Observe each class's image files (content keys)."),
+        dg.define_asset_job(METHOD_SETTINGS_JOB, selection=dg.AssetSelection.assets("method_settings"),
+                            description="Observe each distillation method's settings."),
         dg.define_asset_job(BACKBONE_JOB, selection=dg.AssetSelection.assets("backbone"),
                             description="Train or reuse the embedded backbone, or observe a pretrained one."),
         dg.define_asset_job(PER_CLASS_JOB, selection=dg.AssetSelection.assets("latent_store", "mode_centroids"),

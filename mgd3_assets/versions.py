@@ -16,7 +16,7 @@ import json
 
 import dagster as dg
 
-from mgd3_core.config import ExperimentConfig
+from mgd3_core.config import DIFFUSION_METHODS, ExperimentConfig
 
 STAGE_VERSIONS = {
     "backbone": 1,
@@ -51,15 +51,11 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
         return {"modes": dump["modes"], "ipc": dump["ipc"],
                 "generation_seeds": dump["evaluation"]["generation_seeds"]}
     if stage == "distilled_images":
-        sampler = dict(dump["sampler"])
-        if sampler.get("cfg_channels") == "all":  # the default, as before the option existed
-            sampler.pop("cfg_channels")
-        inputs = {"seed": dump["seed"], "ipc": dump["ipc"], "sampler": sampler,
-                  "method_overrides": dump["method_overrides"],
-                  "generation_seeds": dump["evaluation"]["generation_seeds"]}
-        if cfg.backbone.kind == "stable_diffusion":  # the prompts condition every image
-            inputs["stable_diffusion"] = dump["backbone"]["stable_diffusion"]
-        return inputs
+        # What every method shares; each method's own settings (the sampler, for the
+        # diffusion methods) are the data version of its ``method_settings`` partition,
+        # so a sampler change re-runs the diffusion methods only.
+        return {"seed": dump["seed"], "ipc": dump["ipc"],
+                "generation_seeds": dump["evaluation"]["generation_seeds"]}
     # The gathering stages read every class: the class list is part of what they compute.
     if stage == "teacher":
         ev = dump["evaluation"]
@@ -71,6 +67,27 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
         return {"seed": dump["seed"], "ipc": dump["ipc"], "evaluation": dump["evaluation"],
                 "dataset": dump["dataset"]}
     raise KeyError(f"no code version rule for stage {stage!r}; add it to mgd3_assets/versions.py")
+
+
+def method_settings(cfg: ExperimentConfig, method: str) -> dict:
+    """The settings one distillation method's images depend on beyond the shared ones
+    (``stage_inputs(cfg, "distilled_images")``): the effective sampler for a diffusion
+    method (defaults, the method's own lambda / t_stop, ``method_overrides``) and, with a
+    Stable Diffusion backbone, its prompt settings; nothing
+    for the real-image methods and decoded centroids, which never run the sampler
+    (decoding batch size changes no image beyond float rounding)."""
+    if method in DIFFUSION_METHODS:
+        settings = {"sampler": cfg.sampler_for(method).model_dump(mode="json")}
+        if cfg.backbone.kind == "stable_diffusion":  # the prompts condition every generated image
+            settings["stable_diffusion"] = cfg.backbone.model_dump(mode="json")["stable_diffusion"]
+        return settings
+    return {}
+
+
+def method_settings_version(cfg: ExperimentConfig, method: str) -> str:
+    """Data version of the ``method_settings`` partition of ``method``."""
+    payload = json.dumps([method, method_settings(cfg, method)], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def code_version(cfg: ExperimentConfig, stage: str) -> str:
@@ -100,9 +117,20 @@ def checked_config(context: dg.AssetExecutionContext, experiment) -> ExperimentC
     cfg = experiment.config()
     expected = context.assets_def.code_versions_by_key.get(context.asset_key)
     if expected is not None and code_version(cfg, stage) != expected:
-        raise dg.Failure(
-            f"{stage}: the experiment config changed since the definitions were loaded "
-            f"(code version {expected} loaded, {code_version(cfg, stage)} now); reload the code "
-            "location (UI: Deployment > Reload) and materialize again"
-        )
+        raise _config_changed(stage, f"code version {expected} loaded, {code_version(cfg, stage)} now")
     return cfg
+
+
+def checked_method_settings(loaded: ExperimentConfig, now: ExperimentConfig, method: str) -> None:
+    """Refuse a ``distilled_images`` run whose method settings (the sampler) were edited
+    since the definitions loaded: the run would not match the observed ``method_settings``."""
+    before, after = method_settings_version(loaded, method), method_settings_version(now, method)
+    if before != after:
+        raise _config_changed("distilled_images", f"settings of method {method!r}: {before} loaded, {after} now")
+
+
+def _config_changed(stage: str, detail: str) -> dg.Failure:
+    return dg.Failure(
+        f"{stage}: the experiment config changed since the definitions were loaded ({detail}); "
+        "reload the code location (UI: Deployment > Reload) and materialize again"
+    )

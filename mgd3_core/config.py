@@ -123,6 +123,10 @@ class EmbeddedBackboneConfig(_Strict):
     dit: EmbeddedDiTConfig = EmbeddedDiTConfig()
     seed: int = 0
     checkpoint_every: int = Field(default=250, ge=1)
+    # Torch intra-op threads while training. Float reductions are split per thread, so
+    # the count changes the weights' last bits: training always runs with this many
+    # threads (whatever the caller's setting) and the count is part of the backbone's key.
+    threads: int = Field(default=2, ge=1)
 
 
 class StableDiffusionConfig(_Strict):

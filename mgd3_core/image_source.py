@@ -253,6 +253,12 @@ class ImageSource(ABC):
         assert out.shape == (len(ids), self.channels, self.image_size, self.image_size), out.shape
         return out
 
+    def class_folders(self, class_id: str) -> dict[str, Path]:
+        """{split: folder} holding one class's image files ("train", "test"); empty when
+        the content is fixed by ``dataset_key`` (a packaged or generated dataset)."""
+        self.class_info(class_id)
+        return {}
+
     def describe(self) -> dict:
         """JSON-able summary for asset metadata."""
         return {

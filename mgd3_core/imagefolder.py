@@ -150,6 +150,10 @@ class ImageFolderSource(ImageSource):
     def classes(self) -> list[ClassInfo]:
         return list(self._classes)
 
+    def class_folders(self, class_id: str) -> dict[str, Path]:
+        self.class_info(class_id)
+        return {split: self._dirs[split] / class_id for split in ("train", "test")}
+
     def _class_dir(self, info: ClassInfo, split: str) -> Path:
         d = self._dirs[split] / info.id
         if not d.is_dir():

@@ -5,6 +5,7 @@ The README's "Storage" section shows the same tree::
     <home>/                                   $MGD3_HOME, default <repo>/mgd3_home
       backbones/embedded-<key>/               embedded backbone (diffusers layout)
       latents/<dataset key>/<VAE fp>/<class>.h5
+      latents/<dataset key>/content/<class>.json   file hashes behind a class's content key
       runs/<config name>/
         modes/<class>.h5
         distilled/<method>/ipc<k>/seed<s>/{images/<class>/, latents/<class>.h5, manifest/<class>.csv}
@@ -74,6 +75,16 @@ def latent_store_file(cfg: ExperimentConfig, home: Path, class_id: str, vae_fing
     from .data import open_dataset
 
     return latent_store_path(Path(home), open_dataset(cfg.dataset).dataset_key, vae_fingerprint, class_id)
+
+
+def content_key_cache_file(home: Path, dataset_key: str, class_id: str) -> Path:
+    """``<home>/latents/<dataset_key>/content/<class_id>.json``: the cached file hashes behind
+    one class's content key (``dataset_content``); "content" is never a VAE fingerprint (hex)."""
+    from .data import check_path_component
+
+    check_path_component(dataset_key, "dataset_key")
+    check_path_component(class_id, "class id")
+    return Path(home) / "latents" / dataset_key / "content" / f"{class_id}.json"
 
 
 # --------------------------------------------------------------------------- one experiment's outputs

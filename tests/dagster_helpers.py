@@ -32,6 +32,7 @@ warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
 DATA_VERSION_TAG = "dagster/data_version"
 PER_CLASS = ("latent_store", "mode_centroids", "distilled_images")
+OBSERVED_INPUTS = ("dataset", "method_settings")
 GATHERING = ("teacher", "full_data_students", "students", "diversity_report", "evaluation_report")
 
 TINY = {
@@ -106,7 +107,12 @@ def report_event(instance: dg.DagsterInstance, asset: str, partition: str | None
 
 def seed_graph(instance: dg.DagsterInstance, defs: dg.Definitions, backbone_version: str = "fp1",
                suffix: str = "a", observe_backbone: bool = False) -> None:
-    """Every asset partition materialized once, in dependency order, with data versions."""
+    """Every asset partition materialized once, in dependency order, with data versions,
+    after the observed inputs (each class's files, each method's settings), as ``make demo`` does."""
+    graph = defs.resolve_asset_graph()
+    for source in OBSERVED_INPUTS:
+        for pk in graph.get(dg.AssetKey(source)).partitions_def.get_partition_keys():
+            report_event(instance, source, pk, f"{source}-{pk}-{suffix}", observation=True)
     report_event(instance, "backbone", None, backbone_version, observation=observe_backbone)
     order = [*PER_CLASS, *GATHERING]
     parts = all_partitions(defs)

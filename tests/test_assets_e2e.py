@@ -49,8 +49,9 @@ def test_every_asset_partition_is_materialized_and_every_check_passed(tiny_graph
     for check_key in graph.asset_check_keys:
         records = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=100)
         assert records and all(r.evaluation.passed for r in records if r.evaluation), check_key
-    # backbone, 2 classes, 6 methods x 2 classes, teacher + full data, 6 students, reports
-    assert sum(r.runs for r in tiny_graph.stage_reports) == 1 + 2 + 12 + 1 + 6 + 1
+    # inputs observed (dataset, method settings), backbone, 2 classes, 6 methods x 2 classes,
+    # teacher + full data, 6 students, reports
+    assert sum(r.runs for r in tiny_graph.stage_reports) == 1 + 1 + 1 + 2 + 12 + 1 + 6 + 1
 
 
 def test_stores_carry_their_content_hash_as_data_version(tiny_graph):
@@ -183,9 +184,9 @@ def test_the_tsne_path_embeds_every_method_next_to_real_images(tiny_graph):
 def test_rerunning_with_an_unchanged_backbone_reruns_nothing(tiny_graph):
     """The backbone is re-materialized (reusing its checkpoint): same fingerprint, nothing unsynced."""
     defs, instance = tiny_graph.defs, tiny_graph.instance
-    reports = demo.materialize_graph(defs, instance, stages=demo.STAGES[:1], force=True, log=lambda m: None)
-    assert reports[0].runs == 1
-    assert all(demo.plan_stage(defs, instance, s) == [] for s in demo.STAGES)
+    reports = demo.materialize_graph(defs, instance, stages=demo.STAGES[:3], force=True, log=lambda m: None)
+    assert [r.runs for r in reports] == [1, 1, 1]  # inputs re-observed, backbone re-materialized
+    assert all(demo.plan_stage(defs, instance, s) == [] for s in demo.STAGES[len(demo.INPUT_STAGES):])
     cursor = evaluate(defs, instance).cursor
     assert evaluate(defs, instance, cursor).total_requested == 0
 
@@ -200,7 +201,7 @@ def test_adding_a_class_materializes_only_that_class(tiny_graph, tmp_path, monke
     one = build_defs(write_config(tmp_path / "one.yaml",
                                   tiny_config(backbone=pretrained, dataset={"classes": ["0"]})), home)
     two = build_defs(write_config(tmp_path / "two.yaml", tiny_config(backbone=pretrained)), home)
-    per_class = demo.STAGES[:3]  # backbone observation, latent_store + mode_centroids, distilled_images
+    per_class = demo.STAGES[:5]  # inputs and backbone observed, latent_store + mode_centroids, distilled_images
     loads, real_load = [], backbones.load_backbone
 
     def counting_load(*args):
@@ -214,7 +215,7 @@ def test_adding_a_class_materializes_only_that_class(tiny_graph, tmp_path, monke
         latent_0 = Path(_meta(latest_materialization(instance, "latent_store", "0"), "path"))
         stamp = latent_0.stat().st_mtime_ns
 
-        assert demo.plan_stage(two, instance, demo.STAGES[1]) == [("1", [dg.AssetKey("latent_store"),
+        assert demo.plan_stage(two, instance, demo.STAGES[3]) == [("1", [dg.AssetKey("latent_store"),
                                                                        dg.AssetKey("mode_centroids")])]
         reports = demo.materialize_graph(two, instance, stages=per_class, log=lambda m: None)
 
@@ -224,7 +225,7 @@ def test_adding_a_class_materializes_only_that_class(tiny_graph, tmp_path, monke
                    dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), after_storage_id=mark), limit=100).records}
         assert new == {("latent_store", "1"), ("mode_centroids", "1"),
                        ("distilled_images", "1|mgd3"), ("distilled_images", "1|random_real")}
-        assert [r.runs for r in reports] == [1, 1, 2]  # the backbone is re-observed, not re-run
+        assert [r.runs for r in reports] == [1, 1, 1, 1, 2]  # inputs and backbone re-observed, not re-run
         assert latent_0.stat().st_mtime_ns == stamp  # class 0's store untouched
         assert materialized_partitions(instance, "distilled_images") == set(all_partitions(two)["distilled_images"])
     # In one process the backbone is loaded once and reused by every partition of both runs.

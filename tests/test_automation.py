@@ -159,14 +159,37 @@ def test_changed_backbone_settings_retrain_the_embedded_backbone_then_rerun_ever
         assert "teacher" not in _merged(ticks)
 
 
-def test_unrelated_settings_change_nothing_upstream(tmp_path):
-    """A sampler change re-versions distilled_images and below, never the backbone or the stores."""
-    a = _defs(tmp_path, "a.yaml")
-    b = _defs(tmp_path, "b.yaml", sampler={"steps": 5, "t_stop": 2, "batch_size": 16})
+def test_a_sampler_change_versions_no_asset_only_the_diffusion_methods_settings(tmp_path):
+    """The sampler is not shared by every method: it changes no code version (which would make
+    every distilled partition stale), only the diffusion methods' ``method_settings``."""
+    from mgd3_assets.versions import method_settings_version
+    from mgd3_core.config import config_from_dict
+
+    sampler = {"steps": 5, "t_stop": 2, "batch_size": 16}
+    a, b = _defs(tmp_path, "a.yaml"), _defs(tmp_path, "b.yaml", sampler=sampler)
     graph_a, graph_b = a.resolve_asset_graph(), b.resolve_asset_graph()
     changed = {k.to_user_string() for k in graph_a.materializable_asset_keys
                if graph_a.get(k).code_version != graph_b.get(k).code_version}
-    assert changed == {"distilled_images"}
+    assert changed == set()
+    cfg_a, cfg_b = config_from_dict(tiny_config(methods=ALL_SIX)), config_from_dict(tiny_config(
+        methods=ALL_SIX, sampler=sampler))
+    assert {m for m in ALL_SIX if method_settings_version(cfg_a, m) != method_settings_version(cfg_b, m)} == {
+        "mgd3", "unguided", "mgd3_no_stop"}
+
+
+def test_changed_method_settings_rerun_only_that_methods_partitions(tmp_path):
+    defs = _defs(tmp_path, methods=ALL_SIX)
+    with dg.DagsterInstance.ephemeral() as instance:
+        seed_graph(instance, defs)
+        cursor = _evaluate(defs, instance).cursor
+        report_event(instance, "method_settings", "mgd3", "new-sampler", observation=True)
+        ticks, cursor = run_ticks(defs, instance, cursor)
+        assert _merged(ticks) == {
+            "distilled_images": {"0|mgd3", "1|mgd3"},
+            "students": {"mgd3"},
+            "evaluation_report": {None},
+            "diversity_report": {None},
+        }
 
 
 def test_demo_runs_trigger_nothing_other_runs_do():
@@ -200,3 +223,34 @@ def test_demo_runs_trigger_nothing_other_runs_do():
         dg.materialize([parent], instance=instance)  # new data, from the UI or the sensor
         result = _evaluate([parent, child], instance, result.cursor)
         assert result.get_requested_partitions(dg.AssetKey("child")) == {None}
+
+
+def test_changed_class_images_rerun_that_class_and_what_reads_every_image(tmp_path):
+    defs = _defs(tmp_path, dataset=THREE_CLASSES)
+    with dg.DagsterInstance.ephemeral() as instance:
+        seed_graph(instance, defs)
+        cursor = _evaluate(defs, instance).cursor
+        report_event(instance, "dataset", "1", "dataset-1-a", observation=True)  # re-observed, same files
+        ticks, cursor = run_ticks(defs, instance, cursor)
+        assert ticks == []
+        report_event(instance, "dataset", "1", "dataset-1-edited", observation=True)  # an image of class 1 changed
+        ticks, cursor = run_ticks(defs, instance, cursor)  # (each request records a new data version)
+        methods = tiny_config()["methods"]
+        union = {}
+        for tick in ticks:
+            for asset, pks in tick.items():
+                union.setdefault(asset, set()).update(pks)
+        assert union == {
+            "latent_store": {"1"},
+            "mode_centroids": {"1"},
+            "distilled_images": {f"1|{m}" for m in methods},
+            # the teacher is trained on every class's training images (through their stores)
+            "teacher": {None},
+            "full_data_students": {None},
+            "students": set(methods),
+            "evaluation_report": {None},
+            "diversity_report": {None},
+        }
+        # Nothing is left stale: the reports run (again) after the class's new students.
+        last = lambda asset: max(i for i, t in enumerate(ticks) if asset in t)  # noqa: E731
+        assert last("diversity_report") > last("distilled_images") and last("evaluation_report") > last("students")

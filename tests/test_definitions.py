@@ -11,6 +11,7 @@ from tests.dagster_helpers import all_partitions, build_defs, tiny_config, write
 
 ASSETS = {"backbone", "latent_store", "mode_centroids", "distilled_images", "teacher", "full_data_students",
           "students", "diversity_report", "evaluation_report"}
+OBSERVED = {"dataset", "method_settings"}  # observable sources: per-class files, per-method settings
 # Every step that loads the backbone or trains a network holds the accelerator.
 ACCELERATOR_ASSETS = {"backbone", "latent_store", "distilled_images", "teacher", "full_data_students", "students",
                       "diversity_report"}
@@ -29,13 +30,14 @@ def test_the_code_location_loads_the_embedded_default(monkeypatch, tmp_path):
     loaded = defs()  # what workspace.yaml's module loads
     dg.Definitions.validate_loadable(loaded)
     graph, nodes = _asset_graph(loaded)
-    assert set(nodes) == ASSETS
+    assert set(nodes) == ASSETS | OBSERVED
+    assert {n for n, node in nodes.items() if not node.is_materializable} == OBSERVED
     parts = all_partitions(loaded)
     assert parts["latent_store"] == [str(d) for d in range(10)]
     assert len(parts["distilled_images"]) == 10 * len(ALL_METHODS)
     assert parts["students"] == list(ALL_METHODS)
     for name, node in nodes.items():
-        assert node.code_version, f"{name} has no code version"
+        assert node.code_version or name in OBSERVED, f"{name} has no code version"
         assert node.automation_condition is not None, f"{name} has no automation condition"
     assert {n for n, node in nodes.items() if node.pools == {"accelerator"}} == ACCELERATOR_ASSETS
     assert {c.asset_key.to_user_string() for c in graph.asset_check_keys} == {
@@ -64,7 +66,7 @@ def test_a_pretrained_backbone_is_an_observable_source(tmp_path):
     defs = build_defs(write_config(tmp_path / "p.yaml", tiny_config(backbone=pretrained)), tmp_path / "home")
     _, nodes = _asset_graph(defs)
     assert nodes["backbone"].is_observable and not nodes["backbone"].is_materializable
-    assert nodes["latent_store"].parent_keys == {dg.AssetKey("backbone")}
+    assert nodes["latent_store"].parent_keys == {dg.AssetKey("backbone"), dg.AssetKey("dataset")}
 
 
 def test_a_config_edited_after_loading_is_refused(tmp_path):

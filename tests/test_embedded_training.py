@@ -60,6 +60,9 @@ def test_resume_after_interruptions_gives_the_uninterrupted_weights(tmp_path):
 
     a, b = weight_digests(straight), weight_digests(resumed)
     assert set(a) == set(b) and len(a) > 10
+    # Bit for bit, and guaranteed: both trainings run in this process (one CPU
+    # capability) under deterministic_training (the config's thread count,
+    # deterministic algorithms), and a resume restores every tensor and the RNG.
     assert a == b
     assert not partial.exists()  # checkpoints are cleaned up once the backbone is saved
 
@@ -69,7 +72,27 @@ def test_trained_backbone_is_reused_not_retrained(tmp_path):
     first = ensure_embedded_backbone(cfg, tmp_path, progress=lambda *a: None)
     digests = weight_digests(first)
     assert ensure_embedded_backbone(cfg, tmp_path, progress=interrupt_at("never", 0, seen)) == first
-    assert seen == [] and weight_digests(first) == digests
+    assert seen == [] and weight_digests(first) == digests  # the same files, read twice
+
+
+def test_training_uses_the_configured_threads_whatever_the_caller_uses(tmp_path):
+    cfg = _embedded(tiny_embedded_config(), threads=2)
+    inside, digests = [], []
+    for caller in (1, 2):
+        torch.set_num_threads(caller)
+        record = lambda *a: inside.append((torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()))
+        root = ensure_embedded_backbone(cfg, tmp_path / f"caller{caller}", progress=record)
+        assert torch.get_num_threads() == caller and not torch.are_deterministic_algorithms_enabled()
+        digests.append(weight_digests(root))
+    assert set(inside) == {(2, True)}
+    # Exact: same process and CPU capability, same (configured) thread count. Before the
+    # count was fixed, a caller at 1 and at 2 threads trained different last bits.
+    assert digests[0] == digests[1]
+
+
+def _embedded(cfg, **changes):
+    return cfg.model_copy(update={"backbone": cfg.backbone.model_copy(update={
+        "embedded": cfg.backbone.embedded.model_copy(update=changes)})})
 
 
 def test_directory_key_tracks_training_inputs_only(tmp_path):
@@ -78,13 +101,25 @@ def test_directory_key_tracks_training_inputs_only(tmp_path):
     assert embedded_backbone_dir(tiny_embedded_config(steps=5), tmp_path) != d
     assert embedded_backbone_dir(base.model_copy(update={"dataset": base.dataset.model_copy(
         update={"max_per_class": 11})}), tmp_path) != d
-    seed = base.model_copy(update={"backbone": base.backbone.model_copy(update={
-        "embedded": base.backbone.embedded.model_copy(update={"seed": 1})})})
-    assert embedded_backbone_dir(seed, tmp_path) != d
+    assert embedded_backbone_dir(_embedded(base, seed=1), tmp_path) != d
     # How often checkpoints are written does not change the weights.
-    ckpt = base.model_copy(update={"backbone": base.backbone.model_copy(update={
-        "embedded": base.backbone.embedded.model_copy(update={"checkpoint_every": 3})})})
-    assert embedded_backbone_dir(ckpt, tmp_path) == d
+    assert embedded_backbone_dir(_embedded(base, checkpoint_every=3), tmp_path) == d
+
+
+def test_directory_key_tracks_the_training_environment(tmp_path, monkeypatch):
+    """The thread count and the CPU kernels change the weights' last bits: another
+    machine or count trains its own backbone instead of reusing one it would not produce."""
+    base = tiny_embedded_config()
+    d = embedded_backbone_dir(base, tmp_path)
+    assert embedded_backbone_dir(_embedded(base, threads=2), tmp_path) != d
+    native = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2" if native != "AVX2" else "DEFAULT")
+    assert embedded_backbone_dir(base, tmp_path) != d
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    assert embedded_backbone_dir(base, tmp_path) != d
+    monkeypatch.undo()
+    assert embedded_backbone_dir(base, tmp_path) == d
 
 
 def test_trains_on_the_training_split_only():
@@ -112,7 +147,7 @@ def test_label_dropout_is_not_done_per_block():
         first = dit(x, timestep=t, class_labels=y).sample
         again = dit(x, timestep=t, class_labels=y).sample
         null = dit(x, timestep=t, class_labels=torch.full_like(y, 3)).sample
-    assert torch.equal(first, again)  # no random label drops inside the model
+    assert torch.equal(first, again)  # exact: same instance, same inputs; no random label drops inside
     assert not torch.allclose(first, null)
     assert all(b.norm1.emb.class_embedder.dropout_prob == 0 for b in dit.transformer_blocks)
 

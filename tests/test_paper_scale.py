@@ -75,15 +75,17 @@ def test_cfg_channels_guides_only_the_first_k_noise_channels():
         denoise_with_cfg(toy, x, 500, labels, 4.0, cfg_channels=5)
 
 
-def test_cfg_channels_setting_reaches_the_sampler_and_the_code_version(tmp_path):
-    from mgd3_assets.versions import code_version
+def test_cfg_channels_setting_reaches_the_sampler_and_the_method_settings(tmp_path):
+    from mgd3_assets.versions import code_version, method_settings_version
 
     base = config_from_dict(tiny_config())
     three = config_from_dict(tiny_config(sampler={"steps": 4, "t_stop": 2, "batch_size": 16, "cfg_channels": 3}))
     assert base.sampler.cfg_channels == "all"
     assert SamplerSettings.from_config(three.sampler).cfg_channels == 3
     assert SamplerSettings.from_config(base.sampler).cfg_channels is None
-    assert code_version(three, "distilled_images") != code_version(base, "distilled_images")
+    # The diffusion methods' settings change (their distilled images go stale); nothing else does.
+    assert method_settings_version(three, "mgd3") != method_settings_version(base, "mgd3")
+    assert method_settings_version(three, "random_real") == method_settings_version(base, "random_real")
     assert code_version(three, "latent_store") == code_version(base, "latent_store")
     with pytest.raises(ValueError, match="cfg_channels"):
         config_from_dict(tiny_config(sampler={"cfg_channels": 0}))

@@ -93,6 +93,8 @@ def test_lambda_zero_and_t_stop_S_are_exactly_unguided(kind):
     lam0 = sample(bb, labels, seeds, modes=modes, settings=SamplerSettings(**{**base.__dict__, "guidance_strength": 0.0})).latents
     stop_s = sample(bb, labels, seeds, modes=modes, settings=SamplerSettings(**{**base.__dict__, "t_stop": S})).latents
     guided = sample(bb, labels, seeds, modes=modes, settings=base).latents
+    # Exact: one backbone instance, the same inputs and batches, and the same code path
+    # (the guidance term is skipped, not added as zero), so the same kernels run.
     assert torch.equal(unguided, lam0)
     assert torch.equal(unguided, stop_s)
     assert not torch.equal(unguided, guided)
@@ -154,12 +156,15 @@ def test_batch_size_does_not_change_images_and_same_seed_same_png(kind):
     labels, seeds, modes = _request(bb, n_per_class=5)
     s = SamplerSettings(steps=S, cfg_scale=3.0, t_stop=10, kind=kind)
     runs = [sample(bb, labels, seeds, modes=modes, settings=s, batch_size=b).latents for b in (1, 7, len(labels))]
+    # Other batch compositions may take other vectorised paths: float32 after S steps,
+    # rtol/atol 1e-5.
     for r in runs[1:]:
         torch.testing.assert_close(r, runs[0], rtol=1e-5, atol=1e-5)
     # Order of requests does not matter either: image i depends on its own seed only.
     perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))
     shuffled = sample(bb, [labels[i] for i in perm], [seeds[i] for i in perm], modes=modes[perm], settings=s).latents
     torch.testing.assert_close(shuffled, runs[2][perm], rtol=1e-5, atol=1e-5)
+    # Exact: the same instance, inputs and batch size in one process give the same PNG bytes.
     again = sample(bb, labels, seeds, modes=modes, settings=s, batch_size=7).latents
     pngs = lambda lat: [png_bytes(im) for im in to_uint8(lat[:, :1])]
     assert pngs(again) == pngs(runs[1])

@@ -95,7 +95,8 @@ def test_a_changed_tokenizer_file_reruns_the_dependents(sd_graph):
     merges = cfg.backbone.stable_diffusion.pipeline_dir + "/tokenizer/merges.txt"
     with open(merges, "a") as f:
         f.write("o n\n")
-    demo.run_stage(defs, instance, demo.STAGES[0], log=lambda m: None, log_level="WARNING")  # observe
+    backbone_stage = demo.STAGES[len(demo.INPUT_STAGES)]
+    demo.run_stage(defs, instance, backbone_stage, log=lambda m: None, log_level="WARNING")  # observe
     observed = instance.get_latest_data_version_record(dg.AssetKey("backbone")).asset_observation
     assert observed.tags[DATA_VERSION_TAG] == pipeline.backbone_fingerprint(cfg, home) != old
     asked = requested(evaluate(defs, instance, first.cursor))

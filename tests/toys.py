@@ -74,5 +74,6 @@ def tiny_embedded_config(**dit) -> ExperimentConfig:
             "dit": {"num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2,
                     "steps": 4, "batch_size": 8, "warmup_steps": 1, "num_train_timesteps": 100, **dit},
             "checkpoint_every": 2,
+            "threads": 1,  # tiny models: one thread avoids OpenMP barrier stalls on a busy machine
         }},
     })

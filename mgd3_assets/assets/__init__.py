@@ -7,6 +7,7 @@ from mgd3_core.config import ExperimentConfig
 from .backbone import build_backbone_asset
 from .distilled import build_distilled_images_asset
 from .evaluation import build_evaluation_assets
+from .inputs import build_input_assets
 from .latents import build_latent_store_asset
 from .modes import build_mode_centroids_asset
 
@@ -17,6 +18,7 @@ GROUP = "mgd3"
 
 def build_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition | dg.SourceAsset]:
     assets = [
+        *build_input_assets(cfg),
         build_backbone_asset(cfg),
         build_latent_store_asset(cfg),
         build_mode_centroids_asset(cfg),

@@ -12,7 +12,7 @@ import dagster as dg
 from mgd3_core.backbones.registry import backbone_kind
 from mgd3_core.config import ExperimentConfig
 
-from ..automation import observe_backbone_on_schedule, on_backbone_config_change
+from ..automation import observe_on_schedule, on_backbone_config_change
 from ..failures import fails_with_root_cause
 from ..metadata import training_progress_logger
 from ..executors import accelerator_step
@@ -66,7 +66,7 @@ def _trained_backbone(cfg: ExperimentConfig) -> dg.AssetsDefinition:
 def _observed_backbone(cfg: ExperimentConfig) -> dg.SourceAsset:
     @dg.observable_source_asset(
         name="backbone",
-        automation_condition=observe_backbone_on_schedule(),
+        automation_condition=observe_on_schedule(),
         description=f"{backbone_kind(cfg).describe(cfg)} Each observation fingerprints the weight files; "
         "the fingerprint is the data version.",
     )

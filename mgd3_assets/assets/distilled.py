@@ -15,10 +15,10 @@ from mgd3_core.config import ExperimentConfig
 from ..automation import on_upstream_data_change
 from ..failures import fails_with_root_cause
 from ..metadata import progress_logger, table, thumbnails_markdown
-from ..partitions import CLASS_DIM, distilled_partitions, method_and_class
+from ..partitions import CLASS_DIM, METHOD_DIM, distilled_partitions, method_and_class
 from ..executors import accelerator_step
 from ..resources import ExperimentResource
-from ..versions import checked_config, combined_hash, stage_asset
+from ..versions import checked_config, checked_method_settings, combined_hash, stage_asset
 
 
 # Every manifest column a reader asks about (``mgd3_core.distilled.MANIFEST_COLUMNS``); floats are
@@ -49,6 +49,8 @@ PROMPT_LINEAGE_COLUMNS = [
 
 
 def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
+    cfg_at_load = cfg
+
     @stage_asset(
         cfg, "distilled_images",
         partitions_def=distilled_partitions(cfg),
@@ -56,6 +58,9 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
             "backbone",
             dg.AssetDep("mode_centroids",
                         partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=CLASS_DIM)),
+            # The method's own settings: a sampler change re-runs the diffusion methods only.
+            dg.AssetDep("method_settings",
+                        partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=METHOD_DIM)),
         ],
         **accelerator_step(),
         kinds={"pytorch", "png"},
@@ -72,6 +77,7 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         cfg = checked_config(context, experiment)
         home = experiment.storage()
         method, class_id = method_and_class(context.partition_key)
+        checked_method_settings(cfg_at_load, cfg, method)
         # The core loads the backbone (once per process) only for the methods that sample or decode.
         result = pipeline.distill_class(cfg, home, method, class_id,
                                         progress=progress_logger(context.log, f"distilled_images[{method}/{class_id}]"))

@@ -45,6 +45,11 @@ def build_evaluation_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
 def _teacher_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     @stage_asset(
         cfg, "teacher",
+        # Every class's image files (train: what it learns; test: its accuracy). Under automation
+        # an edited image therefore re-runs the reports once with the new teacher and once more
+        # after the class's new distilled sets and students (Dagster chains requests within a
+        # tick only inside one partitioning); `make demo` runs every stage once, in order.
+        deps=[dg.AssetDep("dataset", partition_mapping=dg.AllPartitionMapping())],
         **accelerator_step(),
         kinds={"pytorch"},
         automation_condition=on_upstream_data_change(),

@@ -18,12 +18,13 @@ def build_latent_store_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     @stage_asset(
         cfg, "latent_store",
         partitions_def=class_partitions(cfg),
-        deps=["backbone"],
+        deps=["backbone", "dataset"],  # dataset[class]: the class's image content (identity mapping)
         **accelerator_step(),
         kinds={"hdf5"},
         automation_condition=on_upstream_data_change(),
         description="VAE latents (posterior mean x scaling factor) of one class's training images, "
-        "in `<home>/latents/<dataset>/<vae fingerprint>/<class>.h5`; reused when a valid store exists. "
+        "in `<home>/latents/<dataset>/<vae fingerprint>/<class>.h5`; reused when a valid store of the same "
+        "image content exists. "
         "Data version: the store's content hash.",
     )
     @fails_with_root_cause

@@ -50,6 +50,7 @@ from .diffusers_backbone import (DTYPES, diffusers_fingerprints, fingerprint_cac
                                  runtime_identity)
 from .diffusers_files import BackboneFilesError
 from .embedded_training import encode_mean, train_dit, train_vae, training_images
+from .train_loop import deterministic_training
 from .vae import load_vae
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,27 @@ def _dataset(cfg: ExperimentConfig):
     return open_dataset(cfg.dataset)
 
 
+def training_environment(cfg: ExperimentConfig) -> dict:
+    """What of the machine and software changes the trained weights' bits for the
+    same settings: the training thread count (float sums are split per thread),
+    ATen's CPU kernel level (``torch.backends.cpu.get_cpu_capability()``, e.g.
+    AVX512 / AVX2 / DEFAULT: vectorised kernels sum in another order), and the
+    torch and diffusers versions."""
+    return {
+        "threads": cfg.backbone.embedded.threads,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+    }
+
+
 def embedded_training_key(cfg: ExperimentConfig) -> str:
     """Hash of everything that determines the trained weights: the embedded
     training settings (not ``checkpoint_every``), the dataset key (data and its
-    preprocessing), the classes and their labels, and the code version."""
+    preprocessing), the classes and their labels, the code version and the
+    training environment (:func:`training_environment`). Another machine
+    (CPU capability) or thread count therefore trains its own backbone instead
+    of reusing one whose weights it would not reproduce."""
     source = _dataset(cfg)
     settings = cfg.backbone.embedded.model_dump(mode="json")
     settings.pop("checkpoint_every")
@@ -82,6 +100,7 @@ def embedded_training_key(cfg: ExperimentConfig) -> str:
         "settings": settings,
         "dataset": source.dataset_key,
         "classes": [[c.id, c.label] for c in source.classes()],
+        "environment": training_environment(cfg),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -177,7 +196,10 @@ def ensure_embedded_backbone(cfg: ExperimentConfig, home: Path, progress: Traini
             shutil.rmtree(stale, ignore_errors=True)
         work = final.with_name(final.name + ".partial")
         work.mkdir(parents=True, exist_ok=True)
-        trained = _train(cfg, work, final.name, progress)
+        # A fixed thread count and deterministic algorithms: a resumed training gives the
+        # uninterrupted one's weights bit for bit, whatever the caller's thread count.
+        with deterministic_training(cfg.backbone.embedded.threads):
+            trained = _train(cfg, work, final.name, progress)
         tmp = final.with_name(final.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -239,7 +261,5 @@ def _write_pipeline_root(cfg: ExperimentConfig, out: Path, vae_dir: Path, key: s
         "dit_parameters": sum(p.numel() for p in dit.parameters()),
         "vae_parameters": sum(p.numel() for p in vae.parameters()),
         "timings_s": trained["timings"],
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "threads": torch.get_num_threads(),
+        "environment": training_environment(cfg),
     }, indent=2))

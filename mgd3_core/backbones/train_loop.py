@@ -9,7 +9,12 @@ counts), the EMA weights, the generator state and the step, in one
 safetensors file (tensors + JSON metadata: nothing is unpickled). It is written
 to a temporary name and renamed, so an interruption leaves the previous
 checkpoint intact. Resuming from it gives bit-identical weights to an
-uninterrupted run (same machine, same thread count).
+uninterrupted run: by construction, because the loop runs under
+:func:`deterministic_training` (a fixed thread count, deterministic algorithms)
+and the restored tensors are copied into freshly allocated memory, so every
+kernel sees the same thread split, CPU capability and alignment as in an
+uninterrupted run. Another thread count or CPU capability gives other last bits,
+which is why both are part of the embedded backbone's key.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -116,7 +122,8 @@ def load_checkpoint(
             meta = f.metadata() or {}
             if meta.get("key") != key or meta.get("has_ema") != str(ema is not None):
                 return None
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            # clone(): torch-allocated (aligned) copies, as the uninterrupted run's tensors are.
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
     except Exception as e:  # a truncated or foreign file: start over rather than fail
         log.warning("%s: unreadable checkpoint (%s); training this stage from the start", path, e)
         return None
@@ -132,6 +139,24 @@ def load_checkpoint(
 
 
 # --------------------------------------------------------------------------- the loop
+@contextmanager
+def deterministic_training(threads: int):
+    """Run the block with ``threads`` torch intra-op threads and deterministic
+    algorithms, then restore the caller's settings. With the thread count fixed
+    (and the CPU capability fixed by the machine), a resumed training reproduces
+    the uninterrupted one bit for bit, whatever thread count the caller uses."""
+    before_threads = torch.get_num_threads()
+    before_det = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before_det, warn_only=before_warn)
+        torch.set_num_threads(before_threads)
+
+
 def train_loop(
     model: nn.Module,
     loss_fn: LossFn,

@@ -1,0 +1,61 @@
+"""Observed inputs: per-partition versions of what the per-class and per-method stages read.
+
+Dagster's code versions are per asset, but two inputs change per partition:
+
+- ``dataset[class]``: one class's image files. Its data version is the class's
+  content key (``mgd3_core.dataset_content``: paths and file hashes, re-hashed
+  only when a file's size, mtime, ctime or inode changed), so editing or
+  replacing an image makes that class's ``latent_store`` partition stale, and
+  only that one.
+- ``method_settings[method]``: the settings one method's images depend on
+  (``versions.method_settings``: the sampler for the diffusion methods), so a
+  sampler change makes the diffusion methods' ``distilled_images`` partitions
+  stale and leaves the real-image methods alone.
+
+Both are observable source assets: ``make demo`` observes them before it plans
+(cheap: a directory walk and a stat per file), and the automation sensor
+observes them hourly, like a pretrained backbone (UI: *Observe sources*).
+"""
+
+import dagster as dg
+
+from mgd3_core import pipeline
+from mgd3_core.config import ExperimentConfig
+
+from ..automation import observe_on_schedule
+from ..partitions import class_partitions, method_partitions
+from ..resources import ExperimentResource
+from ..versions import method_settings_version
+
+
+def build_input_assets(cfg: ExperimentConfig) -> list[dg.SourceAsset]:
+    classes, methods = class_partitions(cfg), method_partitions(cfg)
+
+    @dg.observable_source_asset(
+        name="dataset",
+        partitions_def=classes,
+        automation_condition=observe_on_schedule(),
+        description="The image files of each class (train and test folders). Data version: the class's "
+        "content key (file paths and hashes), so a changed image re-encodes its class only.",
+    )
+    def dataset(experiment: ExperimentResource) -> dg.DataVersionsByPartition:
+        run_cfg, home = experiment.config(), experiment.storage()
+        return dg.DataVersionsByPartition({
+            c: dg.DataVersion(pipeline.class_content_key(run_cfg, home, c))
+            for c in classes.get_partition_keys()
+        })
+
+    @dg.observable_source_asset(
+        name="method_settings",
+        partitions_def=methods,
+        automation_condition=observe_on_schedule(),
+        description="The settings each distillation method depends on beyond the shared ones (the sampler "
+        "for diffusion methods). Data version: their hash, so a sampler change re-runs diffusion methods only.",
+    )
+    def method_settings(experiment: ExperimentResource) -> dg.DataVersionsByPartition:
+        run_cfg = experiment.config()
+        return dg.DataVersionsByPartition({
+            m: dg.DataVersion(method_settings_version(run_cfg, m)) for m in methods.get_partition_keys()
+        })
+
+    return [dataset, method_settings]

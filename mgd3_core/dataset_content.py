@@ -1,0 +1,110 @@
+"""Per-class content keys: which version of a class's images a latent store was encoded from.
+
+A dataset's ``dataset_key`` names the tree and its preprocessing, not the bytes
+of its files: editing or replacing an image of an ImageFolder class changes
+neither. :func:`class_content_key` does: it hashes the (relative path, sha256)
+of every file under the class's train and test folders. Reading every file at
+each run would cost as much as decoding them, so each file's sha256 is cached
+(a small JSON file per class) with its size, mtime, ctime and inode, and a file
+is read again only when one of those changed. The ctime and inode catch a file
+replaced by another of the same size and mtime (``cp -p``, ``os.utime``); a
+file merely touched is re-hashed, gives the same sha256, and so the same key.
+
+Datasets whose content is fixed by their ``dataset_key`` (the embedded MNIST
+subset shipped in a package, synthetic sources) key a class by that alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Bump when the key's recipe changes (it is a data version: a change re-encodes every class).
+CONTENT_KEY_VERSION = 1
+_READ_BLOCK = 1 << 20
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of the file's bytes; an unreadable file keys by its error (the data layer
+    reports it as skipped when the class is listed), so it never breaks the observation."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(_READ_BLOCK):
+                h.update(block)
+    except OSError as e:
+        return f"unreadable:{e.errno}"
+    return h.hexdigest()
+
+
+def _stat_signature(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _class_files(folders: dict[str, Path]) -> list[tuple[str, Path]]:
+    """(``<split>/<path relative to the class folder>``, path) of every regular,
+    non-hidden file under the class's folders, sorted. Symlinked folders are not
+    followed (the listing in ``data`` does not follow them either)."""
+    out = []
+    for split, folder in sorted(folders.items()):
+        if not folder.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in filenames:
+                path = Path(dirpath) / name
+                if not name.startswith(".") and path.is_file():
+                    out.append((f"{split}/{path.relative_to(folder).as_posix()}", path))
+    return sorted(out, key=lambda item: item[0])
+
+
+def _read_cache(cache: Path) -> dict:
+    try:
+        data = json.loads(cache.read_text())
+        return data["files"] if data.get("version") == CONTENT_KEY_VERSION else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # missing or damaged: every file is hashed again, nothing is trusted
+
+
+def _write_cache(cache: Path, files: dict) -> None:
+    """Atomically (temp file + rename); a failure to write only costs re-hashing next time."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"version": CONTENT_KEY_VERSION, "files": files}))
+        os.replace(tmp, cache)
+    except OSError as e:
+        log.warning("could not write the content-key cache %s (%s); files will be hashed again", cache, e)
+
+
+def class_content_key(source, class_id: str, cache: Path | None = None) -> str:
+    """A short hex key of one class's image content (see the module docstring).
+
+    ``source``: an ``ImageSource``; ``cache``: the JSON file caching file hashes
+    for this class (None = hash every file). The key also covers the dataset key
+    (preprocessing, split seed, cap), so it changes whenever the class's encoded
+    pixels can.
+    """
+    h = hashlib.sha256(f"v{CONTENT_KEY_VERSION}\0{source.dataset_key}\0{class_id}\0".encode())
+    folders = source.class_folders(class_id)
+    if folders:
+        known = _read_cache(cache) if cache is not None else {}
+        files, rehashed = {}, 0
+        for rel, path in _class_files(folders):
+            try:
+                sig = _stat_signature(path.stat())
+            except OSError:  # removed since the listing: not part of the class any more
+                continue
+            entry = known.get(rel)
+            if entry is None or entry[0] != sig:
+                entry, rehashed = [sig, _file_sha256(path)], rehashed + 1
+            files[rel] = entry
+            h.update(f"{rel}\0{entry[1]}\n".encode())
+        if cache is not None and (rehashed or files.keys() != known.keys()):
+            _write_cache(cache, files)
+    return h.hexdigest()[:16]
