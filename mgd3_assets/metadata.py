@@ -20,6 +20,9 @@ from mgd3_core.images import image_grid, png_bytes
 MAX_THUMBNAILS = 20
 THUMB_PX = 48
 GRID_COLUMNS = 10
+# The Dagster UI (1.13) renders a markdown value inline only when it is shorter than 1,000
+# characters; a longer one collapses to "[Show Markdown]". The preview is made to fit.
+INLINE_MARKDOWN_CHARS = 1000
 
 
 def image_grid_png(images: np.ndarray, columns: int = GRID_COLUMNS, cell: int = THUMB_PX) -> bytes:
@@ -34,6 +37,21 @@ def thumbnails_markdown(images: np.ndarray, caption: str, columns: int = GRID_CO
     data = base64.b64encode(image_grid_png(shown, columns=columns)).decode()
     more = f" (first {len(shown)} of {len(images)})" if len(images) > len(shown) else ""
     return dg.MetadataValue.md(f"**{caption}**{more}\n\n![{caption}](data:image/png;base64,{data})")
+
+
+def preview_markdown(images: np.ndarray, caption: str) -> dg.MetadataValue:
+    """A few thumbnails small enough to show inline in the UI's metadata table (under
+    ``INLINE_MARKDOWN_CHARS``): fewer and smaller thumbnails until the markdown fits;
+    the full grid is ``thumbnails_markdown``."""
+    images = np.asarray(images)
+    md = ""
+    for count, cell in ((4, 32), (4, 24), (3, 20), (2, 16), (1, 16), (1, 8)):
+        shown = images[:count]
+        data = base64.b64encode(image_grid_png(shown, columns=count, cell=cell)).decode()
+        md = f"![preview](data:image/png;base64,{data})"
+        if len(md) < INLINE_MARKDOWN_CHARS:
+            break
+    return dg.MetadataValue.md(md)
 
 
 def _cell(value, digits: int):

@@ -77,7 +77,7 @@ def test_accelerator_steps_run_only_on_the_worker_that_advertises_it(scaleout, d
     graph = scaleout.defs.resolve_asset_graph()
     accelerator = {k.to_python_identifier() for k in graph.materializable_asset_keys
                    if DASK_RESOURCES_TAG in scaleout.defs.resolve_assets_def(k).op.tags}
-    assert accelerator == {"backbone", "latent_store", "distilled_images", "teacher", "full_data_students",
+    assert accelerator == {"backbone", "latent_store", "distilled_images", "teacher", "full_data_students", "diversity_report",
                            "students"}
     steps = _step_pids(scaleout.instance, runs)
     assert {s for s, _ in steps} >= accelerator | {"mode_centroids", "diversity_report", "evaluation_report"}

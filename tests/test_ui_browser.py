@@ -99,6 +99,6 @@ def test_the_distilled_images_page_shows_the_lineage_and_the_thumbnails(webserve
     thumbnails = re.findall(r'<img[^>]+src="data:image/png;base64,([A-Za-z0-9+/=]+)"', dom)
     assert thumbnails, f"no thumbnail image rendered at {url}"
     assert base64.b64decode(thumbnails[0])[:8] == b"\x89PNG\r\n\x1a\n"
-    for text in ("distilled_images", "lineage", "mode_index", "dist_to_mode", "thumbnails"):
+    for text in ("distilled_images", "preview", "lineage", "mode_index", "dist_to_mode", "thumbnails"):
         assert text in dom, f"{text!r} not shown at {url}"
     assert shot.stat().st_size > 10_000

@@ -14,7 +14,7 @@ from mgd3_core.config import ExperimentConfig
 
 from ..automation import on_upstream_data_change
 from ..failures import fails_with_root_cause
-from ..metadata import progress_logger, table, thumbnails_markdown
+from ..metadata import preview_markdown, progress_logger, table, thumbnails_markdown
 from ..partitions import CLASS_DIM, METHOD_DIM, distilled_partitions, method_and_class
 from ..executors import accelerator_step
 from ..resources import ExperimentResource
@@ -93,6 +93,7 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         return dg.MaterializeResult(
             data_version=dg.DataVersion(combined_hash([c.content_hash for c in result.classes])),
             metadata={
+                "preview": preview_markdown(result.preview, f"{method}, class {class_id}"),
                 "thumbnails": thumbnails_markdown(
                     result.preview, f"{method}, class {class_id}: {Path(first.set_dir).relative_to(root)}"),
                 "lineage": table(rows, columns),
