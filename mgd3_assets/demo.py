@@ -73,6 +73,11 @@ STAGES = (
 )
 
 
+def stage_of(asset: str) -> Stage:
+    """The stage that materializes ``asset``."""
+    return next(s for s in STAGES if asset in s.assets)
+
+
 def run_config(log_level: str = "INFO") -> dict:
     """Step logs on the console at ``log_level``: INFO shows progress lines and failures,
     not Dagster's DEBUG event stream."""

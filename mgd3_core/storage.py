@@ -38,6 +38,12 @@ def dagster_dir(home: Path) -> Path:
     return Path(home) / "dagster"
 
 
+def fingerprint_cache_dir(home: Path) -> Path:
+    """``<home>/cache/fingerprints``: weight-file hashes kept between processes, keyed by each
+    file's path, size, mtime and inode (``backbones.diffusers_files.component_fingerprint``)."""
+    return Path(home) / "cache" / "fingerprints"
+
+
 def demo_lock_file(home: Path) -> Path:
     """``<home>/demo.lock``: held by a running demo, so two never run on one storage root."""
     return Path(home) / "demo.lock"

@@ -102,7 +102,7 @@ def test_the_event_log_carries_the_root_cause(tmp_path):
     (tmp_path / "dagster").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as instance:
         with pytest.raises(demo.DemoError) as err:
-            demo.run_stage(defs, instance, demo.STAGES[0], log=lambda m: None, log_level="ERROR")
+            demo.run_stage(defs, instance, demo.stage_of("backbone"), log=lambda m: None, log_level="ERROR")
         cause = f"DatasetError: class 'delta' (delta) has no usable image in {tmp_path / 'data/train/delta'}"
         assert str(err.value).splitlines()[-1].startswith(cause)
         run = instance.get_runs(limit=1)[0]
@@ -215,13 +215,14 @@ def test_a_full_or_read_only_disk_mid_graph_names_it_and_keeps_earlier_outputs(t
     g = TinyGraph(tmp_path / "g", tiny_config())
     tmpfs(g.home, size="48m")
     quiet = dict(log=lambda m: None, log_level="ERROR")
-    demo.materialize_graph(g.defs, g.instance, stages=demo.STAGES[:2], **quiet)
+    distill = demo.STAGES.index(demo.stage_of("distilled_images"))
+    demo.materialize_graph(g.defs, g.instance, stages=demo.STAGES[:distill], **quiet)
     before = _every_file(g.home)
     assert any(k.startswith("latents/") for k in before) and any("/modes/" in k for k in before)
 
     def fails_naming(error: str) -> None:
         with pytest.raises(demo.DemoError) as failed:
-            demo.run_stage(g.defs, g.instance, demo.STAGES[2], **quiet)
+            demo.run_stage(g.defs, g.instance, demo.STAGES[distill], **quiet)
         last = str(failed.value).splitlines()[-1]
         assert last.startswith("OSError: " + error) and str(g.home) in last, last
         after = _every_file(g.home)
@@ -236,6 +237,6 @@ def test_a_full_or_read_only_disk_mid_graph_names_it_and_keeps_earlier_outputs(t
     fails_naming("[Errno 30] Read-only file system")
 
     tmpfs.remount(g.home, "rw")
-    demo.materialize_graph(g.defs, g.instance, stages=demo.STAGES[2:], **quiet)
+    demo.materialize_graph(g.defs, g.instance, stages=demo.STAGES[distill:], **quiet)
     for asset in ("distilled_images", "students", "evaluation_report"):
         assert materialized_partitions(g.instance, asset), asset

@@ -140,7 +140,7 @@ def _observe_backbone(defs, instance) -> None:
     """The real observation of the pretrained backbone, as ``make demo`` runs it."""
     from mgd3_assets import demo
 
-    demo.run_stage(defs, instance, demo.STAGES[0], log=lambda m: None, log_level="WARNING")
+    demo.run_stage(defs, instance, demo.stage_of("backbone"), log=lambda m: None, log_level="WARNING")
 
 
 def test_switching_to_bfloat16_makes_latents_and_distilled_images_stale(tmp_path, xl_shaped):

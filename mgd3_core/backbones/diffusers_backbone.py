@@ -225,11 +225,6 @@ def runtime_identity(device: str | torch.device, dtype: torch.dtype) -> dict:
     return {} if (kind, name) == ("cpu", "float32") else {"device": kind, "dtype": name}
 
 
-def fingerprint_cache_dir(home: Path) -> Path:
-    """Where weight-file hashes are kept between processes (see ``layout.component_fingerprint``)."""
-    return Path(home) / "cache" / "fingerprints"
-
-
 class _Resolved:
     """The files of one backbone, checked for compatibility without loading weights."""
 
@@ -301,7 +296,7 @@ def load_diffusers_backbone(
     Local files and safetensors only. Raises BackboneFilesError (missing
     directory or files) or BackboneMismatchError (in_channels / sample_size not
     matching the VAE), naming the paths and values. ``cache_dir`` keeps the
-    weight hashes between processes (:func:`fingerprint_cache_dir`).
+    weight hashes between processes (:func:`mgd3_core.storage.fingerprint_cache_dir`).
     """
     r = _Resolved(transformer_path, vae_path, cache_dir=cache_dir)
     fingerprint, vae_fp = r.fingerprints(runtime_identity(device, dtype))

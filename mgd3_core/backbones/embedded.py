@@ -46,7 +46,7 @@ from ..config import BackboneConfig, ExperimentConfig
 from ..locks import file_lock
 from ..progress import TrainingProgress
 from .base import Backbone, experiment_of
-from .diffusers_backbone import (DTYPES, diffusers_fingerprints, fingerprint_cache_dir, load_diffusers_backbone,
+from .diffusers_backbone import (DTYPES, diffusers_fingerprints, load_diffusers_backbone,
                                  runtime_identity)
 from .diffusers_files import BackboneFilesError
 from .embedded_training import encode_mean, train_dit, train_vae, training_images
@@ -128,7 +128,7 @@ def load(cfg: ExperimentConfig, home: Path) -> Backbone:
             "run ensure_embedded_backbone (the backbone asset) first"
         )
     return load_diffusers_backbone(root, root, device=exp.backbone.device, dtype=DTYPES[exp.backbone.dtype],
-                                   cache_dir=fingerprint_cache_dir(home))
+                                   cache_dir=storage.fingerprint_cache_dir(home))
 
 
 def _fingerprints(cfg: ExperimentConfig, home: Path) -> tuple[str, str] | None:
@@ -136,7 +136,7 @@ def _fingerprints(cfg: ExperimentConfig, home: Path) -> tuple[str, str] | None:
     if not root.is_dir():
         return None
     return diffusers_fingerprints(root, root, device=exp.backbone.device, dtype=DTYPES[exp.backbone.dtype],
-                                  cache_dir=fingerprint_cache_dir(home))
+                                  cache_dir=storage.fingerprint_cache_dir(home))
 
 
 def fingerprint(cfg: ExperimentConfig, home: Path) -> str | None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from ..config import BackboneConfig, ExperimentConfig
 from .base import Backbone, configs_of
-from .diffusers_backbone import DTYPES, diffusers_fingerprints, fingerprint_cache_dir, load_diffusers_backbone
+from ..storage import fingerprint_cache_dir
+from .diffusers_backbone import DTYPES, diffusers_fingerprints, load_diffusers_backbone
 
 TRAINED_BY_PIPELINE = False
 
