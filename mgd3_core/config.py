@@ -15,12 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # MGD3 (ICML 2025), Sec. 4 / reference code: DDPM respaced to 50 steps, CFG 4.0,
 # guidance strength lambda 0.1, guidance stopped at t_stop = 25 of 50.
-PAPER_DEFAULTS = {
-    "steps": 50,
-    "cfg_scale": 4.0,
-    "guidance_strength": 0.1,
-    "t_stop": 25,
-}
+PAPER_DEFAULTS = {"steps": 50, "cfg_scale": 4.0, "guidance_strength": 0.1, "t_stop": 25}
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "embedded.yaml"

@@ -54,7 +54,8 @@ def dask_graph(tiny_graph, scaleout):  # the in-process reference first, before 
 
 def test_the_graph_on_postgres_and_dask_writes_what_the_in_process_run_writes(tiny_graph, scaleout, dask_graph):
     reports, _ = dask_graph
-    assert sum(r.runs for r in reports) == 1 + 2 + 4 + 1 + 2 + 1  # every stage ran, as in process
+    # every stage ran, as in process: the two input observations, then the graph
+    assert sum(r.runs for r in reports) == 2 + 1 + 2 + 4 + 1 + 2 + 1
     assert type(scaleout.instance.run_storage).__name__ == "PostgresRunStorage"
     # Same experiment, same seeds, same torch thread count: the same bytes (PNGs, latent stores,
     # modes, manifests, checkpoints), computed in other processes.
