@@ -87,21 +87,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _status_mib(key: str) -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return float("nan")
-
-
-def current_rss_mib() -> float:
-    return _status_mib("VmRSS")
-
-
-from mgd3_core.peak_memory import reset_peak_rss, window_peak_rss_mib  # noqa: E402,F401  (one home)
+from mgd3_core.peak_memory import current_rss_mib, reset_peak_rss, window_peak_rss_mib  # noqa: E402,F401  (one home)
 
 
 class Stopwatch:

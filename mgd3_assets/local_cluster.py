@@ -108,8 +108,22 @@ def postgres_bin() -> Path:
     return Path(found[-1]).parent
 
 
+class _Service:
+    """A context manager over ``start()`` / ``stop()``: whatever a failed start left running is stopped."""
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 @dataclass
-class PostgresServer:
+class PostgresServer(_Service):
     """A throw-away PostgreSQL server: ``with PostgresServer() as pg: pg.env()``."""
 
     db_name: str = "dagster"
@@ -158,20 +172,10 @@ class PostgresServer:
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "PostgresServer":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
 
 # ---------------------------------------------------------------------------- Dask
 @dataclass
-class DaskCluster:
+class DaskCluster(_Service):
     """A scheduler and one single-thread worker process per entry of ``workers``
     ({name: {resource: amount}}), e.g. ``{"w0": {"accelerator": 1}, "w1": {}}``.
 
@@ -253,13 +257,3 @@ class DaskCluster:
         stop_process(scheduler)
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> "DaskCluster":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

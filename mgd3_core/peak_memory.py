@@ -23,7 +23,8 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _status_mib(key: str) -> float:
+def status_mib(key: str) -> float:
+    """A memory line of ``/proc/self/status`` in MiB (``VmRSS``, ``VmHWM``); NaN without /proc."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(key + ":"):
@@ -35,7 +36,7 @@ def _status_mib(key: str) -> float:
 
 def window_peak_rss_mib() -> float:
     """VmHWM: peak RSS (MiB) since the last :func:`reset_peak_rss` (or process start)."""
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     if peak != peak:  # no /proc: the process-lifetime peak (ru_maxrss is KiB on Linux)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return peak
@@ -59,3 +60,8 @@ class PeakMemory:
         self.rss_mib = window_peak_rss_mib()
         if self.cuda:
             self.device_mib = torch.cuda.max_memory_allocated() / 2**20
+
+
+def current_rss_mib() -> float:
+    """Resident set size of this process now (MiB)."""
+    return status_mib("VmRSS")
