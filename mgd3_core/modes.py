@@ -120,6 +120,14 @@ class ModeFinder(ClusterMixin, BaseEstimator):
         self.inertia_ = float(((x - centroids[labels]) ** 2).sum())
         return self
 
+    @classmethod
+    def restored(cls, centers: np.ndarray, counts: np.ndarray, **params) -> "ModeFinder":
+        """A finder fitted earlier, from its stored centres (k, ...) and counts: ``predict`` and
+        ``closest_real`` work; ``labels_`` and ``inertia_`` belong to the fit and are not kept."""
+        finder = cls(len(centers), **params)
+        finder.cluster_centers_, finder.counts_ = np.asarray(centers), np.asarray(counts)
+        return finder
+
     @property
     def centroids_(self) -> np.ndarray:
         """Alias of ``cluster_centers_`` (the paper's word)."""

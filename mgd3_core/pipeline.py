@@ -24,7 +24,7 @@ from .distances import pairwise_distances
 from .distilled import DistilledClass, write_distilled_class
 from .files import atomic_output
 from .images import to_uint8
-from .modes import ModeFinder, nearest_mode
+from .modes import ModeFinder
 from .progress import StageProgress, no_progress
 from .sampling import SamplerSettings, image_seed, sample
 
@@ -149,6 +149,10 @@ class ClassModes:
     inertia: float
     closest_index: np.ndarray  # (k,) row in the latent store closest to each centroid
     closest_items: list[str]  # their item ids
+
+    def finder(self) -> ModeFinder:
+        """These modes as a fitted ``ModeFinder`` (``predict`` assigns latents to them)."""
+        return ModeFinder.restored(self.centroids, self.counts)
 
 
 def mode_finder(cfg: ExperimentConfig, ipc: int, gen_seed: int, class_id: str) -> ModeFinder:
@@ -372,7 +376,7 @@ def _lineage_rows(base: dict, method: str, ipc: int, gen_seed: int, content: Set
     """The manifest rows of one class of one set (``distilled.MANIFEST_COLUMNS``)."""
     own, other = _distances(content.latents, modes.centroids)
     # A random real image is not tied to a mode: report the nearest one.
-    mode_idx = nearest_mode(content.latents, modes.centroids) if method == "random_real" else np.arange(ipc)
+    mode_idx = modes.finder().predict(content.latents) if method == "random_real" else np.arange(ipc)
     rows = []
     for i in range(ipc):
         r = dict(base, set=f"{method}/ipc{ipc}/seed{gen_seed}", ipc=ipc, gen_seed=gen_seed,

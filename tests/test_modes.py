@@ -57,6 +57,9 @@ def test_mode_finder_is_a_scikit_learn_clusterer_whose_predict_gives_the_nearest
     # predict on new points: the nearest centre by L2 distance in flattened latent space.
     probe = f.cluster_centers_[[2, 0, 3]] + 0.01
     assert f.predict(probe.reshape(3, 2, 2, 2)).tolist() == [2, 0, 3]
+    # The pipeline restores a fit from the stored modes file (centres, counts) to assign latents.
+    restored = ModeFinder.restored(f.cluster_centers_, f.counts_)
+    assert np.array_equal(restored.predict(x), labels) and restored.n_modes == 4
 
 
 def test_closest_real_is_distinct_and_nearest():
