@@ -115,19 +115,55 @@ def run_stage(defs, instance, submitter: Submitter, stage: demo.Stage, log=print
     t0 = time.perf_counter()
     runs = {submitter.submit(stage.job, keys, {demo.LAUNCHED_BY: "cluster-demo", **demo.partition_tags(job, pk)}): pk
             for pk, keys in todo}
-    pending = set(runs)
+    ran = wait_for_runs(instance, runs, stage.job, log, t0)
+    return time.perf_counter() - t0, ran
+
+
+def wait_for_runs(instance: dg.DagsterInstance, runs: dict[str, str | None], job: str, log=print,
+                  t0: float | None = None) -> list[str]:
+    """Wait until each submitted run ({run id: partition}) or the run that retries it succeeds;
+    returns every run that ran, retries included. A failed run the instance's run retry policy
+    (``run_retries``) re-executes is followed to its retry; any other failure raises DemoError."""
+    t0 = time.perf_counter() if t0 is None else t0
+    runs, pending, ran, succeeded = dict(runs), set(runs), [], 0
     while pending:
         time.sleep(1.0)
         for run_id in list(pending):
             run = instance.get_run_by_id(run_id)
-            if run.status in TERMINAL:
-                pending.discard(run_id)
-                if run.status != dg.DagsterRunStatus.SUCCESS:
-                    raise demo.DemoError(f"{stage.job} {runs[run_id] or ''} {run.status.value} (run {run_id}):\n"
-                                         f"{failure_text(instance, run_id)}")
-                log(f"   [{len(runs) - len(pending)}/{len(runs)}] {stage.job} {runs[run_id] or ''}: "
+            if run.status not in TERMINAL:
+                continue
+            pk = runs[run_id]
+            if run.status == dg.DagsterRunStatus.SUCCESS:
+                succeeded += 1
+                log(f"   [{succeeded}/{len(set(runs.values()))}] {job} {pk or ''}: "
                     f"{time.perf_counter() - t0:.1f} s since submission")
-    return time.perf_counter() - t0, list(runs)
+            else:
+                retry = retry_run_id(run)
+                if retry is None:
+                    raise demo.DemoError(f"{job} {pk or ''} {run.status.value} (run {run_id}):\n"
+                                         f"{failure_text(instance, run_id)}")
+                if not retry:
+                    continue  # the daemon will retry it but has not launched the retry yet
+                log(f"   {job} {pk or ''}: run {run_id} failed "
+                    f"({failure_text(instance, run_id).splitlines()[0]}); the run retry policy "
+                    f"(run_retries in deploy/dagster.yaml) re-executes it as run {retry}")
+                runs[retry] = pk
+                pending.add(retry)
+            pending.discard(run_id)
+            ran.append(run_id)
+    return ran
+
+
+# Run tags the instance and the daemon set on a failed run (dagster.yaml's run_retries).
+WILL_RETRY_TAG, RETRY_RUN_TAG = "dagster/will_retry", "dagster/auto_retry_run_id"
+
+
+def retry_run_id(run: dg.DagsterRun) -> str | None:
+    """For a failed run: the id of the run that retries it, "" while the daemon has yet to
+    launch that retry, None when the run will not be retried (no retries left, or a step failed)."""
+    if run.tags.get(WILL_RETRY_TAG, "").lower() != "true":
+        return None
+    return run.tags.get(RETRY_RUN_TAG, "")
 
 
 def failure_text(instance: dg.DagsterInstance, run_id: str) -> str:
@@ -135,6 +171,11 @@ def failure_text(instance: dg.DagsterInstance, run_id: str) -> str:
     for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records:
         event = record.event_log_entry.dagster_event
         lines.append(f"{event.step_key}: {event.event_specific_data.error.message.strip()}")
+    if not lines:  # no step failed: the run itself did (e.g. Dask gave up on a step: KilledWorker)
+        for record in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records:
+            error = getattr(record.event_log_entry.dagster_event.event_specific_data, "error", None)
+            if error is not None:
+                lines.append(f"{error.cls_name}: {error.message.strip()}")
     return "\n".join(lines) or "see the run's events (dagster-daemon log, or make ui with DAGSTER_HOME=deploy)"
 
 

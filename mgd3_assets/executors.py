@@ -85,16 +85,24 @@ def run_scoped_dask_executor() -> dg.ExecutorDefinition:
     Dask hands the second run the first run's task: the second run's step never executes, yet
     the run reports success. Naming the tasks ``<job>-<run id>.<step>`` keeps them apart; the
     rest is dagster-dask's own code.
+
+    Dask also walks every list, set and tuple among a task's arguments, and Dagster's keys
+    refuse iteration. A run the daemon re-executes (``run_retries``), and its reconstructable
+    job, hold their asset selection as a set: the copies handed to Dask carry frozensets
+    (which Dask leaves alone) instead.
     """
     from dagster_dask import dask_executor
     from dagster_dask.executor import DaskExecutor
 
     class RunScopedDaskExecutor(DaskExecutor):
         def execute(self, plan_context, execution_plan):
-            # DaskExecutor uses plan_context.job_name only for task keys and cluster names.
+            # DaskExecutor uses plan_context.job_name only for task keys and cluster names,
+            # and dagster_run and reconstructable_job only as arguments of each task.
             cls = type(plan_context)
             scoped = type(f"RunScoped{cls.__name__}", (cls,), {
-                "job_name": property(lambda ctx: f"{ctx.dagster_run.job_name}-{ctx.dagster_run.run_id}")})
+                "job_name": property(lambda ctx: f"{ctx.dagster_run.job_name}-{ctx.dagster_run.run_id}"),
+                "dagster_run": property(lambda ctx: _frozen_selections(cls.dagster_run.fget(ctx))),
+                "reconstructable_job": property(lambda ctx: _frozen_selections(cls.reconstructable_job.fget(ctx)))})
             context = copy.copy(plan_context)
             context.__class__ = scoped
             return super().execute(context, execution_plan)
@@ -106,3 +114,10 @@ def run_scoped_dask_executor() -> dg.ExecutorDefinition:
         return RunScopedDaskExecutor(cluster_type, cluster_configuration)
 
     return executor
+
+
+def _frozen_selections(record):
+    """A run or reconstructable job with its asset and asset check selections as frozensets."""
+    fields = {f: frozenset(getattr(record, f)) for f in ("asset_selection", "asset_check_selection")
+              if getattr(record, f) is not None and not isinstance(getattr(record, f), frozenset)}
+    return record._replace(**fields) if fields else record

@@ -130,3 +130,11 @@ def distill_on_dask(partition: str) -> None:
     print(run_id)
     if not success:
         raise SystemExit(f"run {run_id} of {partition} failed: {failure}")
+
+
+def set_allowed_failures(n: int, dask_scheduler=None) -> int:
+    """On the Dask scheduler (``client.run_on_scheduler``): how many times a task may lose its
+    worker before Dask gives up on it (``KilledWorker``); returns the previous value."""
+    previous = dask_scheduler.allowed_failures
+    dask_scheduler.allowed_failures = n
+    return previous

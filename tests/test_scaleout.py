@@ -131,6 +131,45 @@ def test_a_worker_killed_mid_step_is_replaced_and_the_step_rerun_with_the_same_o
     assert _outputs(scaleout.home, set_dir) == before
 
 
+def test_a_step_dask_gives_up_on_fails_its_run_and_the_run_retry_policy_reexecutes_it(scaleout, dask_graph, tmp_path):
+    """Past Dask's allowed-failures (0 here: the first lost worker) the run fails with KilledWorker;
+    the instance's run retry policy (run_retries, deploy/dagster.yaml) has the daemon re-execute
+    it from the failure, and cluster_demo.wait_for_runs follows the retry to its success."""
+    from mgd3_assets import cluster_demo
+    from tests.services import set_allowed_failures, slow_down_distill
+
+    set_dir = f"runs/{scaleout.cfg.name}/distilled/mgd3"
+    before = _outputs(scaleout.home, set_dir)
+    marker, job = tmp_path / "step-started", scaleout.defs.resolve_job_def(demo.DISTILL_JOB)
+    log = []
+    with scaleout.cluster.client() as client:
+        allowed = client.run_on_scheduler(set_allowed_failures, 0)
+        try:
+            w0 = next(a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == "w0")
+            pid = client.run(slow_down_distill, str(marker), 600, workers=[w0])[w0]
+            with cluster_demo.run_queue(scaleout.instance, tmp_path) as submitter:
+                first = submitter.submit(demo.DISTILL_JOB, [dg.AssetKey("distilled_images")],
+                                         demo.partition_tags(job, "0|mgd3"))
+                deadline = time.time() + 180
+                while not marker.exists() and time.time() < deadline:
+                    time.sleep(0.2)
+                assert marker.exists(), "the step never started on w0"
+                os.kill(pid, signal.SIGKILL)  # mid-step; Dask may not rerun it (allowed-failures 0)
+                ran = cluster_demo.wait_for_runs(scaleout.instance, {first: "0|mgd3"}, demo.DISTILL_JOB, log.append)
+        finally:
+            client.run_on_scheduler(set_allowed_failures, allowed)
+    assert len(ran) == 2 and ran[0] == first, log
+    failed, retry = (scaleout.instance.get_run_by_id(r) for r in ran)
+    assert failed.status == dg.DagsterRunStatus.FAILURE and "KilledWorker" in cluster_demo.failure_text(
+        scaleout.instance, first)
+    assert retry.status == dg.DagsterRunStatus.SUCCESS and retry.parent_run_id == first
+    assert retry.tags["dagster/partition"] == "0|mgd3" and "re-executes it as run" in log[0]
+    restarted = scaleout.cluster.worker_pids()["w0"]
+    assert [p for s, p in _step_pids(scaleout.instance, [retry.run_id]) if s == "distilled_images"] == [restarted]
+    assert restarted != pid
+    assert _outputs(scaleout.home, set_dir) == before
+
+
 def test_two_runs_of_one_partition_at_once_take_turns_and_never_mix_outputs(scaleout, dask_graph, tmp_path):
     set_dir = f"runs/{scaleout.cfg.name}/distilled/mgd3"
     before = _outputs(scaleout.home, set_dir)
