@@ -13,6 +13,9 @@ pipeline, so the unguided row is the pipeline's unguided set (modes aside).
 
     MGD3_HOME=<home> .venv/bin/python bench/guidance_sweep.py                     # the default grid
     MGD3_HOME=<home> .venv/bin/python bench/guidance_sweep.py --lambdas 0.1 --t-stops 0,25 --cfg-scales 2
+    # the other levers: mode finders, and lambda fading over the guided steps instead of a hard stop
+    MGD3_HOME=<home> .venv/bin/python bench/guidance_sweep.py --lambdas 0.2 --t-stops 10 \
+        --mode-methods kmeans,gmm,bisecting_kmeans --schedules constant,linear,cosine
 
 Prints one row per setting: validation top-1 of the student (mean +- std over generation seeds),
 the mean latent distance of the images to their own mode, and the share nearest to their own mode;
@@ -51,8 +54,9 @@ def ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v]
 
 
-def fit_modes(cfg, home, ipc: int, gen_seeds: list[int]) -> dict:
-    """Per class id: (class info, fit-split item ids, their latents, {gen seed: fitted ModeFinder})."""
+def fit_modes(cfg, home, ipc: int, gen_seeds: list[int], method: str | None = None) -> dict:
+    """Per class id: (class info, fit-split item ids, their latents, {gen seed: fitted ModeFinder}),
+    with the config's mode finder or ``method`` (kmeans, gmm, bisecting_kmeans)."""
     source = pipeline.open_source(cfg)
     vae_fp = pipeline.get_backbone(cfg, home).vae_fingerprint
     out = {}
@@ -60,7 +64,8 @@ def fit_modes(cfg, home, ipc: int, gen_seeds: list[int]) -> dict:
         store = read_latent_store(latent_store_file(cfg, home, info.id, vae_fp), expected_vae_fingerprint=vae_fp)
         ids = source.items(info.id, "fit")
         lat = np.asarray(store.select(ids), dtype=np.float32)
-        finders = {g: pipeline.mode_finder(cfg, ipc, g, info.id).fit(lat) for g in gen_seeds}
+        finders = {g: pipeline.mode_finder(cfg, ipc, g, info.id).set_params(method=method or cfg.modes.method).fit(lat)
+                   for g in gen_seeds}
         out[info.id] = (info, ids, lat, finders)
     return out
 
@@ -69,6 +74,42 @@ def mode_distances(latents: np.ndarray, centroids: np.ndarray) -> tuple[float, f
     """Mean distance of image i to centroid i, and the share of images nearer to it than to any other."""
     own, other = pipeline._distances(latents, centroids)
     return float(own.mean()), float((own < other).mean())
+
+
+def _score_real(cfg, source, classes: dict, ipc: int, g: int, name: str, score) -> tuple[float, tuple]:
+    """Validation top-1 of a student on random or closest real images (fit split), and their
+    (mean distance to the mode, share nearest to it)."""
+    imgs, labs, dists = [], [], []
+    for cid, (info, ids, lat, finders) in classes.items():
+        finder = finders[g]
+        if name == "closest_real":
+            idx = finder.closest_real(lat)
+        else:
+            idx = np.sort(np.random.default_rng([cfg.seed, g, info.index]).choice(len(ids), ipc, replace=False))
+        imgs.append(source.load(cid, "fit", [ids[i] for i in idx]))
+        labs.append(np.full(ipc, info.index))
+        dists.append(mode_distances(lat[idx], finder.centroids_))
+    return score(np.concatenate(imgs), np.concatenate(labs)), tuple(np.mean(dists, axis=0))
+
+
+def _score_sampled(cfg, backbone, classes: dict, ipc: int, g: int, st: SamplerSettings, score) -> dict:
+    """One generated set (every class, generation seed g, the pipeline's per-image seeds) and its row."""
+    labels, seeds, student_labels = [], [], []
+    centroids = [finders[g].centroids_.reshape(ipc, *lat.shape[1:]) for _, _, lat, finders in classes.values()]
+    for cid, (info, *_rest) in classes.items():
+        labels += [info.label] * ipc
+        seeds += pipeline.image_seeds(cfg, cid, ipc, g)
+        student_labels += [info.index] * ipc
+    t0 = time.perf_counter()
+    out = sample(backbone, labels, seeds, modes=torch.from_numpy(np.concatenate(centroids)), settings=st,
+                 batch_size=cfg.sampler.batch_size)
+    images = pipeline._decode(backbone, out.latents, cfg.sampler.batch_size)
+    sample_s = time.perf_counter() - t0
+    generated = out.latents.numpy()
+    d, share = np.mean([mode_distances(generated[k * ipc:(k + 1) * ipc], c) for k, c in enumerate(centroids)], axis=0)
+    return dict(cfg_scale=st.cfg_scale, guidance_strength=st.guidance_strength, t_stop=st.t_stop, gen_seed=g,
+                val_acc=score(images, np.asarray(student_labels)), dist_to_mode=d, own_mode_nearest=share,
+                sample_s=sample_s)
 
 
 def main() -> None:
@@ -80,6 +121,10 @@ def main() -> None:
                     help="guided while t > t_stop (t counts down from steps-1): 0 = no stop")
     ap.add_argument("--cfg-scales", type=floats, default=None, help="default: the config's sampler.cfg_scale")
     ap.add_argument("--gen-seeds", type=ints, default=None, help="default: the config's generation seeds")
+    ap.add_argument("--mode-methods", type=lambda v: v.split(","), default=None,
+                    help="mode finders to compare, e.g. kmeans,gmm,bisecting_kmeans (default: the config's)")
+    ap.add_argument("--schedules", type=lambda v: v.split(","), default=["constant"],
+                    help="lambda schedules over the guided steps: constant (the paper), linear, cosine")
     ap.add_argument("--epochs", type=int, default=None, help="default: the config's epochs for this IPC")
     ap.add_argument("--train-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
@@ -95,13 +140,14 @@ def main() -> None:
     epochs = args.epochs or cfg.epochs_for_ipc(ipc)
     print(header(threads, extra=f"config {cfg.name} | home {home}"))
     print(f"IPC {ipc}; generation seeds {gen_seeds}; ConvNet hard-label student, {epochs} epochs, training seed "
-          f"{args.train_seed}; scored on the validation split; modes from the fit split ({cfg.modes.method})\n")
+          f"{args.train_seed}; scored on the validation split; modes from the fit split "
+          f"({', '.join(args.mode_methods or [cfg.modes.method])}); lambda schedules {', '.join(args.schedules)}\n")
 
     backbone = pipeline.get_backbone(cfg, home)
-    classes = fit_modes(cfg, home, ipc, gen_seeds)
+    mode_methods = args.mode_methods or [cfg.modes.method]
     source = pipeline.open_source(cfg)
     xv, yv = real_split(cfg, "val")
-    n_classes = len(classes)
+    n_classes = len(pipeline.class_infos(cfg))
 
     def score(images: np.ndarray, labels: np.ndarray) -> float:
         model = build_student("convnet", images.shape[1], n_classes, images.shape[-1], seed=args.train_seed)
@@ -110,57 +156,33 @@ def main() -> None:
                                device=cfg.evaluation.device, evaluations=1)
         return res.final_acc
 
-    settings_list = [("unguided", SamplerSettings(steps=cfg.sampler.steps, cfg_scale=c, guidance_strength=0.0,
-                                                   t_stop=0, kind=cfg.sampler.kind)) for c in cfg_scales]
-    for c in cfg_scales:
-        for lam in args.lambdas:
-            for ts in args.t_stops:
-                settings_list.append((f"lambda {lam:g}, t_stop {ts}",
-                                      SamplerSettings(steps=cfg.sampler.steps, cfg_scale=c, guidance_strength=lam,
-                                                       t_stop=ts, kind=cfg.sampler.kind)))
-
+    guided = [(f"lambda {lam:g}, t_stop {ts}" + ("" if sched == "constant" else f", {sched}"),
+               dict(cfg_scale=c, guidance_strength=lam, t_stop=ts, guidance_schedule=sched))
+              for c in cfg_scales for lam in args.lambdas for ts in args.t_stops for sched in args.schedules]
     runs = []
     t_all = time.perf_counter()
-    for g in [] if args.no_baselines else gen_seeds:  # real baselines: random / closest real images (fit split)
-        for name in ("random_real", "closest_real"):
-            imgs, labs, dists = [], [], []
-            for cid, (info, ids, lat, finders) in classes.items():
-                finder = finders[g]
-                if name == "closest_real":
-                    idx = finder.closest_real(lat)
-                else:
-                    idx = np.sort(np.random.default_rng([cfg.seed, g, info.index]).choice(len(ids), ipc, replace=False))
-                imgs.append(source.load(cid, "fit", [ids[i] for i in idx]))
-                labs.append(np.full(ipc, info.index))
-                dists.append(mode_distances(lat[idx], finder.centroids_))
-            d, share = np.mean(dists, axis=0)
-            acc = score(np.concatenate(imgs), np.concatenate(labs))
-            runs.append(dict(setting=name, cfg_scale=np.nan, guidance_strength=np.nan, t_stop=np.nan, gen_seed=g,
-                             val_acc=acc, dist_to_mode=d, own_mode_nearest=share, sample_s=0.0))
-            print(f"  {name:28s} seed {g}: val {acc:.2f} %  dist {d:.2f}", flush=True)
-
-    for name, st in settings_list:
-        for g in gen_seeds:
-            labels, seeds, student_labels = [], [], []
-            centroids = [finders[g].centroids_.reshape(ipc, *lat.shape[1:]) for _, _, lat, finders in classes.values()]
-            for cid, (info, *_rest) in classes.items():
-                labels += [info.label] * ipc
-                seeds += pipeline.image_seeds(cfg, cid, ipc, g)
-                student_labels += [info.index] * ipc
-            t0 = time.perf_counter()
-            out = sample(backbone, labels, seeds, modes=torch.from_numpy(np.concatenate(centroids)), settings=st,
-                         batch_size=cfg.sampler.batch_size)
-            images = pipeline._decode(backbone, out.latents, cfg.sampler.batch_size)
-            sample_s = time.perf_counter() - t0
-            generated = out.latents.numpy()
-            d, share = np.mean([mode_distances(generated[k * ipc:(k + 1) * ipc], c) for k, c in enumerate(centroids)],
-                               axis=0)
-            acc = score(images, np.asarray(student_labels))
-            runs.append(dict(setting=name, cfg_scale=st.cfg_scale, guidance_strength=st.guidance_strength,
-                             t_stop=st.t_stop, gen_seed=g, val_acc=acc, dist_to_mode=d, own_mode_nearest=share,
-                             sample_s=sample_s))
-            print(f"  {name:28s} CFG {st.cfg_scale:g} seed {g}: val {acc:.2f} %  dist {d:.2f}  "
-                  f"({sample_s:.1f} s sampling)", flush=True)
+    for m_i, method in enumerate(mode_methods):
+        classes = fit_modes(cfg, home, ipc, gen_seeds, method)
+        tag = f"[{method}] " if len(mode_methods) > 1 else ""
+        # unguided sampling and random real images do not depend on the modes: once
+        settings_list = [("unguided", dict(cfg_scale=c, guidance_strength=0.0, t_stop=0))
+                         for c in cfg_scales] if m_i == 0 else []
+        settings_list += [(tag + name, kw) for name, kw in guided]
+        baselines = ([] if args.no_baselines else
+                     ["random_real", "closest_real"] if m_i == 0 else ["closest_real"])
+        for g in gen_seeds if baselines else []:  # real baselines from the fit split
+            for name in baselines:
+                acc, d = _score_real(cfg, source, classes, ipc, g, name, score)
+                runs.append(dict(setting=(tag if name == "closest_real" else "") + name, cfg_scale=np.nan,
+                                 guidance_strength=np.nan, t_stop=np.nan, gen_seed=g, val_acc=acc, dist_to_mode=d[0],
+                                 own_mode_nearest=d[1], sample_s=0.0))
+                print(f"  {runs[-1]['setting']:36s} seed {g}: val {acc:.2f} %  dist {d[0]:.2f}", flush=True)
+        for name, kw in settings_list:
+            st = SamplerSettings(steps=cfg.sampler.steps, kind=cfg.sampler.kind, **kw)
+            for g in gen_seeds:
+                runs.append(dict(setting=name, **_score_sampled(cfg, backbone, classes, ipc, g, st, score)))
+                print(f"  {name:36s} CFG {st.cfg_scale:g} seed {g}: val {runs[-1]['val_acc']:.2f} %  "
+                      f"dist {runs[-1]['dist_to_mode']:.2f}  ({runs[-1]['sample_s']:.1f} s sampling)", flush=True)
 
     df = pd.DataFrame(runs)
     if args.csv:

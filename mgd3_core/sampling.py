@@ -38,8 +38,13 @@ class SamplerSettings:
     t_stop: int = 25
     kind: Literal["ddpm", "ddim"] = "ddpm"
     cfg_channels: int | None = None  # guide the first k noise channels; None = all
+    # How lambda varies over the guided steps t = S-1 ... t_stop+1: "constant" (the paper: lambda,
+    # then a hard stop), or fading from lambda at t = S-1 to 0 at t_stop, "linear" or "cosine".
+    guidance_schedule: Literal["constant", "linear", "cosine"] = "constant"
 
     def __post_init__(self) -> None:
+        if self.guidance_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"guidance_schedule {self.guidance_schedule!r} must be constant, linear or cosine")
         if self.cfg_channels is not None and self.cfg_channels < 1:
             raise ValueError(f"cfg_channels = {self.cfg_channels} must be >= 1 (or None for all channels)")
         if not 0 <= self.t_stop <= self.steps:
@@ -64,9 +69,21 @@ class SamplerSettings:
         """Mode guidance is on for the early steps t = S-1 ... t_stop+1."""
         return self.guidance_strength > 0 and t > self.t_stop
 
+    def strength_at(self, t: int) -> float:
+        """lambda at step t (0 where guidance is off): constant, or faded linearly or along a
+        half cosine from lambda at t = S-1 to 0 at t_stop."""
+        if not self.guided_at(t):
+            return 0.0
+        if self.guidance_schedule == "constant":
+            return self.guidance_strength
+        u = (t - self.t_stop) / max(self.steps - 1 - self.t_stop, 1)  # 1 at t = S-1, -> 0 at t_stop
+        shape = u if self.guidance_schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * u))
+        return self.guidance_strength * shape
+
     def as_dict(self) -> dict:
-        """The settings as manifest columns (``distilled.MANIFEST_COLUMNS``), in that order."""
-        return {
+        """The settings as manifest columns (``distilled.MANIFEST_COLUMNS``), in that order; a
+        schedule other than the paper's constant lambda adds its own column."""
+        row = {
             "lambda": self.guidance_strength,
             "t_stop": self.t_stop,
             "cfg_scale": self.cfg_scale,
@@ -74,6 +91,9 @@ class SamplerSettings:
             "steps": self.steps,
             "sampler": self.kind,
         }
+        if self.guidance_schedule != "constant":
+            row["guidance_schedule"] = self.guidance_schedule
+        return row
 
 
 # --------------------------------------------------------------------------- helpers
@@ -320,7 +340,7 @@ def sample(
             eps = eps.float()
             var = var.float() if var is not None else None
             guided = m is not None and settings.guided_at(t)
-            strength = settings.guidance_strength if guided else 0.0
+            strength = settings.strength_at(t) if guided else 0.0
             if settings.kind == "ddpm":
                 step = guided_ddpm_step(
                     x, eps, t, schedule, noise=z, mode=m if guided else None,

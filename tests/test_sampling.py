@@ -122,6 +122,33 @@ def test_guided_samples_end_closer_to_their_modes_and_distance_shrinks_while_gui
     assert sum(b < a for a, b in zip(guided_steps, guided_steps[1:])) >= 0.8 * (len(guided_steps) - 1)
 
 
+def test_lambda_schedules_fade_guidance_out_by_t_stop_and_constant_is_the_paper():
+    base = SamplerSettings(steps=S, guidance_strength=0.4, t_stop=5)
+    linear = SamplerSettings(**{**base.__dict__, "guidance_schedule": "linear"})
+    cosine = SamplerSettings(**{**base.__dict__, "guidance_schedule": "cosine"})
+    # constant: lambda on every guided step t = S-1 .. t_stop+1, then 0 (the paper's hard stop)
+    assert [base.strength_at(t) for t in (S - 1, 6, 5, 0)] == [0.4, 0.4, 0.0, 0.0]
+    # fades: lambda at t = S-1, decreasing to 0 at t_stop; linear halfway is lambda/2, cosine too
+    for sched in (linear, cosine):
+        values = [sched.strength_at(t) for t in range(S - 1, -1, -1)]
+        assert values[0] == pytest.approx(0.4) and values[-1] == 0.0 and sched.strength_at(5) == 0.0
+        assert all(b <= a for a, b in zip(values, values[1:]))
+    mid = (S - 1 + 5) / 2  # t = 12: u = 1/2
+    assert linear.strength_at(int(mid)) == pytest.approx(0.2) and cosine.strength_at(int(mid)) == pytest.approx(0.2)
+    assert cosine.strength_at(S - 2) > linear.strength_at(S - 2)  # the cosine holds lambda longer
+    # the paper's constant schedule writes the manifest columns it always did; others add theirs
+    assert "guidance_schedule" not in base.as_dict() and linear.as_dict()["guidance_schedule"] == "linear"
+    with pytest.raises(ValueError, match="guidance_schedule 'step' must be constant, linear or cosine"):
+        SamplerSettings(guidance_schedule="step")
+    # sampling: a fading schedule guides less than the constant one, more than none
+    bb = GaussianToyBackbone()
+    labels, seeds, modes = _request(bb, n_per_class=4)
+    dist = {name: (sample(bb, labels, seeds, modes=modes, settings=st).latents - modes).flatten(1).norm(dim=1).mean()
+            for name, st in (("constant", base), ("linear", linear),
+                             ("none", SamplerSettings(**{**base.__dict__, "guidance_strength": 0.0})))}
+    assert dist["constant"] < dist["linear"] < dist["none"]
+
+
 def test_cfg_on_noise_channels_only_and_variance_from_conditional_half():
     bb = GaussianToyBackbone(learned_variance=True)
     x = torch.randn(2, *bb.latent_shape)
