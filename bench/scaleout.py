@@ -14,6 +14,7 @@ vs one of 1 step: (t_K - t_1) / (K - 1) per step; t_1 is one whole run of one no
 
     .venv/bin/python bench/scaleout.py                     # the embedded demo's distill stage
     .venv/bin/python bench/scaleout.py --home H --config C # another materialized experiment
+    .venv/bin/python bench/scaleout.py --methods mgd3      # only one method's partitions (shorter)
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ def step_seconds(instance: dg.DagsterInstance, run_ids) -> list[float]:
             for r in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_SUCCESS).records]
 
 
-def distill_stage(n_workers: int, src: Path, experiment: str) -> tuple[float, int, dict, list[float]]:
-    """(seconds, runs, steps per worker, each step's seconds) of the distill stage on ``n_workers`` workers."""
+def distill_stage(n_workers: int, src: Path, experiment: str,
+                  methods: list[str] | None = None) -> tuple[float, int, dict, list[float]]:
+    """(seconds, runs, steps per worker, each step's seconds) of the distill stage on ``n_workers``
+    workers: every partition, or those of ``methods``."""
     from mgd3_assets import cluster_demo, demo
     from mgd3_assets.definitions import build_definitions
 
@@ -85,7 +88,11 @@ def distill_stage(n_workers: int, src: Path, experiment: str) -> tuple[float, in
             defs = build_definitions()
             stage = next(s for s in demo.STAGES if s.job == demo.DISTILL_JOB)
             with dg.DagsterInstance.get() as instance, cluster_demo.run_queue(instance, logs) as submitter:
-                seconds, run_ids = cluster_demo.run_stage(defs, instance, submitter, stage, log=lambda m: None)
+                job = defs.resolve_job_def(demo.DISTILL_JOB)
+                keys = [pk for pk in job.partitions_def.get_partition_keys()
+                        if methods is None or pk.split("|")[1] in methods]
+                seconds, run_ids = cluster_demo.run_stage(defs, instance, submitter, stage, log=lambda m: None,
+                                                          partitions=set(keys))
                 split = cluster_demo.worker_split(cluster, instance, run_ids)
                 steps = step_seconds(instance, run_ids)
         return seconds, len(run_ids), dict(split), steps
@@ -122,6 +129,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=REPO / "mgd3_home", help="a materialized storage root")
     parser.add_argument("--config", help="its experiment YAML (default: $MGD3_CONFIG or configs/embedded.yaml)")
+    parser.add_argument("--methods", type=lambda v: v.split(","), default=None,
+                        help="only these methods' partitions, e.g. mgd3 (default: the whole stage)")
     args = parser.parse_args()
     if args.config:
         os.environ["MGD3_CONFIG"] = str(Path(args.config).resolve())
@@ -132,7 +141,7 @@ def main() -> int:
     rows, seconds = [], {}
     for n in (1, 2):
         load0 = os.getloadavg()[0]
-        s, runs, split, steps = distill_stage(n, args.home.resolve(), cfg.name)
+        s, runs, split, steps = distill_stage(n, args.home.resolve(), cfg.name, args.methods)
         seconds[n] = s
         # The steps' own time (on the workers) against the stage's: the rest is Dagster's per-run
         # work (queueing, launching a run worker process, loading the code, events) around them.

@@ -104,9 +104,12 @@ def step_pids(instance: dg.DagsterInstance, run_ids) -> list[int]:
             for r in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_START).records]
 
 
-def run_stage(defs, instance, submitter: Submitter, stage: demo.Stage, log=print) -> tuple[float, list[str]]:
-    """Submit every missing or stale partition of ``stage`` at once and wait for all of them."""
-    todo = demo.plan_stage(defs, instance, stage)
+def run_stage(defs, instance, submitter: Submitter, stage: demo.Stage, log=print,
+              partitions=None) -> tuple[float, list[str]]:
+    """Submit every missing or stale partition of ``stage`` (of ``partitions``, when given) at
+    once and wait for all of them."""
+    todo = [(pk, keys) for pk, keys in demo.plan_stage(defs, instance, stage)
+            if partitions is None or pk in partitions]
     if not todo:
         log(f"== {stage.job}: {', '.join(stage.assets)} up to date")
         return 0.0, []
