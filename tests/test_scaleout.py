@@ -218,3 +218,23 @@ def test_the_executor_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("MGD3_EXECUTOR", "spark")
     with pytest.raises(ExecutorConfigError, match="MGD3_EXECUTOR='spark': expected one of in_process, dask"):
         build_executor()
+
+
+def test_comparing_two_storage_roots_sets_aside_wall_times_and_the_hash_cache_only(tmp_path):
+    from mgd3_assets.cluster_demo import compare_homes
+
+    def home(name, seconds, png=b"\x89PNG1", acc="91.4"):
+        root = tmp_path / name
+        for rel, data in {"runs/x/distilled/a.png": png,
+                          "runs/x/students/mgd3.csv": f"method,final_acc,seconds\nmgd3,{acc},{seconds}\n".encode(),
+                          "runs/x/students/runs/k.json": f'{{"row": {{"final_acc": {acc}, "seconds": {seconds}}}}}'.encode(),
+                          f"cache/fingerprints/{seconds}.json": b"{}"}.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+        return root
+
+    a = home("a", 12.5)
+    assert compare_homes(a, home("b", 40.1)) == ([], ["runs/x/students/mgd3.csv", "runs/x/students/runs/k.json"])
+    differences, _ = compare_homes(a, home("c", 12.5, png=b"\x89PNG2", acc="91.5"))
+    assert differences == ["differs: runs/x/distilled/a.png", "differs: runs/x/students/mgd3.csv",
+                           "differs: runs/x/students/runs/k.json"]
