@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import io
+import json
 import os
 import signal
 import sys
@@ -60,10 +63,6 @@ def output_files(home: Path, under: str = "") -> dict[str, bytes]:
 def without_wall_times(name: str, data: bytes):
     """A CSV's rows without its ``seconds`` column, a JSON document without ``seconds`` keys;
     None for other files."""
-    import csv
-    import io
-    import json
-
     def strip(x):
         if isinstance(x, dict):
             return {k: strip(v) for k, v in x.items() if k != WALL_TIME_FIELD}
