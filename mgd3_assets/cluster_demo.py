@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import dagster as dg
 
@@ -76,16 +77,26 @@ def without_wall_times(name: str, data: bytes):
     return None
 
 
-def compare_homes(mine: Path, other: Path) -> tuple[list[str], list[str]]:
-    """(differences, files that differ only in wall-time fields) between two storage roots'
-    outputs; no differences: the same bytes, timings aside."""
+class Comparison(NamedTuple):
+    differences: list[str]  # empty: the same outputs, wall times aside
+    timing_only: list[str]  # files whose bytes differ only in wall-time fields
+    identical: int  # files with the same bytes
+
+
+def compare_homes(mine: Path, other: Path) -> Comparison:
+    """How two storage roots' outputs compare, file by file."""
     a, b = output_files(mine), output_files(other)
-    differ = [k for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
-    timing = [k for k in differ if without_wall_times(k, a[k]) is not None
-              and without_wall_times(k, a[k]) == without_wall_times(k, b[k])]
-    return ([f"only in {mine}: {k}" for k in sorted(a.keys() - b.keys())]
-            + [f"only in {other}: {k}" for k in sorted(b.keys() - a.keys())]
-            + [f"differs: {k}" for k in differ if k not in timing]), timing
+    common = sorted(a.keys() & b.keys())
+    differ = [k for k in common if a[k] != b[k]]
+    timing = []
+    for k in differ:
+        stripped = without_wall_times(k, a[k])
+        if stripped is not None and stripped == without_wall_times(k, b[k]):
+            timing.append(k)
+    return Comparison([f"only in {mine}: {k}" for k in sorted(a.keys() - b.keys())]
+                      + [f"only in {other}: {k}" for k in sorted(b.keys() - a.keys())]
+                      + [f"differs: {k}" for k in differ if k not in timing],
+                      timing, len(common) - len(differ))
 
 
 class Submitter:
@@ -284,8 +295,7 @@ def _run(args) -> int:
     print(f"   {'total':<14} {sum(r[2] for r in report):>4} run(s) {time.perf_counter() - t0:8.1f} s   "
           f"steps per worker: {', '.join(f'{w}: {n}' for w, n in sorted(total_split.items()))}")
     if args.compare:
-        diffs, timing = compare_homes(Path(os.environ["MGD3_HOME"]), args.compare)
-        same = len(output_files(Path(os.environ["MGD3_HOME"]))) - len(diffs) - len(timing)
+        diffs, timing, same = compare_homes(Path(os.environ["MGD3_HOME"]), args.compare)
         print(f"\n== outputs vs {args.compare}: " + (
             f"{same} file(s) byte-identical, {len(timing)} differing only in wall times ({WALL_TIME_FIELD})"
             if not diffs else f"{len(diffs)} difference(s)"))

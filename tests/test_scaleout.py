@@ -234,7 +234,8 @@ def test_comparing_two_storage_roots_sets_aside_wall_times_and_the_hash_cache_on
         return root
 
     a = home("a", 12.5)
-    assert compare_homes(a, home("b", 40.1)) == ([], ["runs/x/students/mgd3.csv", "runs/x/students/runs/k.json"])
-    differences, _ = compare_homes(a, home("c", 12.5, png=b"\x89PNG2", acc="91.5"))
+    assert compare_homes(a, home("b", 40.1)) == ([], ["runs/x/students/mgd3.csv", "runs/x/students/runs/k.json"], 1)
+    differences, _, identical = compare_homes(a, home("c", 12.5, png=b"\x89PNG2", acc="91.5"))
+    assert identical == 0
     assert differences == ["differs: runs/x/distilled/a.png", "differs: runs/x/students/mgd3.csv",
                            "differs: runs/x/students/runs/k.json"]
