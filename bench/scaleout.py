@@ -3,11 +3,17 @@ the Dask executor's per-step scheduling overhead.
 
 The distill stage's inputs (backbone, latent stores, modes) come from a storage root where
 ``make demo`` or ``make cluster-demo`` ran (``--home``, default ``mgd3_home``); each measurement
-copies them into a fresh temporary root, so both start from the same state. For N workers:
-PostgreSQL, a Dask cluster of N workers (1 Dask thread, 1 torch thread, 1 ``accelerator`` each)
-and the Dagster daemon, as ``make cluster-demo`` starts them; every ``distilled_images``
-partition is submitted to the run queue at once; the stage time runs from submission to the last
-run's end. Speedup = time(1 worker) / time(2 workers).
+copies them into a fresh temporary root, so every measurement starts from the same state. For N
+workers: PostgreSQL and a Dask cluster of N workers (1 Dask thread, 1 torch thread, 1
+``accelerator`` each). The runs start in one of two ways:
+
+- the daemon's run queue, as ``make cluster-demo``: every ``distilled_images`` partition is
+  submitted at once and the daemon launches each run in a new process that loads the code;
+- ``make demo``'s runner processes (``mgd3_assets/run_pool.py``), one per worker: started and
+  warm before the clock, each executes run after run.
+
+The stage time runs from the first submission to the last run's end. Speedup = time(1 worker) /
+time(2 workers), each with its own number of runners; and, strictly, with 2 runners on both.
 
 Overhead: a job of K independent no-op steps through the Dask executor on the 2-worker cluster,
 vs one of 1 step: (t_K - t_1) / (K - 1) per step; t_1 is one whole run of one no-op step.
@@ -15,6 +21,7 @@ vs one of 1 step: (t_K - t_1) / (K - 1) per step; t_1 is one whole run of one no
     .venv/bin/python bench/scaleout.py                     # the embedded demo's distill stage
     .venv/bin/python bench/scaleout.py --home H --config C # another materialized experiment
     .venv/bin/python bench/scaleout.py --methods mgd3      # only one method's partitions (shorter)
+    .venv/bin/python bench/scaleout.py --paths demo        # only the runner processes' rows
 """
 
 from __future__ import annotations
@@ -71,12 +78,14 @@ def step_seconds(instance: dg.DagsterInstance, run_ids) -> list[float]:
             for r in instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_SUCCESS).records]
 
 
-def distill_stage(n_workers: int, src: Path, experiment: str,
-                  methods: list[str] | None = None) -> tuple[float, int, dict, list[float]]:
+def distill_stage(n_workers: int, src: Path, experiment: str, methods: list[str] | None = None,
+                  runners: int = 0) -> tuple[float, int, dict, list[float]]:
     """(seconds, runs, steps per worker, each step's seconds) of the distill stage on ``n_workers``
-    workers: every partition, or those of ``methods``."""
+    workers: every partition, or those of ``methods``. ``runners`` 0: submitted to the daemon's run
+    queue (a new run worker process per run); N: executed by N runner processes (``make demo``)."""
     from mgd3_assets import cluster_demo, demo
     from mgd3_assets.definitions import build_definitions
+    from mgd3_assets.run_pool import RunnerPool
 
     home = Path(tempfile.mkdtemp(prefix=f"mgd3-bench-scaleout-{n_workers}w-"))
     logs = home / "logs"
@@ -87,12 +96,21 @@ def distill_stage(n_workers: int, src: Path, experiment: str,
         with cluster_demo.local_deployment(n_workers, 1, logs) as (_, cluster):
             defs = build_definitions()
             stage = next(s for s in demo.STAGES if s.job == demo.DISTILL_JOB)
-            with dg.DagsterInstance.get() as instance, cluster_demo.run_queue(instance, logs) as submitter:
-                job = defs.resolve_job_def(demo.DISTILL_JOB)
-                keys = [pk for pk in job.partitions_def.get_partition_keys()
-                        if methods is None or pk.split("|")[1] in methods]
-                seconds, run_ids = cluster_demo.run_stage(defs, instance, submitter, stage, log=lambda m: None,
-                                                          partitions=set(keys))
+            job = defs.resolve_job_def(demo.DISTILL_JOB)
+            keys = {pk for pk in job.partitions_def.get_partition_keys() if methods is None or pk.split("|")[1] in methods}
+            with dg.DagsterInstance.get() as instance:
+                if runners:
+                    with RunnerPool(runners) as pool:  # started and warm before the clock, like the daemon
+                        todo = [(pk, k) for pk, k in demo.plan_stage(defs, instance, stage) if pk in keys]
+                        t0 = time.perf_counter()
+                        results = pool.run_all(demo.DISTILL_JOB, todo, demo.run_config("WARNING"), {})
+                        seconds = time.perf_counter() - t0
+                    assert all(r[2] for r in results), [r[4] for r in results if not r[2]]
+                    run_ids = [r[3] for r in results]
+                else:
+                    with cluster_demo.run_queue(instance, logs) as submitter:
+                        seconds, run_ids = cluster_demo.run_stage(defs, instance, submitter, stage,
+                                                                  log=lambda m: None, partitions=keys)
                 split = cluster_demo.worker_split(cluster, instance, run_ids)
                 steps = step_seconds(instance, run_ids)
         return seconds, len(run_ids), dict(split), steps
@@ -131,6 +149,8 @@ def main() -> int:
     parser.add_argument("--config", help="its experiment YAML (default: $MGD3_CONFIG or configs/embedded.yaml)")
     parser.add_argument("--methods", type=lambda v: v.split(","), default=None,
                         help="only these methods' partitions, e.g. mgd3 (default: the whole stage)")
+    parser.add_argument("--paths", type=lambda v: v.split(","), default=["daemon", "demo"],
+                        help="how runs start: daemon (the run queue), demo (runner processes); default both")
     args = parser.parse_args()
     if args.config:
         os.environ["MGD3_CONFIG"] = str(Path(args.config).resolve())
@@ -139,19 +159,30 @@ def main() -> int:
     cfg = load_config()
     print(header(1, extra=f"experiment {cfg.name}, inputs from {args.home}"), flush=True)
     rows, seconds = [], {}
-    for n in (1, 2):
+    # (how runs start, workers, runner processes): the daemon's queue as make cluster-demo, and
+    # make demo's runner processes (one per worker; and 2 runners on 1 worker, which overlaps one
+    # run's Dagster work with the other's step, for the strict comparison).
+    plan = [("daemon queue", 1, 0), ("daemon queue", 2, 0), ("demo runners", 1, 1), ("demo runners", 2, 2),
+            ("demo runners", 1, 2)]
+    plan = [p for p in plan if p[0].split()[0] in args.paths]
+    for path, n, runners in plan:
         load0 = os.getloadavg()[0]
-        s, runs, split, steps = distill_stage(n, args.home.resolve(), cfg.name, args.methods)
-        seconds[n] = s
+        s, runs, split, steps = distill_stage(n, args.home.resolve(), cfg.name, args.methods, runners)
+        seconds[path, n, runners] = s
+        base = seconds.get((path, 1, runners if n == 1 else 1 if runners else 0), float("nan"))
         # The steps' own time (on the workers) against the stage's: the rest is Dagster's per-run
         # work (queueing, launching a run worker process, loading the code, events) around them.
-        rows.append([n, runs, f"{s:.1f}", f"{seconds[1] / s:.2f}x", f"{sum(steps):.1f}",
+        rows.append([path, n, runners or "-", runs, f"{s:.1f}", f"{base / s:.2f}x", f"{sum(steps):.1f}",
                      f"{statistics.median(steps):.2f}" if steps else "-", f"{100 * sum(steps) / (n * s):.0f} %",
                      ", ".join(f"{w}: {k}" for w, k in sorted(split.items())),
                      f"{load0:.1f} -> {os.getloadavg()[0]:.1f}"])
-        print(f"{n} worker(s): {s:.1f} s", flush=True)
-    print(markdown_table(["workers", "runs", "distill stage (s)", "speedup", "steps' time on workers (s)",
-                          "median step (s)", "workers busy", "steps per worker", "load avg"], rows))
+        print(f"{path}, {n} worker(s), {runners or '-'} runner(s): {s:.1f} s", flush=True)
+    print(markdown_table(["runs start from", "workers", "runners", "runs", "distill stage (s)",
+                          "speedup vs 1 worker", "steps' time on workers (s)", "median step (s)", "workers busy",
+                          "steps per worker", "load avg"], rows))
+    if ("demo runners", 1, 2) in seconds:
+        print(f"demo runners, 2 workers against 1 worker with 2 runners each: "
+              f"{seconds['demo runners', 1, 2] / seconds['demo runners', 2, 2]:.2f}x")
     one, per_step = noop_overhead()
     print(f"\nno-op step through the Dask executor (2 workers): one run of 1 step {one:.2f} s; "
           f"each further step {per_step * 1000:.0f} ms ({NOOP_STEPS} vs 1 steps, median of 3)")

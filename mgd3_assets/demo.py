@@ -7,12 +7,16 @@ the persistent instance (``$DAGSTER_HOME``, default the repository root, whose
 ``dagster.yaml`` keeps the instance under ``$MGD3_HOME/dagster``), so ``make ui``
 shows everything afterwards. All runs happen in this one Python process, so the
 backbone is loaded once and reused by every partition. With ``MGD3_EXECUTOR=dask``
-(``mgd3_assets/executors.py``) each run's steps go to the Dask cluster instead, one
-run after another; ``make cluster-demo`` runs the partitions of a stage concurrently.
+(``mgd3_assets/executors.py``) each run's steps go to the Dask cluster instead, and a
+stage's runs execute several at once from runner processes that load the code once
+(``run_pool.py``: ``MGD3_PARALLEL_RUNS``, default one per accelerator worker);
+``make cluster-demo`` submits them through the daemon's run queue instead.
 
 Only what is missing or stale is run (as the UI's "Materialize unsynced"): a
 second ``make demo`` with nothing changed runs nothing, and after a class is
-added only that class and the gathering assets run. ``--force`` re-runs all.
+added under a pretrained backbone only that class and the gathering assets run
+(the embedded backbone's key holds the class list: it retrains, and everything
+after it with it). ``--force`` re-runs all.
 At the end it prints the results table and where the report is.
 
 Two demos on one storage root never run at once: the second waits for the
@@ -23,6 +27,7 @@ dataset or storage root found before any run prints that one line and exits 2.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -43,11 +48,12 @@ from mgd3_core.storage import demo_lock_file, storage_root
 from .automation import DEMO_RUN_TAG
 from .dagster_private import is_fresh, stale_status_resolver
 from .dagster_private import reconstructable_job as private_reconstructable_job
-from .executors import uses_dask
+from .executors import ExecutorConfigError, uses_dask
 from .failures import exception_line, root_cause_line
 from .instance import PostgresUnreachable, storage_is_a_server
 from .jobs import (BACKBONE_JOB, DATASET_JOB, DISTILL_JOB, METHOD_SETTINGS_JOB, PER_CLASS_JOB, REPORTS_JOB,
                    STUDENTS_JOB, TEACHER_JOB)
+from .run_pool import RunnerPool, parallel_runs
 
 
 @dataclass(frozen=True)
@@ -126,26 +132,44 @@ def plan_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage,
 
 
 def run_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage, *, force: bool = False,
-              log=print, log_level: str = "INFO") -> StageReport:
+              log=print, log_level: str = "INFO", runners: RunnerPool | None = None) -> StageReport:
+    """Every missing or stale partition of ``stage``: one run after another in this process, or,
+    with ``runners`` (on Dask), as many at once as there are runner processes."""
     job = defs.resolve_job_def(stage.job)
     todo = plan_stage(defs, instance, stage, force)
     report = StageReport(stage.job)
     if not todo:
         log(f"== {stage.job}: {', '.join(stage.assets)} up to date")
         return report
-    log(f"== {stage.job}: {len(todo)} run(s) for {', '.join(stage.assets)}")
+    at_once = f", {min(runners.size, len(todo))} at once" if runners is not None and len(todo) > 1 else ""
+    log(f"== {stage.job}: {len(todo)} run(s) for {', '.join(stage.assets)}{at_once}")
     t0 = time.perf_counter()
-    for i, (pk, keys) in enumerate(todo, 1):
-        t = time.perf_counter()
-        execute = _execute_on_dask if uses_dask() else _execute_in_process
-        success, run_id, failure = execute(job, instance, pk, keys, run_config(log_level))
-        if not success:
-            # The root cause last: it is what a user reads first.
+
+    def done(result) -> None:
+        pk, keys, success, run_id, failure, seconds = result
+        if success:
+            report.partitions.append(pk)
+            log(f"   [{len(report.partitions)}/{len(todo)}] {stage.job} {pk or ''} "
+                f"({', '.join(k.to_user_string() for k in keys)}): {seconds:.1f} s")
+
+    if runners is not None and len(todo) > 1:
+        results = runners.run_all(stage.job, todo, run_config(log_level), _run_tags(), on_done=done)
+    else:
+        results = []
+        for pk, keys in todo:
+            t = time.perf_counter()
+            if uses_dask():
+                outcome = execute_on_dask(job, instance, pk, keys, run_config(log_level), _run_tags())
+            else:
+                outcome = _execute_in_process(job, instance, pk, keys, run_config(log_level))
+            results.append((pk, keys, *outcome, time.perf_counter() - t))
+            done(results[-1])
+            if not outcome[0]:
+                break
+    for pk, _, success, run_id, failure, _ in results:
+        if not success:  # the root cause last: it is what a user reads first
             raise DemoError(f"{stage.job} {pk or ''} failed (run {run_id}; its full trace is in the UI, "
                             f"`make ui`):\n{failure}")
-        log(f"   [{i}/{len(todo)}] {stage.job} {pk or ''} ({', '.join(k.to_user_string() for k in keys)}): "
-            f"{time.perf_counter() - t:.1f} s")
-        report.partitions.append(pk)
     report.runs = len(todo)
     report.seconds = time.perf_counter() - t0
     return report
@@ -168,10 +192,13 @@ def partition_tags(job: dg.JobDefinition, pk: str | None) -> dict:
     return dict(job.partitions_def.get_tags_for_partition_key(pk)) if pk is not None else {}
 
 
-def _execute_on_dask(job, instance, pk, keys, config) -> tuple[bool, str, str]:
-    # execute_in_process always runs in this process; execute_job uses the job's executor.
+def execute_on_dask(job, instance, pk, keys, config, tags: dict | None = None) -> tuple[bool, str, str]:
+    """One run of ``job`` for partition ``pk`` with the job's executor (Dask): the steps run on the
+    workers, this process orchestrates (execute_in_process would run them here). ``tags``: the
+    demo's (who launched the run), by default this process's."""
+    tags = _run_tags() if tags is None else tags
     with dg.execute_job(reconstructable_job(job.name), instance, run_config=config, asset_selection=keys,
-                        tags={**_run_tags(), **partition_tags(job, pk)}, raise_on_error=False) as result:
+                        tags={**tags, **partition_tags(job, pk)}, raise_on_error=False) as result:
         return result.success, result.run_id, "" if result.success else _failure_text(result)
 
 
@@ -227,11 +254,17 @@ def materialize_graph(defs: dg.Definitions, instance: dg.DagsterInstance, *, for
     from mgd3_core.peak_memory import PeakMemory
 
     reports = []
-    for stage in stages:
-        with PeakMemory() as peak:
-            report = run_stage(defs, instance, stage, force=force, log=log, log_level=log_level)
-        report.peak_rss_mib, report.peak_device_mib = peak.rss_mib, peak.device_mib
-        reports.append(report)
+    parallel = parallel_runs() if uses_dask() else 1
+    with contextlib.ExitStack() as stack:
+        runners = None
+        if parallel > 1:
+            log(f"starting {parallel} runner processes: each stage runs up to {parallel} partitions at once")
+            runners = stack.enter_context(RunnerPool(parallel))
+        for stage in stages:
+            with PeakMemory() as peak:
+                report = run_stage(defs, instance, stage, force=force, log=log, log_level=log_level, runners=runners)
+            report.peak_rss_mib, report.peak_device_mib = peak.rss_mib, peak.device_mib
+            reports.append(report)
     return reports
 
 
@@ -268,7 +301,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     try:
         return _run(args.force, args.profile_json)
-    except (ConfigError, DatasetError, LatentStoreError, LockedError, OSError) as e:
+    except (ConfigError, DatasetError, ExecutorConfigError, LatentStoreError, LockedError, OSError) as e:
         # A bad config, dataset or storage root: the message says what to fix; a traceback would
         # only bury it. (Errors inside a run are reported by the run, see _failure_text.)
         print(exception_line(e), file=sys.stderr)

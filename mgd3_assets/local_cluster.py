@@ -220,7 +220,7 @@ class DaskCluster(_Service):
         for name, resources in self.workers.items():
             cmd = [sys.executable, "-m", "distributed.cli.dask_worker", self.address, "--name", name,
                    "--nthreads", "1", "--nworkers", "1", "--host", HOST, "--no-dashboard",
-                   "--local-directory", str(self.root / name)]
+                   "--local-directory", str(self.root / name), "--preload", "mgd3_assets.dask_preload"]
             if resources:
                 cmd += ["--resources", " ".join(f"{k}={v}" for k, v in resources.items())]
             self.procs[name] = self._spawn(name, cmd)

@@ -125,7 +125,7 @@ def distill_on_dask(partition: str) -> None:
     job = build_definitions().resolve_job_def(demo.DISTILL_JOB)
     pk = next(k for k in job.partitions_def.get_partition_keys() if k == partition)
     with dg.DagsterInstance.get() as instance:
-        success, run_id, failure = demo._execute_on_dask(job, instance, pk, [dg.AssetKey("distilled_images")],
+        success, run_id, failure = demo.execute_on_dask(job, instance, pk, [dg.AssetKey("distilled_images")],
                                                          demo.run_config("WARNING"))
     print(run_id)
     if not success:

@@ -4,6 +4,7 @@ compared with the in-process run of the same tiny experiment (``tiny_graph``).
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from mgd3_assets import demo
 from mgd3_assets.cluster_demo import output_files as _outputs
 from mgd3_assets.executors import DASK_RESOURCES_TAG, ExecutorConfigError, build_executor
 from mgd3_assets.local_cluster import free_port
+from mgd3_assets.run_pool import PARALLEL_ENV, parallel_runs
 from mgd3_core import pipeline
 from mgd3_core.config import PROJECT_ROOT
 from mgd3_core.distilled import lineage_of
@@ -115,7 +117,7 @@ def test_a_worker_killed_mid_step_is_replaced_and_the_step_rerun_with_the_same_o
         w0 = next(a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["name"] == "w0")
         pid = client.run(slow_down_distill, str(marker), 600, workers=[w0])[w0]
     outcome = {}
-    run = threading.Thread(target=lambda: outcome.update(result=demo._execute_on_dask(
+    run = threading.Thread(target=lambda: outcome.update(result=demo.execute_on_dask(
         job, scaleout.instance, pk, [dg.AssetKey("distilled_images")], demo.run_config("WARNING"))))
     run.start()
     deadline = time.time() + 120
@@ -190,6 +192,43 @@ def test_two_runs_of_one_partition_at_once_take_turns_and_never_mix_outputs(scal
     assert _outputs(scaleout.home, set_dir) == before  # the same bytes, not a mixture
     pngs = sorted((scaleout.home / set_dir).rglob("images/1/*.png"))
     assert pngs and all(lineage_of(p)["verified"] for p in pngs)
+
+
+def test_the_demo_runs_a_stages_partitions_at_once_from_runner_processes(scaleout, dask_graph, monkeypatch):
+    """make demo on Dask: a stage's runs execute MGD3_PARALLEL_RUNS at a time, each orchestrated by
+    a runner process that loaded the code once, the steps on the workers, the same bytes."""
+    monkeypatch.setenv(PARALLEL_ENV, "2")
+    set_dir = f"runs/{scaleout.cfg.name}/distilled"
+    before = _outputs(scaleout.home, set_dir)
+    stage = next(s for s in demo.STAGES if s.job == demo.DISTILL_JOB)
+    started, lines = datetime.datetime.now(datetime.timezone.utc), []
+    [report] = demo.materialize_graph(scaleout.defs, scaleout.instance, force=True, stages=[stage],
+                                      log=lines.append, log_level="WARNING")
+    records = scaleout.instance.get_run_records(dg.RunsFilter(job_name=demo.DISTILL_JOB, created_after=started))
+    assert report.runs == len(records) == 4 and any("4 run(s)" in line and "2 at once" in line for line in lines)
+    assert {r.dagster_run.status for r in records} == {dg.DagsterRunStatus.SUCCESS}
+    assert sorted(r.dagster_run.tags["dagster/partition"] for r in records) == sorted(report.partitions)
+    # Two runs were in flight together: one started before another had ended.
+    spans = sorted((r.start_time, r.end_time) for r in records)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
+    # Each run was orchestrated by one of two runner processes (neither this one), its steps by the workers.
+    run_ids = [r.dagster_run.run_id for r in records]
+    orchestrators = {r.event_log_entry.dagster_event.pid for run_id in run_ids
+                     for r in scaleout.instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.RUN_START).records}
+    assert len(orchestrators) == 2 and os.getpid() not in orchestrators
+    assert {pid for _, pid in _step_pids(scaleout.instance, run_ids)} <= set(scaleout.cluster.worker_pids().values())
+    assert _outputs(scaleout.home, set_dir) == before
+
+
+def test_how_many_runs_the_demo_executes_at_once(scaleout, monkeypatch):
+    monkeypatch.delenv(PARALLEL_ENV, raising=False)
+    assert parallel_runs() == 1  # one worker of the test cluster has the accelerator resource
+    monkeypatch.setenv(PARALLEL_ENV, "3")
+    assert parallel_runs() == 3
+    for bad in ("0", "two"):
+        monkeypatch.setenv(PARALLEL_ENV, bad)
+        with pytest.raises(ExecutorConfigError, match=f"{PARALLEL_ENV}='{bad}'"):
+            parallel_runs()
 
 
 def test_an_unreachable_postgres_is_one_clear_error_and_nothing_is_written(tmp_path):
