@@ -191,6 +191,9 @@ class ModesConfig(_Strict):
     seed: int = 0
 
 
+GuidanceSchedule = Literal["constant", "linear", "cosine"]
+
+
 class SamplerConfig(_Strict):
     kind: Literal["ddpm", "ddim"] = "ddpm"
     steps: int = Field(default=PAPER_DEFAULTS["steps"], ge=1, le=1000)
@@ -201,6 +204,11 @@ class SamplerConfig(_Strict):
     # CFG on all noise channels (diffusers' DiTPipeline) or the first k, the rest conditional:
     # the DiT / MGD3 reference code (forward_with_cfg) guides 3 of DiT-XL/2's 4 (cfg_channels: 3).
     cfg_channels: Literal["all"] | Annotated[int, Field(ge=1)] = "all"
+    # How lambda varies over the guided steps: "constant" (the paper: lambda, then a hard stop at
+    # t_stop) or fading to 0 at t_stop, "linear" or "cosine" (sampling.SamplerSettings.strength_at).
+    # Left out of dumps while constant, so the method settings' versions of configs written before
+    # the option existed do not change.
+    guidance_schedule: GuidanceSchedule = Field(default="constant", exclude_if=lambda v: v == "constant")
 
     @model_validator(mode="after")
     def _t_stop_in_range(self) -> "SamplerConfig":
@@ -215,6 +223,7 @@ class MethodOverride(_Strict):
     guidance_strength: float | None = Field(default=None, ge=0.0)
     t_stop: int | None = Field(default=None, ge=0)
     cfg_scale: float | None = Field(default=None, ge=0.0)
+    guidance_schedule: GuidanceSchedule | None = None
 
 
 class HardLabelConfig(_Strict):

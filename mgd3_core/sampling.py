@@ -63,6 +63,7 @@ class SamplerSettings:
             t_stop=cfg.t_stop,
             kind=cfg.kind,
             cfg_channels=None if getattr(cfg, "cfg_channels", "all") == "all" else int(cfg.cfg_channels),
+            guidance_schedule=getattr(cfg, "guidance_schedule", "constant"),
         )
 
     def guided_at(self, t: int) -> bool:

@@ -83,6 +83,34 @@ def test_method_settings_share_one_sampler_and_differ_only_in_guidance():
         cfg.sampler_for("random_real")
 
 
+def test_the_lambda_schedule_is_a_sampler_setting_a_method_can_override():
+    from mgd3_assets.versions import method_settings, method_settings_version
+    from mgd3_core.sampling import SamplerSettings
+
+    paper = config_from_dict({})
+    explicit = config_from_dict({"sampler": {"guidance_schedule": "constant"}})
+    faded = config_from_dict({"sampler": {"guidance_schedule": "linear"},
+                              "method_overrides": {"mgd3": {"guidance_schedule": "cosine"}}})
+    assert SamplerSettings.from_config(paper.sampler_for("mgd3")).guidance_schedule == "constant"
+    assert SamplerSettings.from_config(faded.sampler_for("mgd3")).guidance_schedule == "cosine"
+    assert SamplerSettings.from_config(faded.sampler_for("mgd3_no_stop")).guidance_schedule == "linear"
+    # The paper's constant lambda is left out of the settings, so configs written before the option
+    # existed keep their method-settings versions (no distilled partition becomes stale) ...
+    assert "guidance_schedule" not in method_settings(paper, "mgd3")["sampler"]
+    assert method_settings_version(explicit, "mgd3") == method_settings_version(paper, "mgd3")
+    # ... and choosing a fade re-runs the diffusion methods it applies to, only.
+    assert method_settings(faded, "mgd3")["sampler"]["guidance_schedule"] == "cosine"
+    assert method_settings_version(faded, "mgd3") != method_settings_version(paper, "mgd3")
+    assert method_settings_version(faded, "random_real") == method_settings_version(paper, "random_real")
+
+
+def test_an_unknown_lambda_schedule_names_the_key(tmp_path):
+    p = _write(tmp_path, {"method_overrides": {"mgd3": {"guidance_schedule": "exponential"}}})
+    with pytest.raises(ConfigError, match="method_overrides.mgd3.guidance_schedule") as e:
+        load_config(p)
+    assert "'constant', 'linear' or 'cosine'" in str(e.value)
+
+
 @pytest.mark.parametrize("path", sorted((PROJECT_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     cfg = load_config(path)
