@@ -204,18 +204,14 @@ class SamplerConfig(_Strict):
     # CFG on all noise channels (diffusers' DiTPipeline) or the first k, the rest conditional:
     # the DiT / MGD3 reference code (forward_with_cfg) guides 3 of DiT-XL/2's 4 (cfg_channels: 3).
     cfg_channels: Literal["all"] | Annotated[int, Field(ge=1)] = "all"
-    # How lambda varies over the guided steps: "constant" (the paper: lambda, then a hard stop at
-    # t_stop) or fading to 0 at t_stop, "linear" or "cosine" (sampling.SamplerSettings.strength_at).
-    # Left out of dumps while constant, so the method settings' versions of configs written before
-    # the option existed do not change.
+    # lambda over the guided steps (sampling.SamplerSettings.strength_at); left out of dumps while
+    # "constant" (the paper), so method-settings versions from before the option stay the same.
     guidance_schedule: GuidanceSchedule = Field(default="constant", exclude_if=lambda v: v == "constant")
 
     @model_validator(mode="after")
     def _t_stop_in_range(self) -> "SamplerConfig":
         if self.t_stop > self.steps:
-            raise ValueError(
-                f"sampler.t_stop = {self.t_stop} is outside [0, steps = {self.steps}]"
-            )
+            raise ValueError(f"sampler.t_stop = {self.t_stop} is outside [0, steps = {self.steps}]")
         return self
 
 
@@ -333,9 +329,8 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"method_overrides: unknown method(s) {bad}; allowed: {list(ALL_METHODS)}")
         for name, o in self.method_overrides.items():
             if o.t_stop is not None and o.t_stop > self.sampler.steps:
-                raise ValueError(
-                    f"method_overrides.{name}.t_stop = {o.t_stop} is outside [0, steps = {self.sampler.steps}]"
-                )
+                raise ValueError(f"method_overrides.{name}.t_stop = {o.t_stop} is outside "
+                                 f"[0, steps = {self.sampler.steps}]")
         if self.backbone.kind == "embedded":
             factor = 2 ** (len(self.backbone.embedded.vae.block_out_channels) - 1)
             if self.dataset.image_size % factor:

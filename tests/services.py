@@ -84,6 +84,28 @@ def slow_down_distill(marker: str, seconds: float) -> int:
     return os.getpid()
 
 
+def fail_distill_of_class(class_id: str) -> int:
+    """In a Dask worker (``client.run``): ``distill_class`` raises for ``class_id`` (before it
+    writes anything) until ``restore_distill``. Returns the worker's pid."""
+    from mgd3_core import pipeline
+
+    real = pipeline.__dict__.setdefault("_real_distill_class", pipeline.distill_class)
+
+    def failing(cfg, home, method, cid, *args, **kwargs):
+        if cid == class_id:
+            raise RuntimeError(f"injected failure in class {cid}")
+        return real(cfg, home, method, cid, *args, **kwargs)
+
+    pipeline.distill_class = failing
+    return os.getpid()
+
+
+def restore_distill() -> None:
+    from mgd3_core import pipeline
+
+    pipeline.distill_class = pipeline.__dict__.pop("_real_distill_class", pipeline.distill_class)
+
+
 def materialize_with_timeline(partition: str, timeline: str) -> None:
     """In a subprocess: materialize one ``distilled_images`` partition in process on the instance
     of ``$DAGSTER_HOME``, appending to ``timeline`` "<pid> enter|write|done <time>" lines around

@@ -220,6 +220,29 @@ def test_the_demo_runs_a_stages_partitions_at_once_from_runner_processes(scaleou
     assert _outputs(scaleout.home, set_dir) == before
 
 
+def test_a_failed_run_among_parallel_ones_fails_the_stage_naming_its_partition_and_root_cause(
+        scaleout, dask_graph, monkeypatch):
+    from tests.services import fail_distill_of_class, restore_distill
+
+    monkeypatch.setenv(PARALLEL_ENV, "2")
+    set_dir = f"runs/{scaleout.cfg.name}/distilled"
+    before = _outputs(scaleout.home, set_dir)
+    stage = next(s for s in demo.STAGES if s.job == demo.DISTILL_JOB)
+    with scaleout.cluster.client() as client:
+        client.run(fail_distill_of_class, "1")
+    try:
+        with pytest.raises(demo.DemoError) as failed:
+            demo.materialize_graph(scaleout.defs, scaleout.instance, force=True, stages=[stage],
+                                   log=lambda m: None, log_level="WARNING")
+    finally:
+        with scaleout.cluster.client() as client:
+            client.run(restore_distill)
+    message = str(failed.value)
+    assert message.startswith(f"{demo.DISTILL_JOB} 1|") and "failed (run " in message, message
+    assert "injected failure in class 1" in message.splitlines()[-1], message  # the root cause, last
+    assert _outputs(scaleout.home, set_dir) == before  # the failed partitions wrote nothing
+
+
 def test_how_many_runs_the_demo_executes_at_once(scaleout, monkeypatch):
     monkeypatch.delenv(PARALLEL_ENV, raising=False)
     assert parallel_runs() == 1  # one worker of the test cluster has the accelerator resource
