@@ -6,11 +6,12 @@ core's defaults); tests and the benchmarks pass their own.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import dagster as dg
 
-from mgd3_core.config import load_config
+from mgd3_core.config import DEFAULT_CONFIG, load_config
 
 from .assets import build_assets
 from .automation import automation_sensor
@@ -38,6 +39,28 @@ def build_definitions(config_path: str | None = None, home: str | None = None) -
         )
 
 
+_LOADED: dict = {}  # {what the definitions are built from: the definitions}
+
+
+def _built_from() -> tuple:
+    """What ``build_definitions()`` reads: the config file's bytes and the environment
+    (``MGD3_*``, ``DAGSTER_HOME``; the working directory resolves a relative config path)."""
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("MGD3_") or k == "DAGSTER_HOME"))
+    path = os.environ.get("MGD3_CONFIG") or DEFAULT_CONFIG
+    try:
+        text = open(path, "rb").read()
+    except OSError:
+        text = None  # load_config resolves it against the project root, or names the missing file
+    return env, os.getcwd(), text
+
+
 @dg.definitions
 def defs() -> dg.Definitions:
-    return build_definitions()
+    """The code location. A process that loads it again and again (a Dask worker, for each step
+    it executes; a runner of ``make demo``, for each run) builds it once per config and
+    environment: nothing else goes into the definitions (weights are fingerprinted at run time)."""
+    key = _built_from()
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = build_definitions()
+    return _LOADED[key]

@@ -11,7 +11,10 @@ logs land next to the data they describe, whatever launched Dagster
 A deployment shared by a webserver, a daemon and many run and Dask workers keeps
 runs, event logs and schedules in PostgreSQL instead (``deploy/dagster.yaml``,
 ``Mgd3PostgresStorage``): Dagster's own storage, after one check that the server
-answers, so a wrong host or port is one clear error before anything is written.
+answers, so a wrong host or port is one clear error before anything is written, and
+keeping a connection open per instance (dagster-postgres alone opens a new server
+connection for every query: a run's ~100 queries cost the server more CPU than the
+run's orchestration does).
 
 No heavy imports here: the webserver and daemon import this module too.
 """
@@ -25,7 +28,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from dagster_postgres import DagsterPostgresStorage
+from dagster_postgres import (
+    DagsterPostgresStorage,
+    PostgresEventLogStorage,
+    PostgresRunStorage,
+    PostgresScheduleStorage,
+)
 from dagster_postgres.utils import pg_url_from_config
 
 from mgd3_core.storage import dagster_dir, storage_root
@@ -35,6 +43,8 @@ from .dagster_private import (
     DagsterSqliteStorage,
     LocalArtifactStorage,
     LocalComputeLogManager,
+    hold_pg_connections,
+    release_pg_connections,
 )
 
 
@@ -110,8 +120,40 @@ def storage_is_a_server() -> bool:
     return "postgres" in storage or (storage.get("custom") or {}).get("class") == "Mgd3PostgresStorage"
 
 
+def _holding_connections(storage_cls):
+    """``storage_cls`` (a dagster-postgres storage) keeping its connection open until disposed."""
+
+    class Holding(storage_cls):
+        def __init__(self, postgres_url: str, should_autocreate_tables: bool = True):
+            super().__init__(postgres_url, should_autocreate_tables)
+            hold_pg_connections(self, postgres_url)
+
+        def dispose(self) -> None:
+            super().dispose()
+            release_pg_connections(self)
+
+    Holding.__name__ = Holding.__qualname__ = f"Held{storage_cls.__name__}"
+    return Holding
+
+
+HeldPostgresRunStorage = _holding_connections(PostgresRunStorage)
+HeldPostgresEventLogStorage = _holding_connections(PostgresEventLogStorage)
+HeldPostgresScheduleStorage = _holding_connections(PostgresScheduleStorage)
+
+
 class Mgd3PostgresStorage(DagsterPostgresStorage):
-    """Dagster's PostgreSQL run, event-log and schedule storage, after ``check_postgres_reachable``."""
+    """Dagster's PostgreSQL run, event-log and schedule storage, after ``check_postgres_reachable``;
+    each keeps one connection open while the instance lives (``hold_pg_connections``)."""
+
+    def __init__(self, postgres_url: str, should_autocreate_tables: bool = True,
+                 inst_data: ConfigurableClassData | None = None):
+        # DagsterPostgresStorage.__init__ with the storages above (it would connect 3 more times).
+        self.postgres_url, self.should_autocreate_tables = postgres_url, should_autocreate_tables
+        self._inst_data = inst_data
+        self._run_storage = HeldPostgresRunStorage(postgres_url, should_autocreate_tables)
+        self._event_log_storage = HeldPostgresEventLogStorage(postgres_url, should_autocreate_tables)
+        self._schedule_storage = HeldPostgresScheduleStorage(postgres_url, should_autocreate_tables)
+        super(DagsterPostgresStorage, self).__init__()
 
     @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value) -> "Mgd3PostgresStorage":

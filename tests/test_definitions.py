@@ -93,3 +93,24 @@ def test_the_instance_keeps_its_files_under_the_storage_root(monkeypatch, tmp_pa
     assert settings["telemetry"] == {"enabled": False}
     workspace = yaml.safe_load((PROJECT_ROOT / "workspace.yaml").read_text())
     assert workspace["load_from"][0]["python_module"]["module_name"] == "mgd3_assets.definitions"
+
+
+def test_the_code_location_is_built_again_only_when_its_config_or_environment_changes(monkeypatch, tmp_path):
+    # Dask workers load the code location for every step and demo runners for every run: the
+    # same config and environment give the same definitions; any change gives new ones.
+    from mgd3_assets.definitions import defs
+
+    config = write_config(tmp_path / "tiny.yaml", tiny_config())
+    monkeypatch.setenv("MGD3_CONFIG", str(config))
+    monkeypatch.setenv("MGD3_HOME", str(tmp_path / "a"))
+    first = defs()
+    assert defs() is first
+    monkeypatch.setenv("MGD3_HOME", str(tmp_path / "b"))
+    second = defs()
+    assert second is not first
+    edited = tiny_config()
+    edited["dataset"]["classes"] = ["0", "1", "2"]
+    write_config(config, edited)
+    third = defs()
+    assert third is not second
+    assert all_partitions(third)["latent_store"] == ["0", "1", "2"]

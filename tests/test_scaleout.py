@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster_postgres import PostgresRunStorage
 
 from mgd3_assets import demo
 from mgd3_assets.cluster_demo import output_files as _outputs
@@ -58,7 +59,7 @@ def test_the_graph_on_postgres_and_dask_writes_what_the_in_process_run_writes(ti
     reports, _ = dask_graph
     # every stage ran, as in process: the two input observations, then the graph
     assert sum(r.runs for r in reports) == 2 + 1 + 2 + 4 + 1 + 2 + 1
-    assert type(scaleout.instance.run_storage).__name__ == "PostgresRunStorage"
+    assert isinstance(scaleout.instance.run_storage, PostgresRunStorage)
     # Same experiment, same seeds, same torch thread count: the same bytes (PNGs, latent stores,
     # modes, manifests, checkpoints), computed in other processes.
     # The reference graph has every method; this one the tiny config's two (mgd3, random_real).
@@ -301,3 +302,29 @@ def test_comparing_two_storage_roots_sets_aside_wall_times_and_the_hash_cache_on
     assert identical == 0
     assert differences == ["differs: runs/x/distilled/a.png", "differs: runs/x/students/mgd3.csv",
                            "differs: runs/x/students/runs/k.json"]
+
+
+def test_an_instance_on_postgres_keeps_its_connections_open_until_disposed(scaleout):
+    # dagster-postgres alone connects anew for every query (the server forks a process each
+    # time); a run's worth of reads and writes must reuse the instance's open connections.
+    from sqlalchemy import event
+
+    from mgd3_assets.dagster_private import pg_engine
+
+    instance = dg.DagsterInstance.from_config(str(DEPLOY))
+    storages = {"runs": instance.run_storage, "events": instance.event_log_storage,
+                "schedules": instance.schedule_storage}
+    engines = {name: pg_engine(storage) for name, storage in storages.items()}
+    connects = dict.fromkeys(engines, 0)
+    for name, engine in engines.items():
+        event.listen(engine, "connect", lambda *_, name=name: connects.__setitem__(name, connects[name] + 1))
+    run = instance.create_run_for_job(dg.GraphDefinition("connections").to_job())
+    for _ in range(21):
+        instance.report_engine_event("connection test", run)
+        instance.get_runs(limit=5)
+        instance.all_logs(run.run_id)
+        instance.all_instigator_state()
+    assert len(instance.all_logs(run.run_id)) == 21
+    assert connects == {"runs": 1, "events": 1, "schedules": 1}  # 85+ queries each, one connection
+    instance.dispose()
+    assert engines["runs"].pool.checkedin() == 0 and engines["events"].pool.checkedin() == 0  # closed
