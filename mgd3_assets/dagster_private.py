@@ -8,7 +8,7 @@ one fails there, by name, before a demo or the UI breaks.
 - storage classes subclassed by ``instance.py`` (the instance under the storage root);
 - Dagster's own staleness resolver, what the UI's "unsynced" badge shows (``demo.py``);
 - the SQLAlchemy engine of dagster-postgres's storages, which ``instance.py`` replaces with one
-  that keeps its connection open (``hold_pg_connections``);
+  that keeps its connection open (``pooled_pg_engine``, ``use_pg_engine``);
 - a reconstructable job, a workspace and a job subset selector: what ``dagster job launch``
   uses to submit runs to the instance's queue (``cluster_demo.py``, ``demo.py`` on Dask).
 
@@ -28,12 +28,13 @@ __all__ = [
     "DagsterSqliteStorage",
     "LocalArtifactStorage",
     "LocalComputeLogManager",
-    "hold_pg_connections",
     "is_fresh",
     "pg_engine",
+    "pooled_pg_engine",
     "job_subset_selector",
     "reconstructable_job",
     "stale_status_resolver",
+    "use_pg_engine",
     "workspace_process_context",
 ]
 
@@ -82,20 +83,20 @@ def job_subset_selector(location_name: str, repository_name: str, job_name: str,
                              op_selection=None, asset_selection=list(asset_selection))
 
 
-def hold_pg_connections(storage, postgres_url: str, max_overflow: int = 20) -> None:
-    """Give a dagster-postgres run, event-log or schedule storage an engine that keeps one
-    connection open (and up to ``max_overflow`` more while threads query at once) instead of its
-    default, which connects anew for every query. dagster-webserver does the same for itself
-    (``optimize_for_webserver``). Stale connections are replaced (``pool_pre_ping``)."""
+def pooled_pg_engine(postgres_url: str, max_overflow: int = 20):
+    """A SQLAlchemy engine that keeps one connection open (and up to ``max_overflow`` more while
+    threads query at once), replacing stale ones (``pool_pre_ping``); dagster-postgres's storages
+    connect anew for every query instead. dagster-webserver pools the same way for itself
+    (``optimize_for_webserver``)."""
     from sqlalchemy import create_engine
 
-    storage._engine = create_engine(postgres_url, isolation_level="AUTOCOMMIT", pool_size=1,
-                                    max_overflow=max_overflow, pool_recycle=3600, pool_pre_ping=True)
+    return create_engine(postgres_url, isolation_level="AUTOCOMMIT", pool_size=1, max_overflow=max_overflow,
+                         pool_recycle=3600, pool_pre_ping=True)
 
 
-def release_pg_connections(storage) -> None:
-    """Close the connections ``hold_pg_connections`` keeps open."""
-    storage._engine.dispose()
+def use_pg_engine(storage, engine) -> None:
+    """Make a dagster-postgres run, event-log or schedule storage query through ``engine``."""
+    storage._engine = engine
 
 
 def pg_engine(storage):

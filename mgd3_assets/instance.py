@@ -43,8 +43,9 @@ from .dagster_private import (
     DagsterSqliteStorage,
     LocalArtifactStorage,
     LocalComputeLogManager,
-    hold_pg_connections,
-    release_pg_connections,
+    pg_engine,
+    pooled_pg_engine,
+    use_pg_engine,
 )
 
 
@@ -120,17 +121,36 @@ def storage_is_a_server() -> bool:
     return "postgres" in storage or (storage.get("custom") or {}).get("class") == "Mgd3PostgresStorage"
 
 
+_ENGINES: dict = {}  # (storage class, url): the engine this process's instances share
+
+
+def _forget_engines_in_child() -> None:
+    # A forked child must not use its parent's open connections (SQLAlchemy's advice for fork).
+    for engine in _ENGINES.values():
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_engines_in_child)
+
+
 def _holding_connections(storage_cls):
-    """``storage_cls`` (a dagster-postgres storage) keeping its connection open until disposed."""
+    """``storage_cls`` (a dagster-postgres storage) querying through an engine that keeps its
+    connection open and that every instance of this process shares: a Dask worker makes an
+    instance for each step, and a new engine would connect and query the server's settings and
+    tables again each time. The first storage in a process checks the tables (creates them
+    if absent); disposing one closes the engine's idle connection (it reconnects when used)."""
 
     class Holding(storage_cls):
         def __init__(self, postgres_url: str, should_autocreate_tables: bool = True):
-            super().__init__(postgres_url, should_autocreate_tables)
-            hold_pg_connections(self, postgres_url)
+            key = (storage_cls.__name__, postgres_url)
+            super().__init__(postgres_url, should_autocreate_tables and key not in _ENGINES)
+            if key not in _ENGINES:
+                _ENGINES[key] = pooled_pg_engine(postgres_url)
+            use_pg_engine(self, _ENGINES[key])
 
         def dispose(self) -> None:
             super().dispose()
-            release_pg_connections(self)
+            pg_engine(self).dispose()
 
     Holding.__name__ = Holding.__qualname__ = f"Held{storage_cls.__name__}"
     return Holding
@@ -143,7 +163,7 @@ HeldPostgresScheduleStorage = _holding_connections(PostgresScheduleStorage)
 
 class Mgd3PostgresStorage(DagsterPostgresStorage):
     """Dagster's PostgreSQL run, event-log and schedule storage, after ``check_postgres_reachable``;
-    each keeps one connection open while the instance lives (``hold_pg_connections``)."""
+    each keeps one connection open while the instance lives (``_holding_connections``)."""
 
     def __init__(self, postgres_url: str, should_autocreate_tables: bool = True,
                  inst_data: ConfigurableClassData | None = None):

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from mgd3_core.config import PROJECT_ROOT
 
 HOST = "127.0.0.1"
@@ -174,6 +176,24 @@ class PostgresServer(_Service):
 
 
 # ---------------------------------------------------------------------------- Dask
+def dask_worker_config(torch_threads: int | None = None) -> dict:
+    """The Dask settings of this project's workers.
+
+    - The statistical profiler off: it samples each worker thread every 10 ms, and with it the
+      distill steps took ~10 % longer on 2 cores (``bench/scaleout.py``).
+    - Memory checked every second rather than every 100 ms: steps keep nothing in Dask memory.
+    - ``torch_threads``: the nanny sets these for each worker process it (re)starts (Dask's
+      default: 1); torch takes its thread count from OMP_NUM_THREADS.
+    """
+    worker = {"profile": {"enabled": False}, "memory": {"monitor-interval": "1s"}}
+    config = {"distributed": {"worker": worker}}
+    if torch_threads:
+        n = str(int(torch_threads))
+        config["distributed"]["nanny"] = {"pre-spawn-environ": dict.fromkeys(
+            ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), n)}
+    return config
+
+
 @dataclass
 class DaskCluster(_Service):
     """A scheduler and one single-thread worker process per entry of ``workers``
@@ -194,17 +214,10 @@ class DaskCluster(_Service):
 
     def _env(self) -> dict:
         env = {**os.environ, **(self.env or {}), "PYTHONPATH": str(PROJECT_ROOT)}
-        if self.torch_threads:
-            # The nanny sets these for each worker process it (re)starts (Dask's default: 1);
-            # torch takes its thread count from OMP_NUM_THREADS. A config file, since Dask
-            # lower-cases the keys of DASK_* variables.
-            conf = self.root / "dask-config"
-            conf.mkdir(exist_ok=True)
-            n = int(self.torch_threads)
-            (conf / "mgd3.yaml").write_text(
-                "distributed:\n  nanny:\n    pre-spawn-environ:\n"
-                + "".join(f"      {v}: {n}\n" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")))
-            env["DASK_CONFIG"] = str(conf)
+        conf = self.root / "dask-config"
+        conf.mkdir(exist_ok=True)
+        (conf / "mgd3.yaml").write_text(yaml.safe_dump(dask_worker_config(self.torch_threads)))
+        env["DASK_CONFIG"] = str(conf)  # a file, since Dask lower-cases the keys of DASK_* variables
         return env
 
     def start(self) -> "DaskCluster":

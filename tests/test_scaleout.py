@@ -244,6 +244,23 @@ def test_a_failed_run_among_parallel_ones_fails_the_stage_naming_its_partition_a
     assert _outputs(scaleout.home, set_dir) == before  # the failed partitions wrote nothing
 
 
+def test_the_workers_run_without_dasks_profiler_and_with_the_test_processs_torch_threads(scaleout):
+    # Dask's statistical profiler samples the step's thread every 10 ms (steps ~10 % slower on
+    # 2 cores); the nanny gives each worker process the thread count that makes results match.
+    import torch
+
+    def settings():
+        import dask
+
+        return (dask.config.get("distributed.worker.profile.enabled"),
+                dask.config.get("distributed.worker.memory.monitor-interval"), os.environ.get("OMP_NUM_THREADS"))
+
+    with scaleout.cluster.client() as client:
+        found = client.run(settings)
+    assert len(found) == 2
+    assert set(found.values()) == {(False, "1s", str(torch.get_num_threads()))}
+
+
 def test_how_many_runs_the_demo_executes_at_once(scaleout, monkeypatch):
     monkeypatch.delenv(PARALLEL_ENV, raising=False)
     assert parallel_runs() == 1  # one worker of the test cluster has the accelerator resource
@@ -317,6 +334,7 @@ def test_an_instance_on_postgres_keeps_its_connections_open_until_disposed(scale
     engines = {name: pg_engine(storage) for name, storage in storages.items()}
     connects = dict.fromkeys(engines, 0)
     for name, engine in engines.items():
+        engine.dispose()  # shared with the module's instance: start without an open connection
         event.listen(engine, "connect", lambda *_, name=name: connects.__setitem__(name, connects[name] + 1))
     run = instance.create_run_for_job(dg.GraphDefinition("connections").to_job())
     for _ in range(21):
@@ -326,5 +344,11 @@ def test_an_instance_on_postgres_keeps_its_connections_open_until_disposed(scale
         instance.all_instigator_state()
     assert len(instance.all_logs(run.run_id)) == 21
     assert connects == {"runs": 1, "events": 1, "schedules": 1}  # 85+ queries each, one connection
+    # A Dask worker makes an instance per step: the next one shares the engines, and disposing
+    # an instance closes their idle connections, which the next query opens again.
     instance.dispose()
-    assert engines["runs"].pool.checkedin() == 0 and engines["events"].pool.checkedin() == 0  # closed
+    assert engines["runs"].pool.checkedin() == 0 and engines["events"].pool.checkedin() == 0
+    with dg.DagsterInstance.from_config(str(DEPLOY)) as again:
+        assert pg_engine(again.run_storage) is engines["runs"]
+        assert len(again.all_logs(run.run_id)) == 21
+    assert connects["events"] == 2 and engines["events"].pool.checkedin() == 0
