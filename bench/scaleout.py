@@ -22,6 +22,7 @@ vs one of 1 step: (t_K - t_1) / (K - 1) per step; t_1 is one whole run of one no
     .venv/bin/python bench/scaleout.py --home H --config C # another materialized experiment
     .venv/bin/python bench/scaleout.py --methods mgd3      # only one method's partitions (shorter)
     .venv/bin/python bench/scaleout.py --paths demo        # only the runner processes' rows
+    .venv/bin/python bench/scaleout.py --dask-profiler     # workers with Dask's profiler on
 """
 
 from __future__ import annotations
@@ -151,13 +152,18 @@ def main() -> int:
                         help="only these methods' partitions, e.g. mgd3 (default: the whole stage)")
     parser.add_argument("--paths", type=lambda v: v.split(","), default=["daemon", "demo"],
                         help="how runs start: daemon (the run queue), demo (runner processes); default both")
+    parser.add_argument("--dask-profiler", action="store_true",
+                        help="workers with Dask's statistical profiler on (the local clusters turn it off)")
     args = parser.parse_args()
+    if args.dask_profiler:
+        os.environ["DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"] = "True"  # over the clusters' config file
     if args.config:
         os.environ["MGD3_CONFIG"] = str(Path(args.config).resolve())
     from mgd3_core.config import load_config
 
     cfg = load_config()
-    print(header(1, extra=f"experiment {cfg.name}, inputs from {args.home}"), flush=True)
+    print(header(1, extra=f"experiment {cfg.name}, inputs from {args.home}"
+                 + (", Dask profiler on" if args.dask_profiler else "")), flush=True)
     rows, seconds = [], {}
     # (how runs start, workers, runner processes): the daemon's queue as make cluster-demo, and
     # make demo's runner processes (one per worker; and 2 runners on 1 worker, which overlaps one

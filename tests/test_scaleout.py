@@ -245,8 +245,8 @@ def test_a_failed_run_among_parallel_ones_fails_the_stage_naming_its_partition_a
 
 
 def test_the_workers_run_without_dasks_profiler_and_with_the_test_processs_torch_threads(scaleout):
-    # Dask's statistical profiler samples the step's thread every 10 ms (steps ~10 % slower on
-    # 2 cores); the nanny gives each worker process the thread count that makes results match.
+    # The local clusters' Dask settings (local_cluster.dask_worker_config) reach the worker
+    # processes, including the thread count that makes their results match this process's.
     import torch
 
     def settings():
