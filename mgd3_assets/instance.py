@@ -12,9 +12,9 @@ A deployment shared by a webserver, a daemon and many run and Dask workers keeps
 runs, event logs and schedules in PostgreSQL instead (``deploy/dagster.yaml``,
 ``Mgd3PostgresStorage``): Dagster's own storage, after one check that the server
 answers, so a wrong host or port is one clear error before anything is written, and
-keeping a connection open per instance (dagster-postgres alone opens a new server
-connection for every query: a run's ~100 queries cost the server more CPU than the
-run's orchestration does).
+keeping its connections open (dagster-postgres alone opens a new server connection
+for every query; on the distill stage the server then spent 0.7 s of CPU per run,
+against the orchestrating process's 0.25 s).
 
 No heavy imports here: the webserver and daemon import this module too.
 """
