@@ -6,8 +6,10 @@ distilled set with the hard-label protocol -- but on the *validation* split, nev
 and with modes found on the "fit" split (train minus validation), so choosing a setting here does
 not leak into the test figures of the report.
 
-Needs a materialized backbone and latent stores for the config (``make demo`` or the
-``backbone`` and ``latent_store`` assets); samples every class in one batched call per setting and
+Uses the config's backbone and latent stores in ``MGD3_HOME`` (``make demo`` or the ``backbone`` and
+``latent_store`` assets materialize them); where they are missing -- e.g. a copy of the config with
+another backbone recipe in an empty home -- it trains and encodes them first, as those assets would,
+so their time is not part of the sweep's total. Samples every class in one batched call per setting and
 generation seed (batch ``sampler.batch_size``, across classes), with the same per-image seeds as the
 pipeline, so the unguided row is the pipeline's unguided set (modes aside).
 
@@ -143,6 +145,11 @@ def main() -> None:
           f"{args.train_seed}; scored on the validation split; modes from the fit split "
           f"({', '.join(args.mode_methods or [cfg.modes.method])}); lambda schedules {', '.join(args.schedules)}\n")
 
+    t_prep = time.perf_counter()
+    pipeline.ensure_backbone(cfg, home)  # no-op when trained (same key), else trains it
+    for info in pipeline.class_infos(cfg):
+        pipeline.encode_latents(cfg, home, info.id)  # reuses a valid store of the same images
+    print(f"backbone and latent stores ready in {time.perf_counter() - t_prep:.0f} s")
     backbone = pipeline.get_backbone(cfg, home)
     mode_methods = args.mode_methods or [cfg.modes.method]
     source = pipeline.open_source(cfg)
