@@ -244,7 +244,9 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
         batch = ev.hard.batch_size if protocol == "hard" else ev.soft.batch_size
         probe = build_student(student, x.shape[1], len(np.unique(test[1])), x.shape[-1])
         micro = _micro_batch(cfg, probe, x, batch)
-        key = _run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest, micro)
+        # The teacher enters only soft-label runs' keys: adding or retraining it keeps hard runs.
+        key = _run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest if protocol == "soft" else None,
+                       micro)
         record_path = runs_dir / f"{key}.json"
         done = _load_run(record_path)
         if done is not None:

@@ -85,6 +85,32 @@ def test_an_added_seed_or_a_changed_set_or_setting_retrains_exactly_what_changed
     assert len(state["calls"]) == 4
 
 
+def test_adding_soft_labels_or_retraining_the_teacher_keeps_the_hard_label_runs(sweep, monkeypatch):
+    run, state, _, _ = sweep
+    import torch
+
+    teacher = {"net": torch.nn.Linear(2, 2)}
+    monkeypatch.setattr(evaluate, "load_teacher", lambda cfg, home: teacher["net"])
+    soft_calls = []
+
+    def fake_soft(model, x, teacher_net, xt, yt, *, cfg, epochs, seed, **kw):
+        soft_calls.append((len(x), float(teacher_net.weight.detach().sum())))
+        return TrainResult(final_acc=50.0, best_acc=50.0, best_epoch=epochs, epochs=epochs, seconds=0.0, history=[])
+
+    monkeypatch.setattr(training, "train_soft_label", fake_soft)
+    run()
+    assert len(state["calls"]) == 4
+    state["calls"].clear()
+    both = run(protocols=["hard", "soft"])
+    assert state["calls"] == [] and len(soft_calls) == 4    # hard runs reused, soft ones trained
+    assert sorted(both.protocol.value_counts().items()) == [("hard", 4), ("soft", 4)]
+    soft_calls.clear()
+    with torch.no_grad():
+        teacher["net"].weight.add_(1.0)                      # a retrained teacher: new soft labels
+    run(protocols=["hard", "soft"])
+    assert state["calls"] == [] and len(soft_calls) == 4    # only the soft runs again
+
+
 def test_a_torn_record_is_trained_again(sweep):
     run, state, _, home = sweep
     run()
