@@ -166,14 +166,16 @@ def _run_key(cfg: ExperimentConfig, spec: dict, train_digest: str, test_digest: 
              teacher_digest: str | None, micro_batch: int | None = None) -> str:
     """Everything a student run's result depends on: the run's settings, the protocol's
     hyper-parameters, the exact training and test images, the teacher's weights (soft
-    labels), and the code and torch versions."""
+    labels), and the code and torch versions. A hard-label run does not depend on the teacher:
+    adding soft labels or retraining the teacher keeps its key."""
     ev = cfg.evaluation
-    protocol_cfg = ev.hard if spec["protocol"] == "hard" else ev.soft
+    soft = spec["protocol"] == "soft"
+    protocol_cfg = ev.soft if soft else ev.hard
     payload = dict(spec, version=STUDENT_RUN_VERSION, torch=torch.__version__, device=str(ev.device),
                    evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
                    orientation_sensitive=cfg.dataset.orientation_sensitive,
                    protocol_cfg=protocol_cfg.model_dump(mode="json"), train=train_digest,
-                   test=test_digest, teacher=teacher_digest)
+                   test=test_digest, teacher=teacher_digest if soft else None)
     protocol_batch = protocol_cfg.batch_size
     if micro_batch is not None and micro_batch < protocol_batch:
         # Accumulated micro-batches: the same update up to rounding for instance-norm students,
@@ -244,9 +246,7 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
         batch = ev.hard.batch_size if protocol == "hard" else ev.soft.batch_size
         probe = build_student(student, x.shape[1], len(np.unique(test[1])), x.shape[-1])
         micro = _micro_batch(cfg, probe, x, batch)
-        # The teacher enters only soft-label runs' keys: adding or retraining it keeps hard runs.
-        key = _run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest if protocol == "soft" else None,
-                       micro)
+        key = _run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest, micro)
         record_path = runs_dir / f"{key}.json"
         done = _load_run(record_path)
         if done is not None:
