@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mgd3_core.backbones import BackboneFilesError, BackboneMismatchError
+from mgd3_core.backbones.diffusers_backbone import runtime_identity
 from mgd3_core.backbones.stable_diffusion import (
     StableDiffusionFiles,
     load_stable_diffusion,
@@ -224,6 +225,35 @@ def test_fingerprint_covers_every_component(sd_root, tmp_path):
     new, new_vae = StableDiffusionFiles(root, GEN).fingerprints()
     assert new not in seen and new_vae != vae_fp
     assert StableDiffusionFiles(root, 2 * GEN).fingerprints()[1] != new_vae  # another latent space
+
+
+def test_dtype_and_device_kind_are_part_of_the_fingerprints(sd_root, backbone):
+    """The same files run in bfloat16 (or on a GPU) give other latents and images: other
+    fingerprints, so their latent stores and distilled sets are kept apart and re-made."""
+    files = StableDiffusionFiles(sd_root, GEN)
+    assert files.fingerprints(runtime_identity("cpu", torch.float32)) == files.fingerprints() == (
+        backbone.fingerprint, backbone.vae_fingerprint)  # float32 on the CPU: the fingerprints as before
+    bf16 = load_stable_diffusion(sd_root, class_prompts=PROMPTS, image_size=IMAGE, generation_size=GEN,
+                                 dtype=torch.bfloat16)
+    assert (bf16.fingerprint, bf16.vae_fingerprint) == files.fingerprints(runtime_identity("cpu", torch.bfloat16))
+    assert bf16.fingerprint != backbone.fingerprint and bf16.vae_fingerprint != backbone.vae_fingerprint
+    on_gpu = files.fingerprints(runtime_identity("cuda:1", torch.float32))
+    assert on_gpu == files.fingerprints(runtime_identity("cuda", torch.float32))  # the kind, not the index
+    assert len({on_gpu[0], bf16.fingerprint, backbone.fingerprint}) == 3
+
+
+@pytest.mark.parametrize("component, weights", [("unet", "diffusion_pytorch_model.safetensors"),
+                                                ("text_encoder", "model.safetensors")])
+def test_weights_lacking_a_parameter_are_refused_not_initialised_at_random(sd_root, tmp_path, component, weights):
+    from safetensors.torch import load_file, save_file
+
+    root = _copy(sd_root, tmp_path)
+    tensors = load_file(root / component / weights)
+    dropped = sorted(k for k in tensors if k.endswith(".weight"))[-1]
+    del tensors[dropped]
+    save_file(tensors, root / component / weights)
+    with pytest.raises(BackboneMismatchError, match=rf"{component}: .*missing from the weights.*{dropped}"):
+        load_stable_diffusion(root, class_prompts=PROMPTS, image_size=IMAGE, generation_size=GEN)
 
 
 def test_stop_guidance_in_scheduler_units():

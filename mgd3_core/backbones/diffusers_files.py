@@ -169,22 +169,29 @@ def check_class_name(config: dict, config_path: Path, allowed: tuple[str, ...]) 
         )
 
 
-def load_pretrained(model_cls, component_dir: Path, dtype):
+def load_pretrained(model_cls, component_dir: Path, dtype, *, library: str = "diffusers"):
     """``model_cls.from_pretrained`` on a local component directory, refusing weights that
     do not fit its ``config.json``.
 
-    diffusers initialises parameters that the weights lack at random and only
-    warns; a transformer whose config asks for more layers than its weights hold
-    would then load "successfully" and sample noise. Raises BackboneFilesError
-    (unloadable files) or BackboneMismatchError (missing, unexpected or
-    differently shaped parameters), naming the directory.
+    diffusers and transformers initialise parameters that the weights lack at
+    random and only warn; a transformer whose config asks for more layers than
+    its weights hold would then load "successfully" and sample noise. Raises
+    BackboneFilesError (unloadable files) or BackboneMismatchError (missing,
+    unexpected or differently shaped parameters), naming the directory.
+    ``library``: ``"diffusers"`` (DiT, UNet, VAE) or ``"transformers"`` (the
+    text encoder), whose ``from_pretrained`` spell the dtype differently.
     """
     name = model_cls.__name__
+    if library == "diffusers":
+        # low_cpu_mem_usage: the faster path needs `accelerate`, not a dependency.
+        options = {"torch_dtype": dtype, "low_cpu_mem_usage": False}
+    elif library == "transformers":
+        options = {"dtype": dtype}
+    else:
+        raise ValueError(f"load_pretrained: library must be 'diffusers' or 'transformers', not {library!r}")
     try:
         model, info = model_cls.from_pretrained(
-            component_dir, local_files_only=True, use_safetensors=True, torch_dtype=dtype,
-            low_cpu_mem_usage=False,  # the faster path needs `accelerate`, not a dependency
-            output_loading_info=True,
+            component_dir, local_files_only=True, use_safetensors=True, output_loading_info=True, **options,
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise BackboneFilesError(f"{component_dir}: cannot load {name} ({e})") from e

@@ -22,8 +22,6 @@ at timestep round(t (T-1) / (S-1)): t_stop 25 of 50 stops guidance at timestep
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from functools import partial
 from pathlib import Path
@@ -33,18 +31,10 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
 from .base import experiment_of
-from .diffusers_backbone import DTYPES, _on
-from .diffusers_files import (SCHEDULER_CONFIG_NAME, BackboneFilesError, BackboneMismatchError, check_class_name,
-                              component_fingerprint, files_fingerprint, read_json, resolve_component_dir,
-                              weight_files)
-from .schedule import betas_from_scheduler_config
-from .vae import find_vae_dir, load_vae, vae_downsampling_factor
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-TEXT_WEIGHTS_NAME = "model.safetensors"
-TEXT_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
-WHAT = "backbone.stable_diffusion.pipeline_dir"
+from .diffusers_backbone import DTYPES, _on, runtime_identity
+from .diffusers_files import BackboneFilesError, BackboneMismatchError, load_pretrained
+from .sd_files import WHAT, StableDiffusionFiles
+from .vae import load_vae
 
 
 def stop_step_for_timestep(timestep: int, steps: int, num_train_timesteps: int = 1000) -> int:
@@ -55,114 +45,6 @@ def stop_step_for_timestep(timestep: int, steps: int, num_train_timesteps: int =
         return 0
     stride = (num_train_timesteps - 1) / (steps - 1)
     return max(t for t in range(steps) if round(t * stride) <= timestep) if timestep >= 0 else 0
-
-
-# --------------------------------------------------------------------------- files
-def _tokenizer_files(tok_dir: Path) -> list[Path]:
-    """Every file of the tokenizer folder (vocabulary, merges, settings): all shape the prompt."""
-    if not tok_dir.is_dir():
-        raise BackboneFilesError(f"{tok_dir}: tokenizer folder missing; expected {list(TOKENIZER_FILES)}")
-    missing = [n for n in TOKENIZER_FILES if not (tok_dir / n).is_file()]
-    if missing:
-        raise BackboneFilesError(f"{tok_dir}: missing {missing}; a CLIP tokenizer needs {list(TOKENIZER_FILES)}")
-    return sorted(p for p in tok_dir.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-class StableDiffusionFiles:
-    """The components of one SD-1.x pipeline root, checked against each other without
-    loading any weights (names the file and the values on a mismatch)."""
-
-    def __init__(self, root: str | os.PathLike, generation_size: int):
-        self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise BackboneFilesError(
-                f"{WHAT} = {self.root}: directory does not exist; point it at a local copy of an SD-1.x "
-                "pipeline in the diffusers layout (unet/, text_encoder/, tokenizer/, vae/, scheduler/)"
-            )
-        missing = [c for c in ("unet", "text_encoder", "tokenizer", "vae", "scheduler") if not (self.root / c).is_dir()]
-        if missing:
-            raise BackboneFilesError(f"{WHAT} = {self.root}: missing component folder(s) {missing}")
-        self.unet_dir = resolve_component_dir(self.root / "unet", "unet", f"{WHAT}/unet")
-        self.unet_config = read_json(self.unet_dir / "config.json")
-        check_class_name(self.unet_config, self.unet_dir / "config.json", ("UNet2DConditionModel",))
-        weight_files(self.unet_dir)
-        self.text_dir = resolve_component_dir(self.root / "text_encoder", "text_encoder", f"{WHAT}/text_encoder")
-        self.text_config = read_json(self.text_dir / "config.json")
-        archs = self.text_config.get("architectures") or ["CLIPTextModel"]
-        if "CLIPTextModel" not in archs:
-            raise BackboneFilesError(
-                f"{self.text_dir / 'config.json'}: architectures {archs}, expected CLIPTextModel (SD 1.x)"
-            )
-        self.text_files = [self.text_dir / "config.json"] + weight_files(
-            self.text_dir, TEXT_WEIGHTS_NAME, TEXT_WEIGHTS_INDEX_NAME)
-        self.tokenizer_dir = (self.root / "tokenizer").resolve()
-        self.tokenizer_files = _tokenizer_files(self.tokenizer_dir)
-        self.vae_dir = find_vae_dir(self.root / "vae", f"{WHAT}/vae")
-        self.vae_config = read_json(self.vae_dir / "config.json")
-        self.scheduler_path = self.root / "scheduler" / SCHEDULER_CONFIG_NAME
-        self.scheduler_config = read_json(self.scheduler_path)
-        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise BackboneMismatchError(
-                f"{self.scheduler_path}: prediction_type {self.prediction_type!r}; supported: {list(PREDICTION_TYPES)}"
-            )
-        # The betas alone: the prediction type is handled here (eps or v), not by that helper.
-        self.betas = betas_from_scheduler_config(
-            {**self.scheduler_config, "prediction_type": "epsilon"}, str(self.scheduler_path)
-        )
-        self.generation_size = int(generation_size)
-        self._check_shapes()
-
-    def _check_shapes(self) -> None:
-        u, t, v = self.unet_config, self.text_config, self.vae_config
-        ucfg, tcfg, vcfg = (d / "config.json" for d in (self.unet_dir, self.text_dir, self.vae_dir))
-        c_in, c_out = int(u.get("in_channels", 4)), int(u.get("out_channels", 4))
-        if c_in != int(v.get("latent_channels", 4)):
-            raise BackboneMismatchError(
-                f"{ucfg}: in_channels = {c_in} does not match latent_channels = {v.get('latent_channels')} of "
-                f"{vcfg}; use the VAE the UNet was trained with"
-            )
-        if c_out != c_in:
-            raise BackboneMismatchError(
-                f"{ucfg}: out_channels = {c_out} != in_channels = {c_in}; the sampler needs a fixed-variance "
-                "epsilon or v model (an inpainting UNet does not fit)"
-            )
-        cross = u.get("cross_attention_dim")
-        hidden = int(t.get("hidden_size", -1))
-        if isinstance(cross, (list, tuple)) or int(cross or -1) != hidden:
-            raise BackboneMismatchError(
-                f"{ucfg}: cross_attention_dim = {cross} does not match hidden_size = {hidden} of the text "
-                f"encoder in {tcfg}; use the text encoder the UNet was trained with"
-            )
-        factor = vae_downsampling_factor(v)
-        # The UNet halves the latent once per down block after the first.
-        unet_factor = 2 ** (len(u.get("down_block_types", [])) - 1)
-        if self.generation_size % (factor * unet_factor):
-            raise BackboneMismatchError(
-                f"backbone.stable_diffusion.generation_size = {self.generation_size} px is not divisible by "
-                f"{factor * unet_factor} (VAE factor {factor} in {vcfg} x UNet factor {unet_factor} in {ucfg})"
-            )
-        self.latent_shape = (c_in, self.generation_size // factor, self.generation_size // factor)
-
-    def fingerprints(self) -> tuple[str, str]:
-        """(backbone fingerprint, VAE fingerprint). The backbone's covers the UNet, the text
-        encoder, every tokenizer file, the VAE, the scheduler config and the generation size;
-        the VAE's (which keys latent stores) the VAE and the generation size it encodes at."""
-        vae_fp = component_fingerprint(self.vae_dir)
-        parts = {
-            "unet": component_fingerprint(self.unet_dir),
-            "text_encoder": files_fingerprint(self.text_files),
-            "tokenizer": files_fingerprint(self.tokenizer_files),
-            "vae": vae_fp,
-            "scheduler": files_fingerprint([self.scheduler_path]),
-            "generation_size": self.generation_size,
-        }
-        latent_space = {"vae": vae_fp, "generation_size": self.generation_size}
-        return _short_hash(parts), _short_hash(latent_space)
-
-
-def _short_hash(obj: dict) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- the backbone
@@ -188,7 +70,7 @@ class StableDiffusionBackbone:
         self.vae = _on(vae, device, dtype)
         self.tokenizer = tokenizer
         self.files = files
-        self.fingerprint, self.vae_fingerprint = files.fingerprints()
+        self.fingerprint, self.vae_fingerprint = files.fingerprints(runtime_identity(device, dtype))
         self.prediction_type = files.prediction_type
         self.class_prompts = {int(k): str(p) for k, p in sorted(class_prompts.items())}
         self.negative_prompt = negative_prompt
@@ -300,14 +182,6 @@ class StableDiffusionBackbone:
 
 
 # --------------------------------------------------------------------------- loading
-def _from_pretrained(cls, path: Path, **kwargs):
-    """``cls.from_pretrained`` on local files only; a failure names the folder and the class."""
-    try:
-        return cls.from_pretrained(path, local_files_only=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise BackboneFilesError(f"{path}: cannot load {cls.__name__} ({e})") from e
-
-
 def load_stable_diffusion(
     pipeline_dir: str | os.PathLike, *, class_prompts: dict[int, str], image_size: int,
     generation_size: int = 512, negative_prompt: str = "", device: str | torch.device = "cpu",
@@ -320,10 +194,14 @@ def load_stable_diffusion(
 
     files = StableDiffusionFiles(pipeline_dir, generation_size)
     # low_cpu_mem_usage: the faster path needs `accelerate`, not a dependency.
-    unet = _from_pretrained(UNet2DConditionModel, files.unet_dir, use_safetensors=True, torch_dtype=dtype,
-                            low_cpu_mem_usage=False)
-    text_encoder = _from_pretrained(CLIPTextModel, files.text_dir, use_safetensors=True, dtype=dtype)
-    tokenizer = _from_pretrained(CLIPTokenizer, files.tokenizer_dir)
+    # Weights that lack a parameter of the config (a truncated or mismatched file) are refused,
+    # not initialised at random (load_pretrained).
+    unet = load_pretrained(UNet2DConditionModel, files.unet_dir, dtype)
+    text_encoder = load_pretrained(CLIPTextModel, files.text_dir, dtype, library="transformers")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(files.tokenizer_dir, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BackboneFilesError(f"{files.tokenizer_dir}: cannot load CLIPTokenizer ({e})") from e
     if len(tokenizer) > int(files.text_config.get("vocab_size", 0)):
         raise BackboneMismatchError(
             f"{files.tokenizer_dir}: {len(tokenizer)} tokens but the text encoder in {files.text_dir} has "
@@ -357,6 +235,14 @@ def prompts_of_classes(cfg) -> dict[int, str]:
     return prompts
 
 
+def class_conditions(cfg) -> dict[str, str]:
+    """{class id: its prompt}: renaming a class re-makes its images (``mgd3_assets.versions.class_version``)."""
+    from ..data import open_dataset
+
+    fill = cfg.backbone.stable_diffusion.prompt_template.format
+    return {c.id: fill(name=c.name) for c in open_dataset(cfg.dataset).classes()}
+
+
 def _experiment(cfg):
     return experiment_of(cfg, "the stable_diffusion backbone is prompted with the dataset's class names")
 
@@ -387,8 +273,10 @@ def load(cfg, home: Path | None = None) -> StableDiffusionBackbone:
 
 def fingerprint(cfg, home: Path | None = None, which: int = 0) -> str:
     """The fingerprint ``load`` would give (``which`` 1: its VAE's), without loading weights."""
-    sd = _experiment(cfg).backbone.stable_diffusion
-    return StableDiffusionFiles(sd.pipeline_dir, sd.generation_size).fingerprints()[which]
+    backbone = _experiment(cfg).backbone
+    sd = backbone.stable_diffusion
+    runtime = runtime_identity(backbone.device, DTYPES[backbone.dtype])
+    return StableDiffusionFiles(sd.pipeline_dir, sd.generation_size).fingerprints(runtime)[which]
 
 
 vae_fingerprint = partial(fingerprint, which=1)  # the VAE's: latent stores are kept under it
