@@ -84,6 +84,21 @@ def method_settings(cfg: ExperimentConfig, method: str) -> dict:
     return {}
 
 
+def class_version(cfg: ExperimentConfig, home, class_id: str) -> str:
+    """Data version of the ``dataset`` partition of one class: its image content
+    (``pipeline.class_content_key``) and, with a text-conditioned backbone, the prompt its
+    images are generated from, which renaming the class changes (the name is not part of
+    the per-class stages' code versions: classes are partitions)."""
+    from mgd3_core import pipeline
+    from mgd3_core.backbones import backbone_class_conditions
+
+    key = pipeline.class_content_key(cfg, home, class_id)
+    condition = backbone_class_conditions(cfg).get(class_id)
+    if condition is None:
+        return key
+    return hashlib.sha256(json.dumps([key, condition]).encode()).hexdigest()[:16]
+
+
 def method_settings_version(cfg: ExperimentConfig, method: str) -> str:
     """Data version of the ``method_settings`` partition of ``method``."""
     payload = json.dumps([method, method_settings(cfg, method)], sort_keys=True)

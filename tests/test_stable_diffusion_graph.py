@@ -7,19 +7,24 @@ import dagster as dg
 import h5py
 import pytest
 import torch
+import yaml
 
 from mgd3_core import pipeline, storage
+from mgd3_core.config import config_from_dict
 from mgd3_core.distilled import MANIFEST_COLUMNS, PROMPT_COLUMNS, lineage_of, read_manifest
 from mgd3_core.latents import read_latent_store
 from tests.dagster_helpers import (
     DATA_VERSION_TAG,
+    PER_CLASS,
     TinyGraph,
     all_partitions,
+    build_defs,
     evaluate,
     latest_materialization,
     materialized_partitions,
     requested,
     tiny_config,
+    write_config,
 )
 from tests.sd_helpers import build_tiny_sd
 
@@ -82,6 +87,32 @@ def test_the_backbone_is_reloaded_when_the_class_list_changes(sd_graph):
     assert pipeline.get_backbone(cfg, home).class_prompts == {0: "a photo of a zero", 1: "a photo of a one"}
     only_one = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"classes": ["1"]})})
     assert pipeline.get_backbone(only_one, home).class_prompts == {0: "a photo of a one"}
+
+
+def test_renaming_a_class_remakes_only_that_class_images(sd_graph, tmp_path):
+    """The prompt is made from the class's name: renaming class "0" re-makes its distilled images
+    (its latent store is reused) and leaves class "1" alone; with a label-conditioned backbone a
+    rename changes no class version."""
+    from mgd3_assets import demo
+    from mgd3_assets.versions import class_version
+
+    instance, home, cfg = sd_graph.instance, sd_graph.home, sd_graph.cfg
+    raw = yaml.safe_load(sd_graph.config_path.read_text())
+    raw["dataset"]["classes"] = [{"id": "0", "name": "nought"}, "1"]
+    renamed_defs = build_defs(write_config(tmp_path / "renamed.yaml", raw), home)
+    renamed = config_from_dict(raw)
+    assert [class_version(renamed, home, c) == class_version(cfg, home, c) for c in ("0", "1")] == [False, True]
+    embedded = config_from_dict({**raw, "backbone": tiny_config()["backbone"],
+                                 "dataset": {**raw["dataset"], "channels": 1}})
+    assert class_version(embedded, home, "0") == pipeline.class_content_key(embedded, home, "0")
+
+    first = evaluate(renamed_defs, instance)
+    demo.run_stage(renamed_defs, instance, demo.STAGES[0], log=lambda m: None, log_level="WARNING")  # observe
+    asked = requested(evaluate(renamed_defs, instance, first.cursor))
+    assert asked["distilled_images"] == {"0|mgd3"}
+    assert all(pk.split("|")[0] == "0" for asset in PER_CLASS for pk in asked.get(asset, ()))
+    # Restore the observed versions of the original config for the tests below.
+    demo.run_stage(sd_graph.defs, instance, demo.STAGES[0], log=lambda m: None, log_level="WARNING")
 
 
 def test_a_changed_tokenizer_file_reruns_the_dependents(sd_graph):

@@ -56,6 +56,10 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         partitions_def=distilled_partitions(cfg),
         deps=[
             "backbone",
+            # dataset[class]: the real-image methods pick its images; with a text-to-image backbone
+            # its version covers the class's prompt, so renaming a class re-makes its images.
+            dg.AssetDep("dataset",
+                        partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=CLASS_DIM)),
             dg.AssetDep("mode_centroids",
                         partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=CLASS_DIM)),
             # The method's own settings: a sampler change re-runs the diffusion methods only.

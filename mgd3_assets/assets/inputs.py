@@ -6,7 +6,9 @@ Dagster's code versions are per asset, but two inputs change per partition:
   content key (``mgd3_core.dataset_content``: paths and file hashes, re-hashed
   only when a file's size, mtime, ctime or inode changed), so editing or
   replacing an image makes that class's ``latent_store`` partition stale, and
-  only that one.
+  only that one. With a text-conditioned backbone (Stable Diffusion) the version
+  also covers the class's prompt (``versions.class_version``): renaming a class
+  re-makes that class's ``distilled_images`` (its latent store is reused).
 - ``method_settings[method]``: the settings one method's images depend on
   (``versions.method_settings``: the sampler for the diffusion methods), so a
   sampler change makes the diffusion methods' ``distilled_images`` partitions
@@ -19,13 +21,12 @@ observes them hourly, like a pretrained backbone (UI: *Observe sources*).
 
 import dagster as dg
 
-from mgd3_core import pipeline
 from mgd3_core.config import ExperimentConfig
 
 from ..automation import observe_on_schedule
 from ..partitions import class_partitions, method_partitions
 from ..resources import ExperimentResource
-from ..versions import method_settings_version
+from ..versions import class_version, method_settings_version
 
 
 def build_input_assets(cfg: ExperimentConfig) -> list[dg.SourceAsset]:
@@ -36,12 +37,13 @@ def build_input_assets(cfg: ExperimentConfig) -> list[dg.SourceAsset]:
         partitions_def=classes,
         automation_condition=observe_on_schedule(),
         description="The image files of each class (train and test folders). Data version: the class's "
-        "content key (file paths and hashes), so a changed image re-encodes its class only.",
+        "content key (file paths and hashes), so a changed image re-encodes its class only; with a "
+        "text-to-image backbone also the class's prompt, so renaming a class re-makes its images only.",
     )
     def dataset(experiment: ExperimentResource) -> dg.DataVersionsByPartition:
         run_cfg, home = experiment.config(), experiment.storage()
         return dg.DataVersionsByPartition({
-            c: dg.DataVersion(pipeline.class_content_key(run_cfg, home, c))
+            c: dg.DataVersion(class_version(run_cfg, home, c))
             for c in classes.get_partition_keys()
         })
 

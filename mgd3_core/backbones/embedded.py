@@ -149,6 +149,11 @@ def vae_fingerprint(cfg: ExperimentConfig, home: Path) -> str | None:
     return fps[1] if fps else None
 
 
+def class_conditions(cfg: ExperimentConfig) -> dict[str, str]:
+    """None: a class-conditional DiT sees a class's label only, never its name."""
+    return {}
+
+
 def version_inputs(cfg: ExperimentConfig) -> dict:
     """The core's identity of the trained weights: training settings, dataset, classes and
     labels, training code version (the directory the embedded backbone is saved under); and the

@@ -46,6 +46,11 @@ def vae_fingerprint(cfg: ExperimentConfig | BackboneConfig, home: Path) -> str |
     return _fingerprints(cfg, home)[1]
 
 
+def class_conditions(cfg: ExperimentConfig) -> dict[str, str]:
+    """None: a class-conditional DiT sees a class's label only, never its name."""
+    return {}
+
+
 def version_inputs(cfg: ExperimentConfig) -> dict:
     """An observed backbone has no code version: its data version is its fingerprint."""
     return {}

@@ -13,6 +13,9 @@ A kind module provides:
   kept under, without loading weights (steps that need only it never load a model);
 - ``version_inputs(cfg) -> dict``: what the trained backbone depends on (the
   ``backbone`` asset's code version);
+- ``class_conditions(cfg) -> dict[str, str]``: {class id: the text a class's images
+  are generated from} for a text-conditioned backbone (a class's prompt), ``{}`` for
+  one conditioned on class labels only;
 - ``describe(cfg) -> str``: one line for the UI.
 
 Adding a kind: write ``mgd3_core/backbones/<kind>.py`` with those names, add one
@@ -85,3 +88,8 @@ def backbone_vae_fingerprint(cfg: ExperimentConfig | BackboneConfig, home: Path)
 def ensure_backbone(cfg: ExperimentConfig, home: Path, progress=None) -> None:
     """Train (or reuse) a backbone the pipeline trains; nothing for one it does not."""
     backbone_kind(cfg).ensure(cfg, Path(home), progress=progress)
+
+
+def backbone_class_conditions(cfg: ExperimentConfig) -> dict[str, str]:
+    """{class id: the text its images are generated from}; empty for a label-conditioned backbone."""
+    return backbone_kind(cfg).class_conditions(cfg)
