@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -46,6 +47,24 @@ def _load_code() -> None:
     import mgd3_assets.definitions  # noqa: F401  (the import is the point: torch, diffusers, dagster)
 
 
+def _exit_with_parent(parent: int, every: float = 0.5) -> None:
+    """Exit this runner once the process that started it is gone. A demo killed outright
+    (SIGKILL, OOM killer) cannot shut its pool down, and a runner waiting on the pool's queue
+    would otherwise wait for runs forever: the queue's pipe never closes, as every runner holds
+    its writing end too. The run a runner is executing stops with it, as a killed demo's would."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="mgd3-runner-parent-watch", daemon=True).start()
+
+
+def _start_runner(parent: int) -> None:
+    _exit_with_parent(parent)
+    _load_code()
+
+
 def _pid(_) -> int:
     time.sleep(0.2)  # long enough that every warm-up call lands in a runner of its own
     return os.getpid()
@@ -69,15 +88,17 @@ def _execute(job_name: str, pk: str | None, keys: list[str], config: dict, tags:
 
 class RunnerPool:
     """``size`` runner processes (spawned, so they start clean of this process's threads), each
-    with the code loaded before the first run is handed to it."""
+    with the code loaded before the first run is handed to it; ``pids`` once entered. A runner
+    exits by itself when this process dies without shutting the pool down."""
 
     def __init__(self, size: int):
         self.size = size
+        self.pids: list[int] = []
         self._pool = ProcessPoolExecutor(size, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_load_code)
+                                         initializer=_start_runner, initargs=(os.getpid(),))
 
     def __enter__(self) -> "RunnerPool":
-        list(self._pool.map(_pid, range(self.size)))
+        self.pids = sorted(set(self._pool.map(_pid, range(self.size))))
         return self
 
     def __exit__(self, *exc) -> None:
