@@ -199,7 +199,9 @@ def main() -> None:
            .agg(val_mean=("val_acc", "mean"), val_std=("val_acc", "std"), dist=("dist_to_mode", "mean"),
                 share=("own_mode_nearest", "mean"), n=("val_acc", "size"))
            .reset_index().sort_values("val_mean", ascending=False))
-    rows = [[r.setting, "-" if r.cfg_scale < 0 else f"{r.cfg_scale:g}", f"{r.val_mean:.2f} ± {r.val_std:.2f}",
+    # One generation seed has no spread: its row shows the accuracy alone, not "± nan".
+    rows = [[r.setting, "-" if r.cfg_scale < 0 else f"{r.cfg_scale:g}",
+             f"{r.val_mean:.2f}" + (f" ± {r.val_std:.2f}" if r.n > 1 else ""),
              int(r.n), f"{r.dist:.2f}", f"{100 * r.share:.1f} %"] for r in agg.itertuples()]
     print()
     print(markdown_table(["setting", "CFG", "val top-1 % (mean ± std over gen seeds)", "seeds",
