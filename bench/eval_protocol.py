@@ -21,6 +21,7 @@ Examples::
 
     .venv/bin/python bench/eval_protocol.py full --epochs 1 2 4
     .venv/bin/python bench/eval_protocol.py ipc --ipc 10 --epochs 300 100 30 --seeds 0 1
+    .venv/bin/python bench/eval_protocol.py ipc --student resnet18 --epochs 30 --seeds 0 1 2 --precision float32 bfloat16
     .venv/bin/python bench/eval_protocol.py budget --full-epochs 3 --epochs 40 --workers 2
     .venv/bin/python bench/eval_protocol.py soft --full-epochs 3 --epochs 30 --seeds 0 1 2
 
@@ -69,12 +70,16 @@ def random_subset(labels: np.ndarray, ipc: int, seed: int) -> np.ndarray:
                            for c in np.unique(labels)])
 
 
-def run(images, labels, test_x, test_y, *, epochs, seed, width, cfg, evaluations):
-    model = build_student("convnet", 1, 10, 32, seed=seed, width=width)
+def run(images, labels, test_x, test_y, *, epochs, seed, width, cfg, evaluations, student="convnet",
+        precision="float32"):
+    kw = {"width": width} if student == "convnet" else {}
+    model = build_student(student, 1, 10, 32, seed=seed, **kw)
     load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
-    r = train_hard_label(model, images, labels, test_x, test_y, cfg=cfg, epochs=epochs, seed=seed,
-                         orientation_sensitive=True, evaluations=evaluations)
+    # As train_students runs a student with evaluation.precision bfloat16.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        r = train_hard_label(model, images, labels, test_x, test_y, cfg=cfg, epochs=epochs, seed=seed,
+                             orientation_sensitive=True, evaluations=evaluations)
     return model, r, time.perf_counter() - wall, time.process_time() - cpu, load
 
 
@@ -163,6 +168,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--evaluations", type=int, default=1, help="evenly spaced test evaluations (1: final only)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--student", default="convnet", help="full/ipc: convnet, resnetap10 or resnet18")
+    ap.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="full/ipc: each run in each precision (autocast for bfloat16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
@@ -172,8 +180,9 @@ def main() -> None:
     if args.what == "soft":
         return soft(args, cfg)
     train_x, train_y, test_x, test_y = mnist_split()
-    print(f"# {args.what} width={args.width} cfg: lr={cfg.lr} batch={cfg.batch_size} "
+    print(f"# {args.what} {args.student} width={args.width} cfg: lr={cfg.lr} batch={cfg.batch_size} "
           f"cutmix_prob={cfg.cutmix_prob} rrc_scale={cfg.rrc_scale} threads={args.threads}", flush=True)
+    results = []
     for epochs in args.epochs:
         for seed in args.seeds:
             if args.what == "full":
@@ -181,11 +190,21 @@ def main() -> None:
             else:
                 idx = random_subset(train_y, args.ipc, seed)
                 x, y = train_x[idx], train_y[idx]
-            _, r, wall, cpu, load = run(x, y, test_x, test_y, epochs=epochs, seed=seed, width=args.width,
-                                     cfg=cfg, evaluations=args.evaluations)
-            print(f"{args.what} n={len(x)} epochs={epochs} seed={seed}: final {r.final_acc:.1f} % "
-                  f"best {r.best_acc:.1f} % (epoch {r.best_epoch}) | wall {wall:.1f} s cpu {cpu:.1f} s "
-                  f"load {load:.1f} | passes {epochs * len(x)}", flush=True)
+            for precision in args.precision:
+                _, r, wall, cpu, load = run(x, y, test_x, test_y, epochs=epochs, seed=seed, width=args.width,
+                                         cfg=cfg, evaluations=args.evaluations, student=args.student,
+                                         precision=precision)
+                results.append((epochs, precision, r.final_acc, wall))
+                print(f"{args.what} n={len(x)} epochs={epochs} seed={seed} {precision}: final {r.final_acc:.1f} % "
+                      f"best {r.best_acc:.1f} % (epoch {r.best_epoch}) | wall {wall:.1f} s cpu {cpu:.1f} s "
+                      f"load {load:.1f} | passes {epochs * len(x)}", flush=True)
+    for epochs in args.epochs:
+        for precision in args.precision:
+            accs = np.array([a for e, p, a, _ in results if (e, p) == (epochs, precision)])
+            walls = [w for e, p, _, w in results if (e, p) == (epochs, precision)]
+            spread = f" ± {accs.std(ddof=1):.2f}" if len(accs) > 1 else ""
+            print(f"summary {args.student} epochs={epochs} {precision}: final {accs.mean():.2f}{spread} % over "
+                  f"{len(accs)} seeds | median wall {np.median(walls):.1f} s")
 
 
 if __name__ == "__main__":

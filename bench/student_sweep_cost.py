@@ -11,6 +11,7 @@ not included (see the README's measured demo for those).
 
     .venv/bin/python bench/student_sweep_cost.py configs/embedded-full.yaml
     .venv/bin/python bench/student_sweep_cost.py configs/embedded.yaml --repeats 5
+    .venv/bin/python bench/student_sweep_cost.py configs/embedded-full.yaml --precision bfloat16
 """
 
 from __future__ import annotations
@@ -91,8 +92,15 @@ def main() -> None:
     p.add_argument("--train-images", type=int, default=None, help="default: the config's training split")
     p.add_argument("--test-images", type=int, default=None, help="default: the config's test split")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default=None,
+                   help="default: the config's evaluation.precision")
     args = p.parse_args()
     cfg = load_config(args.config)
+    if args.precision:
+        cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"precision": args.precision})})
+    # As train_students runs them (the teacher, which trains in float32, is timed like a student).
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.evaluation.precision == "bfloat16")
+    autocast.__enter__()
     threads = set_threads(args.threads)
     if None in (args.classes, args.train_images, args.test_images):
         from mgd3_core.evaluate import real_split
@@ -103,7 +111,8 @@ def main() -> None:
         args.test_images = args.test_images or len(xte)
     shape = (cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.image_size)
     print(header(threads, extra=f"config {cfg.name} | load average {os.getloadavg()[0]:.1f} | "
-                 f"{args.classes} classes, {args.train_images} train / {args.test_images} test images"))
+                 f"{args.classes} classes, {args.train_images} train / {args.test_images} test images | "
+                 f"precision {cfg.evaluation.precision}"))
     plan = sweep_plan(cfg, args.classes, args.train_images)
     teacher = build_student(cfg.evaluation.teacher.model, shape[0], args.classes, shape[-1], seed=0).eval()
     teacher.requires_grad_(False)

@@ -281,14 +281,14 @@ class EvaluationConfig(_Strict):
     representativeness_k: int = Field(default=50, ge=1)
     tsne_classes: int = Field(default=3, ge=0)
     device: str = "cpu"
-    # Test-split evaluations per student run, evenly spaced, the last after the final
-    # epoch (the headline); the best of them is reported as "best". Each one costs a
-    # forward pass over the test split (about 5 CPU-s for 1,000 MNIST images, ConvNet).
+    # Student runs' forward passes: bfloat16 = autocast (weights, optimiser and losses stay float32).
+    precision: Literal["float32", "bfloat16"] = "float32"
+    # Test-split evaluations per student run, evenly spaced, the last after the final epoch (the
+    # headline); the best is reported as "best". Each is a forward pass over the test split.
     evaluations: int = Field(default=2, ge=1)
-    # Extra test-split evaluations spread over the last fifth of each run, the last after
-    # the final epoch; the DD-Ranking scores (HLR, IOR, LRS) use the best of them, as
-    # DD-Ranking does (it tests every 10 epochs after 80 % of training and keeps the best).
-    # 1 = the final epoch only.
+    # Extra test-split evaluations spread over the last fifth of each run, the last after the final
+    # epoch (1 = the final epoch only); the DD-Ranking scores (HLR, IOR, LRS) use the best of them,
+    # as DD-Ranking does (it tests every 10 epochs after 80 % of training and keeps the best).
     ranking_evaluations: int = Field(default=1, ge=1)
     # Activation memory of one batch on evaluation.device (MiB): evaluation batches are as large as
     # fit; training splits the protocol's batch into micro-batches that fit (gradients accumulated).

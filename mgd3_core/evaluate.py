@@ -111,10 +111,10 @@ def train_teacher(cfg: ExperimentConfig, home: Path, progress: StageProgress = n
 
 
 def teacher_is_full_data_run(cfg: ExperimentConfig, student: str, train_seed: int) -> bool:
-    """Whether the teacher run is exactly this full-data run (same model, seed and epochs)."""
+    """Whether the teacher run is exactly this full-data run (same model, seed, epochs, float32)."""
     ev = cfg.evaluation
     return (student == ev.teacher.model and train_seed == ev.training_seeds[0]
-            and cfg.teacher_epochs() == ev.hard.full_data_epochs)
+            and cfg.teacher_epochs() == ev.hard.full_data_epochs and ev.precision == "float32")
 
 
 def teacher_fingerprint(cfg: ExperimentConfig, home: Path) -> str:
@@ -181,6 +181,8 @@ def _run_key(cfg: ExperimentConfig, spec: dict, train_digest: str, test_digest: 
         # Accumulated micro-batches: the same update up to rounding for instance-norm students,
         # smaller batch statistics for batch-norm ones. Absent when whole batches fit (old keys stay).
         payload["micro_batch"] = micro_batch
+    if ev.precision != "float32":  # absent for float32: the keys of earlier runs stay valid
+        payload["precision"] = ev.precision
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -300,10 +302,12 @@ def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple,
     kwargs = dict(epochs=epochs, seed=seed, orientation_sensitive=cfg.dataset.orientation_sensitive,
                   device=ev.device, evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
                   progress=on_epoch, micro_batch=micro_batch, memory_budget_mb=ev.memory_budget_mb)
-    if spec["protocol"] == "hard":
-        res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, **kwargs)
-    else:
-        res = train_soft_label(model, x, teacher, xt, yt, cfg=ev.soft, **kwargs)
+    # evaluation.precision bfloat16: the forward passes under autocast (the teacher trains in float32).
+    with torch.autocast(torch.device(ev.device).type, dtype=torch.bfloat16, enabled=ev.precision == "bfloat16"):
+        if spec["protocol"] == "hard":
+            res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, **kwargs)
+        else:
+            res = train_soft_label(model, x, teacher, xt, yt, cfg=ev.soft, **kwargs)
     ipc, gen_seed = spec["ipc"], spec["gen_seed"]
     return dict(method=spec["method"], ipc=ipc if ipc is not None else np.nan, student=spec["student"],
                 protocol=spec["protocol"], gen_seed=gen_seed if gen_seed is not None else 0, train_seed=seed,

@@ -341,7 +341,7 @@ def train_hard_label(model: nn.Module, train_images, train_labels, eval_images, 
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def batch_loss(m: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        return F.cross_entropy(m(x), y)  # y: (B, K) probabilities after CutMix
+        return F.cross_entropy(m(x).float(), y)  # y: (B, K) probabilities after CutMix; float: autocast
 
     return _fit(model, images, targets, batch_loss=batch_loss, optimizer=optimizer,
                 scheduler=lr_schedule(optimizer, kind="multistep", epochs=epochs),
@@ -386,7 +386,7 @@ def train_soft_label(student: nn.Module, train_images, teacher: nn.Module, eval_
     def batch_loss(m: nn.Module, x: torch.Tensor, _: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
             teacher_logits = teacher(x)
-        return soft_label_loss(m(x), teacher_logits, cfg.temperature)
+        return soft_label_loss(m(x).float(), teacher_logits.float(), cfg.temperature)  # float: autocast
 
     return _fit(student, images, None, batch_loss=batch_loss, optimizer=optimizer,
                 scheduler=lr_schedule(optimizer, kind="cosine", epochs=epochs),

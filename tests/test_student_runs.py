@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from mgd3_core import evaluate, storage, training
 from mgd3_core.config import config_from_dict
@@ -135,15 +136,16 @@ def test_long_runs_report_about_five_epoch_lines_and_each_evaluation(sweep):
 
 
 def test_the_teacher_run_stands_in_only_for_the_same_full_data_run(tmp_path):
-    def cfg(**teacher):
+    def cfg(precision="float32", **teacher):
         return config_from_dict({"name": "t", "evaluation": {"training_seeds": [3, 4], "teacher": teacher,
-                                                             "hard": {"full_data_epochs": 5}}})
+                                                             "hard": {"full_data_epochs": 5}, "precision": precision}})
 
     assert evaluate.teacher_is_full_data_run(cfg(), "convnet", 3)
     assert not evaluate.teacher_is_full_data_run(cfg(), "convnet", 4)       # another training seed
     assert not evaluate.teacher_is_full_data_run(cfg(), "resnet18", 3)      # another student
     assert evaluate.teacher_is_full_data_run(cfg(model="resnet18"), "resnet18", 3)
     assert not evaluate.teacher_is_full_data_run(cfg(model="resnet18", epochs=9), "resnet18", 3)  # longer run
+    assert not evaluate.teacher_is_full_data_run(cfg("bfloat16"), "convnet", 3)  # the teacher trains in float32
 
     # A stored teacher of another model is refused by name, not loaded into the wrong network.
     weights = storage.teacher_weights_file(cfg(), tmp_path)
@@ -152,3 +154,40 @@ def test_the_teacher_run_stands_in_only_for_the_same_full_data_run(tmp_path):
     (storage.teacher_dir(cfg(), tmp_path) / "meta.json").write_text('{"student": "convnet"}')
     with pytest.raises(ValueError, match="is a 'convnet' teacher but evaluation.teacher.model is 'resnet18'"):
         evaluate.load_teacher(cfg(model="resnet18"), tmp_path)
+
+
+def test_bfloat16_students_run_under_autocast_and_keep_the_float32_runs(sweep, monkeypatch):
+    run, state, _, _ = sweep
+    fake, autocast = training.train_hard_label, []
+
+    def spy(*args, **kwargs):
+        autocast.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return fake(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_hard_label", spy)
+    run()
+    assert autocast == [None] * 4
+    state["calls"].clear(), autocast.clear()
+    run(precision="bfloat16")
+    assert len(state["calls"]) == 4 and autocast == [torch.bfloat16] * 4  # other results: other keys
+    state["calls"].clear()
+    run()
+    assert state["calls"] == []  # the float32 runs are still there, under their old keys
+
+
+def test_a_bfloat16_run_computes_in_bfloat16_and_keeps_float32_weights():
+    from mgd3_core.config import HardLabelConfig
+    from mgd3_core.students import build_student
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, 1, 16, 16), dtype=np.uint8)
+    y = np.repeat([0, 1], 4)
+    model = build_student("convnet", 1, 2, 16, seed=0, width=8)
+    dtypes = []
+    model.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = training.train_hard_label(model, x, y, x, y, cfg=HardLabelConfig(batch_size=4), epochs=2, seed=0,
+                                        orientation_sensitive=True)
+    assert set(dtypes) == {torch.bfloat16}  # the logits of every training and evaluation pass
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(np.isfinite(r["loss"]) for r in res.history) and 0 <= res.final_acc <= 100
