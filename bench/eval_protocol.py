@@ -77,7 +77,7 @@ def run(images, labels, test_x, test_y, *, epochs, seed, width, cfg, evaluations
     load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
     # As train_students runs a student with evaluation.precision bfloat16.
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16", cache_enabled=False):
         r = train_hard_label(model, images, labels, test_x, test_y, cfg=cfg, epochs=epochs, seed=seed,
                              orientation_sensitive=True, evaluations=evaluations)
     return model, r, time.perf_counter() - wall, time.process_time() - cpu, load

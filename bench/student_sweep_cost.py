@@ -99,7 +99,8 @@ def main() -> None:
     if args.precision:
         cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"precision": args.precision})})
     # As train_students runs them (the teacher, which trains in float32, is timed like a student).
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.evaluation.precision == "bfloat16")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.evaluation.precision == "bfloat16",
+                              cache_enabled=False)
     autocast.__enter__()
     threads = set_threads(args.threads)
     if None in (args.classes, args.train_images, args.test_images):

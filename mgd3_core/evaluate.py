@@ -302,8 +302,9 @@ def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple,
     kwargs = dict(epochs=epochs, seed=seed, orientation_sensitive=cfg.dataset.orientation_sensitive,
                   device=ev.device, evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
                   progress=on_epoch, micro_batch=micro_batch, memory_budget_mb=ev.memory_budget_mb)
-    # evaluation.precision bfloat16: the forward passes under autocast (the teacher trains in float32).
-    with torch.autocast(torch.device(ev.device).type, dtype=torch.bfloat16, enabled=ev.precision == "bfloat16"):
+    # precision bfloat16: autocast without its cast cache, which would keep the first step's weights all run.
+    with torch.autocast(torch.device(ev.device).type, dtype=torch.bfloat16, enabled=ev.precision == "bfloat16",
+                        cache_enabled=False):
         if spec["protocol"] == "hard":
             res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, **kwargs)
         else:
