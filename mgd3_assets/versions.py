@@ -84,16 +84,17 @@ def method_settings(cfg: ExperimentConfig, method: str) -> dict:
     return {}
 
 
-def class_version(cfg: ExperimentConfig, home, class_id: str) -> str:
+def class_version(cfg: ExperimentConfig, home, class_id: str, conditions: dict[str, str] | None = None) -> str:
     """Data version of the ``dataset`` partition of one class: its image content
     (``pipeline.class_content_key``) and, with a text-conditioned backbone, the prompt its
     images are generated from, which renaming the class changes (the name is not part of
-    the per-class stages' code versions: classes are partitions)."""
+    the per-class stages' code versions: classes are partitions). ``conditions``: the
+    backbone's ``class_conditions`` when the caller has them for every class already."""
     from mgd3_core import pipeline
     from mgd3_core.backbones import backbone_class_conditions
 
     key = pipeline.class_content_key(cfg, home, class_id)
-    condition = backbone_class_conditions(cfg).get(class_id)
+    condition = (backbone_class_conditions(cfg) if conditions is None else conditions).get(class_id)
     if condition is None:
         return key
     return hashlib.sha256(json.dumps([key, condition]).encode()).hexdigest()[:16]

@@ -41,9 +41,12 @@ def build_input_assets(cfg: ExperimentConfig) -> list[dg.SourceAsset]:
         "text-to-image backbone also the class's prompt, so renaming a class re-makes its images only.",
     )
     def dataset(experiment: ExperimentResource) -> dg.DataVersionsByPartition:
+        from mgd3_core.backbones import backbone_class_conditions
+
         run_cfg, home = experiment.config(), experiment.storage()
+        conditions = backbone_class_conditions(run_cfg)  # once, not once per class
         return dg.DataVersionsByPartition({
-            c: dg.DataVersion(class_version(run_cfg, home, c))
+            c: dg.DataVersion(class_version(run_cfg, home, c, conditions))
             for c in classes.get_partition_keys()
         })
 

@@ -150,7 +150,7 @@ def vae_fingerprint(cfg: ExperimentConfig, home: Path) -> str | None:
 
 
 def class_conditions(cfg: ExperimentConfig) -> dict[str, str]:
-    """None: a class-conditional DiT sees a class's label only, never its name."""
+    """Empty: a class-conditional DiT sees a class's label only, never its name."""
     return {}
 
 
