@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mgd3_core.config import HardLabelConfig, SoftLabelConfig  # noqa: E402
 from mgd3_core.metrics import per_class_metrics  # noqa: E402
-from mgd3_core.students import build_student, penultimate_features  # noqa: E402
+from mgd3_core.students import build_student, penultimate_features, student_autocast  # noqa: E402
 from mgd3_core.training import train_hard_label, train_soft_label  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def run(images, labels, test_x, test_y, *, epochs, seed, width, cfg, evaluations
     load = os.getloadavg()[0]
     wall, cpu = time.perf_counter(), time.process_time()
     # As train_students runs a student with evaluation.precision bfloat16.
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16", cache_enabled=False):
+    with student_autocast("cpu", precision):
         r = train_hard_label(model, images, labels, test_x, test_y, cfg=cfg, epochs=epochs, seed=seed,
                              orientation_sensitive=True, evaluations=evaluations)
     return model, r, time.perf_counter() - wall, time.process_time() - cpu, load

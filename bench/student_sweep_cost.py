@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from mgd3_core.config import ExperimentConfig, load_config  # noqa: E402
 from mgd3_core.evaluate import teacher_is_full_data_run  # noqa: E402
-from mgd3_core.students import build_student  # noqa: E402
+from mgd3_core.students import build_student, student_autocast  # noqa: E402
 from mgd3_core.training import _eval_epochs, evaluate, train_hard_label, train_soft_label  # noqa: E402
 
 
@@ -99,8 +99,7 @@ def main() -> None:
     if args.precision:
         cfg = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"precision": args.precision})})
     # As train_students runs them (the teacher, which trains in float32, is timed like a student).
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.evaluation.precision == "bfloat16",
-                              cache_enabled=False)
+    autocast = student_autocast("cpu", cfg.evaluation.precision)
     autocast.__enter__()
     threads = set_threads(args.threads)
     if None in (args.classes, args.train_images, args.test_images):

@@ -291,7 +291,7 @@ def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple,
                    on_epoch: EpochProgress, micro_batch: int | None = None) -> dict:
     """Train one student run (``spec``) on ``train`` = (x, y) and evaluate it on ``test``; its row.
     ``micro_batch``: see ``_micro_batch``."""
-    from .students import build_student
+    from .students import build_student, student_autocast
     from .training import train_hard_label, train_soft_label
 
     ev = cfg.evaluation
@@ -302,9 +302,7 @@ def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple,
     kwargs = dict(epochs=epochs, seed=seed, orientation_sensitive=cfg.dataset.orientation_sensitive,
                   device=ev.device, evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
                   progress=on_epoch, micro_batch=micro_batch, memory_budget_mb=ev.memory_budget_mb)
-    # precision bfloat16: autocast without its cast cache, which would keep the first step's weights all run.
-    with torch.autocast(torch.device(ev.device).type, dtype=torch.bfloat16, enabled=ev.precision == "bfloat16",
-                        cache_enabled=False):
+    with student_autocast(ev.device, ev.precision):
         if spec["protocol"] == "hard":
             res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, **kwargs)
         else:

@@ -305,3 +305,11 @@ def _as_labels(labels: torch.Tensor | np.ndarray, n: int, name: str) -> torch.Te
     if labels.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},) to match the images, got {tuple(labels.shape)}")
     return labels
+
+
+def student_autocast(device: str | torch.device, precision: str):
+    """The context a student run trains and is evaluated in (``evaluation.precision``):
+    bfloat16 autocast on ``device``'s kind, or nothing for float32. Without autocast's cast
+    cache: around a whole run it would keep the bfloat16 copies of the first step's weights."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bfloat16",
+                          cache_enabled=False)
