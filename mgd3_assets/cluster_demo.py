@@ -37,7 +37,7 @@ from mgd3_core.config import PROJECT_ROOT, load_config
 
 from . import demo
 from .dagster_private import job_subset_selector, workspace_process_context
-from .local_cluster import DaskCluster, PostgresServer, start_process, stop_process
+from .local_cluster import DaskCluster, PostgresServer, ServiceWatch, start_process, stop_process
 
 DEPLOY = PROJECT_ROOT / "deploy"
 TERMINAL = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
@@ -266,12 +266,15 @@ def run_queue(instance: dg.DagsterInstance, logs: Path):
     """A ``Submitter`` on ``instance`` and the Dagster daemon that dequeues and launches its runs."""
     submitter = Submitter(instance)
     submitter.stop_sensors()
+    watch = ServiceWatch()
     daemon = start_process("dagster-daemon", [str(Path(sys.executable).with_name("dagster-daemon")), "run",
                                               "-w", str(PROJECT_ROOT / "workspace.yaml")], logs, dict(os.environ))
+    watch.group(daemon)
     try:
         yield submitter
     finally:
         stop_process(daemon)
+        watch.close()
         submitter.close()
 
 

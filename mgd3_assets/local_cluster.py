@@ -7,7 +7,9 @@
   under a nanny that restarts it if it dies), each with its own Dask resources.
 
 Both are context managers that stop every process they started and remove their
-directories, also when the body raises or is interrupted. Nothing listens beyond 127.0.0.1.
+directories, also when the body raises or is interrupted; a ``ServiceWatch`` does the same
+when the process that started them is killed outright (SIGKILL, the OOM killer), which no
+``finally`` survives. Nothing listens beyond 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -95,6 +97,74 @@ def _listening(port: int) -> bool:
         return False
 
 
+# ----------------------------------------------------------------- killed outright
+# The watcher: a small process that reads what to stop from a pipe. The pipe's writing end is
+# held by the process that started the services only (Python's descriptors are not inherited
+# by the services), so end-of-file without "D" (done) means that process died without
+# stopping them: then it stops every group as ``stop()`` would (SIGKILL after 20 s) and
+# removes the directories. A zombie still counts as a member of its group, so the wait is
+# bounded rather than assumed to end.
+_WATCHER = r"""
+import os, shutil, signal, sys, time
+groups, dirs = [], []
+for line in sys.stdin:
+    kind, _, arg = line.rstrip("\n").partition(" ")
+    if kind == "D":
+        sys.exit(0)
+    if kind == "G":
+        pgid, sig = map(int, arg.split())
+        groups.append((pgid, sig))
+    elif kind == "R":
+        dirs.append(arg)
+def signal_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+for pgid, sig in groups:
+    signal_group(pgid, sig)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline and any(signal_group(pgid, 0) for pgid, _ in groups):
+    time.sleep(0.2)
+for pgid, _ in groups:
+    signal_group(pgid, signal.SIGKILL)
+for path in dirs:
+    shutil.rmtree(path, ignore_errors=True)
+"""
+
+
+class ServiceWatch:
+    """Stops the services it is told about if this process dies without stopping them.
+
+    ``group(proc, sig)`` after starting a service in a session of its own (its process group
+    is its pid), ``directory(path)`` for a throw-away directory, ``close()`` once they are
+    stopped (a closed watch does nothing)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _WATCHER], stdin=subprocess.PIPE, text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def _send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def group(self, proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+        self._send(f"G {proc.pid} {int(sig)}")
+
+    def directory(self, path: Path) -> None:
+        self._send(f"R {path}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self._send("D")
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            self.proc.wait()
+
+
 # ---------------------------------------------------------------------------- PostgreSQL
 def postgres_bin() -> Path:
     """Debian's PostgreSQL binaries, installing the ``postgresql`` package when absent."""
@@ -133,6 +203,7 @@ class PostgresServer(_Service):
     port: int = 0
     root: Path | None = None
     proc: subprocess.Popen | None = None
+    watch: ServiceWatch | None = None
 
     def _as_owner(self, cmd: list[str]) -> list[str]:
         # initdb and postgres refuse to run as root: run them as the postgres user.
@@ -140,7 +211,9 @@ class PostgresServer(_Service):
 
     def start(self) -> "PostgresServer":
         bin_dir = postgres_bin()
+        self.watch = ServiceWatch()
         self.root = Path(tempfile.mkdtemp(prefix="mgd3-pg-"))
+        self.watch.directory(self.root)
         data, log = self.root / "data", self.root / "server.log"
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
@@ -155,6 +228,7 @@ class PostgresServer(_Service):
                 self._as_owner([str(bin_dir / "postgres"), "-D", str(data), "-h", HOST, "-p", str(self.port),
                                 "-k", str(self.root), "-c", "fsync=off", "-c", "max_connections=200"]),
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.watch.group(self.proc, signal.SIGINT)
         _wait_for(f"PostgreSQL on {HOST}:{self.port}", self._accepts, self.proc, log, 60)
         subprocess.run([str(bin_dir / "createdb"), "-h", HOST, "-p", str(self.port), "-U", self.user, self.db_name],
                        check=True)
@@ -173,6 +247,8 @@ class PostgresServer(_Service):
         stop_process(self.proc, signal.SIGINT)  # SIGINT = PostgreSQL's fast shutdown
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
+        if self.watch is not None:
+            self.watch.close()
 
 
 # ---------------------------------------------------------------------------- Dask
@@ -212,6 +288,7 @@ class DaskCluster(_Service):
     address: str = ""
     root: Path | None = None
     procs: dict | None = None
+    watch: ServiceWatch | None = None
 
     def _env(self) -> dict:
         env = {**os.environ, **(self.env or {}), "PYTHONPATH": str(PROJECT_ROOT)}
@@ -222,7 +299,9 @@ class DaskCluster(_Service):
         return env
 
     def start(self) -> "DaskCluster":
+        self.watch = ServiceWatch()
         self.root = Path(tempfile.mkdtemp(prefix="mgd3-dask-"))
+        self.watch.directory(self.root)
         self.procs = {}
         port = free_port()
         self.address = f"tcp://{HOST}:{port}"
@@ -242,7 +321,9 @@ class DaskCluster(_Service):
         return self
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        return start_process(name, cmd, self.log_dir or self.root, self._env())
+        proc = start_process(name, cmd, self.log_dir or self.root, self._env())
+        self.watch.group(proc, signal.SIGTERM)
+        return proc
 
     def client(self):
         from distributed import Client
@@ -271,3 +352,5 @@ class DaskCluster(_Service):
         stop_process(scheduler)
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
+        if self.watch is not None:
+            self.watch.close()
