@@ -103,7 +103,8 @@ def _listening(port: int) -> bool:
 # by the services), so end-of-file without "D" (done) means that process died without
 # stopping them: then it stops every group as ``stop()`` would (SIGKILL after 20 s) and
 # removes the directories. A zombie still counts as a member of its group, so the wait is
-# bounded rather than assumed to end.
+# bounded rather than assumed to end. (A child *forked* without exec from the starter holds the
+# writing end too: then the watcher acts when that child exits as well.)
 _WATCHER = r"""
 import os, shutil, signal, sys, time
 groups, dirs = [], []
