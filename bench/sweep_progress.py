@@ -51,9 +51,9 @@ def planned_runs(cfg) -> dict[tuple, dict]:
     return plan
 
 
-def finished_rows(cfg, home: Path) -> list[dict]:
-    """Rows of the finished runs that belong to ``cfg``'s sweep (unreadable records are skipped)."""
-    plan = planned_runs(cfg)
+def finished_rows(cfg, home: Path, plan: dict[tuple, dict]) -> list[dict]:
+    """Rows of the finished runs that belong to ``plan`` (:func:`planned_runs` of ``cfg``;
+    unreadable records are skipped)."""
     rows = []
     for path in sorted(storage.student_runs_dir(cfg, home).glob("*.json")):
         try:
@@ -69,10 +69,10 @@ def finished_rows(cfg, home: Path) -> list[dict]:
     return rows
 
 
-def progress_table(cfg, rows: list[dict]) -> tuple[list[list], float]:
+def progress_table(plan: dict[tuple, dict], rows: list[dict]) -> tuple[list[list], float]:
     """Per (student, protocol, IPC): finished / planned runs, median seconds, seconds left."""
     planned: dict[tuple, int] = defaultdict(int)
-    for method, ipc, _, student, protocol, _ in planned_runs(cfg):
+    for method, ipc, _, student, protocol, _ in plan:
         if method != FULL_DATA:
             planned[(student, protocol, ipc)] += 1
     seconds: dict[tuple, list] = defaultdict(list)
@@ -80,7 +80,7 @@ def progress_table(cfg, rows: list[dict]) -> tuple[list[list], float]:
         if r["method"] != FULL_DATA:
             seconds[(r["student"], r["protocol"], int(r["ipc"]))].append(float(r["seconds"]))
     out, left_total = [], 0.0
-    for group in sorted(planned, key=lambda g: (g[0], g[1], g[2])):
+    for group in sorted(planned):
         done, want = seconds.get(group, []), planned[group]
         med = statistics.median(done) if done else None
         left = None if med is None else med * (want - len(done))
@@ -98,10 +98,11 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.config)
     home = Path(args.home)
-    rows = finished_rows(cfg, home)
-    table, left = progress_table(cfg, rows)
+    plan = planned_runs(cfg)
+    rows = finished_rows(cfg, home, plan)
+    table, left = progress_table(plan, rows)
     spent = sum(float(r["seconds"]) for r in rows)
-    print(f"{args.config} in {home}: {len(rows)} of {len(planned_runs(cfg))} student runs finished "
+    print(f"{args.config} in {home}: {len(rows)} of {len(plan)} student runs finished "
           f"({spent / 3600:.2f} h of training); the rest at the medians below: {left / 3600:.2f} h "
           "more (groups marked ? not included)\n")
     print(markdown_table(["student", "protocol", "IPC", "runs", "median s / run", "h left"], table))

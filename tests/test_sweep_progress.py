@@ -36,10 +36,11 @@ def test_only_the_configs_runs_count_and_the_rest_is_estimated_from_their_median
     _record(runs, "other_seed", 5.0, gen_seed=7, **base)
     (runs / "torn.json").write_text('{"spec": {"method"')
 
-    rows = bench.finished_rows(cfg, tmp_path)
+    plan = bench.planned_runs(cfg)
+    rows = bench.finished_rows(cfg, tmp_path, plan)
     assert sorted(r["seconds"] for r in rows) == [100.0, 200.0, 300.0]
 
-    table, left = bench.progress_table(cfg, rows)
+    table, left = bench.progress_table(plan, rows)
     group = next(r for r in table if r[:3] == ["convnet", "hard", 10])
     per_group = len(cfg.methods) * len(cfg.evaluation.generation_seeds)
     assert group[3] == f"3 / {per_group}"
