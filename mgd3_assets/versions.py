@@ -60,9 +60,12 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
     if stage == "teacher":
         ev = dump["evaluation"]
         # The teacher: the named model trained on the real data with the hard-label protocol.
-        return {"dataset": dump["dataset"], "hard": ev["hard"], "teacher": ev["teacher"],
-                "training_seeds": ev["training_seeds"], "evaluations": ev["evaluations"],
-                "ranking_evaluations": ev["ranking_evaluations"], "device": ev["device"]}
+        inputs = {"dataset": dump["dataset"], "hard": ev["hard"], "teacher": ev["teacher"],
+                  "training_seeds": ev["training_seeds"], "evaluations": ev["evaluations"],
+                  "ranking_evaluations": ev["ranking_evaluations"], "device": ev["device"]}
+        if ev["teacher"]["model"] == "resnet18":  # batch norm: its statistics at evaluation are saved with it
+            inputs["bn_stats"] = ev["bn_stats"]
+        return inputs
     if stage in ("full_data_students", "students", "evaluation_report", "diversity_report"):
         return {"seed": dump["seed"], "ipc": dump["ipc"], "evaluation": dump["evaluation"],
                 "dataset": dump["dataset"]}

@@ -283,15 +283,15 @@ class EvaluationConfig(_Strict):
     device: str = "cpu"
     # Student runs' forward passes: bfloat16 = autocast (weights, optimiser and losses stay float32).
     precision: Literal["float32", "bfloat16"] = "float32"
-    # Test-split evaluations per student run, evenly spaced, the last after the final epoch (the
-    # headline); the best is reported as "best". Each is a forward pass over the test split.
+    # Test-split evaluations per run, evenly spaced, the last after the final epoch (the headline).
     evaluations: int = Field(default=2, ge=1)
-    # Extra test-split evaluations spread over the last fifth of each run, the last after the final
-    # epoch (1 = the final epoch only); the DD-Ranking scores (HLR, IOR, LRS) use the best of them,
-    # as DD-Ranking does (it tests every 10 epochs after 80 % of training and keeps the best).
+    # Extra test-split evaluations over the last fifth of each run (1 = the final epoch only); the
+    # DD-Ranking scores use their best, as DD-Ranking does (tests after 80 % of training, keeps the best).
     ranking_evaluations: int = Field(default=1, ge=1)
-    # Activation memory of one batch on evaluation.device (MiB): evaluation batches are as large as
-    # fit; training splits the protocol's batch into micro-batches that fit (gradients accumulated).
+    # Batch-norm students (resnet18) at each evaluation: statistics recomputed over the clean
+    # training images, or "running" as gathered on augmented batches (README: ResNet-18, hard labels).
+    bn_stats: Literal["recomputed", "running"] = "recomputed"
+    # Activation MiB of one batch on evaluation.device: sizes evaluation batches and training micro-batches.
     memory_budget_mb: int = Field(default=DEFAULT_MEMORY_BUDGET_MB, ge=16)
 
     @field_validator("generation_seeds", "training_seeds")

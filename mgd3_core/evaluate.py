@@ -50,9 +50,8 @@ def _real_split_cached(dataset_json: str, split: str):
 
 
 def real_split(cfg: ExperimentConfig, split: str):
-    """One split, all classes: (images, labels). ``images`` is a lazy
-    :class:`~mgd3_core.batching.SplitImages` (uint8 (N, C, H, W) read from disk
-    batch by batch, never held whole); ``labels`` (N,) class positions."""
+    """One split, all classes: (images, labels). ``images`` is a lazy :class:`~mgd3_core.batching.SplitImages`
+    (uint8 (N, C, H, W) read from disk batch by batch); ``labels`` (N,) class positions."""
     return _real_split_cached(cfg.dataset.model_dump_json(), split)
 
 
@@ -61,8 +60,7 @@ def _micro_batch(cfg: ExperimentConfig, model: torch.nn.Module, images, batch_si
     would not fit ``evaluation.memory_budget_mb`` (gradients are then accumulated)."""
     from .batching import model_batch_size
 
-    return model_batch_size(model, images.shape[1:], cfg.evaluation.memory_budget_mb, training=True,
-                            cap=batch_size)
+    return model_batch_size(model, images.shape[1:], cfg.evaluation.memory_budget_mb, training=True, cap=batch_size)
 
 
 def distilled_set(cfg: ExperimentConfig, home: Path, method: str, ipc: int, gen_seed: int):
@@ -98,6 +96,7 @@ def train_teacher(cfg: ExperimentConfig, home: Path, progress: StageProgress = n
         orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device,
         evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
         memory_budget_mb=ev.memory_budget_mb, micro_batch=_micro_batch(cfg, model, x, ev.hard.batch_size),
+        bn_stats=ev.bn_stats,
         progress=lambda r: progress(f"teacher ({name}) epoch {r['epoch']}/{epochs} loss {r['loss']:.3f}",
                                     r["epoch"] / epochs),
     )
@@ -163,7 +162,7 @@ def _digest(*arrays) -> str:
 
 
 def _run_key(cfg: ExperimentConfig, spec: dict, train_digest: str, test_digest: str,
-             teacher_digest: str | None, micro_batch: int | None = None) -> str:
+             teacher_digest: str | None, micro_batch: int | None = None, batch_norm: bool = False) -> str:
     """Everything a student run's result depends on: the run's settings, the protocol's
     hyper-parameters, the exact training and test images, the teacher's weights (soft
     labels), and the code and torch versions. A hard-label run does not depend on the teacher:
@@ -183,6 +182,8 @@ def _run_key(cfg: ExperimentConfig, spec: dict, train_digest: str, test_digest: 
         payload["micro_batch"] = micro_batch
     if ev.precision != "float32":  # absent for float32: the keys of earlier runs stay valid
         payload["precision"] = ev.precision
+    if batch_norm and ev.bn_stats != "running":  # only batch-norm students depend on it (instance-norm keys stay)
+        payload["bn_stats"] = ev.bn_stats
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -217,7 +218,7 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
     depends on (settings, images, teacher, code version), so a sweep that is
     interrupted, or re-run with an added generation seed, student or IPC,
     trains only the runs it does not already have."""
-    from .students import build_student
+    from .students import build_student, has_batch_norm
 
     ev = cfg.evaluation
     test = real_split(cfg, "test")
@@ -248,7 +249,7 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
         batch = ev.hard.batch_size if protocol == "hard" else ev.soft.batch_size
         probe = build_student(student, x.shape[1], len(np.unique(test[1])), x.shape[-1])
         micro = _micro_batch(cfg, probe, x, batch)
-        key = _run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest, micro)
+        key = _run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest, micro, has_batch_norm(probe))
         record_path = runs_dir / f"{key}.json"
         done = _load_run(record_path)
         if done is not None:
@@ -301,7 +302,8 @@ def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple,
     t0 = time.perf_counter()
     kwargs = dict(epochs=epochs, seed=seed, orientation_sensitive=cfg.dataset.orientation_sensitive,
                   device=ev.device, evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
-                  progress=on_epoch, micro_batch=micro_batch, memory_budget_mb=ev.memory_budget_mb)
+                  progress=on_epoch, micro_batch=micro_batch, memory_budget_mb=ev.memory_budget_mb,
+                  bn_stats=ev.bn_stats)
     with student_autocast(ev.device, ev.precision):
         if spec["protocol"] == "hard":
             res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, **kwargs)

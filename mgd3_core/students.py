@@ -294,6 +294,53 @@ def evaluate(model: nn.Module, images, labels: torch.Tensor | np.ndarray, *,
     return 100.0 * correct / max(len(images), 1)
 
 
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` keeps running statistics (batch norm) that eval mode uses."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, images, *, device: str | torch.device = "cpu",
+                       memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> bool:
+    """Replace the batch-norm running statistics by those of ``images`` (uint8 (N, C, H, W),
+    in memory or a SplitImages), un-augmented, in train-mode forward passes without gradients.
+
+    Statistics gathered during training come from augmented (cropped, CutMixed) batches; on a
+    small distilled set they can sit far from those of clean images, which eval mode then
+    normalises the test images with. One pass when the images fit ``memory_budget_mb``, else the
+    mean of the batches' statistics (torch's cumulative average). Returns False, doing nothing,
+    for a model without batch norm; the model's mode and momenta are restored."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers or len(images) == 0:
+        return bool(layers)
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over this pass's batches
+    was_training = model.training
+    model.train()
+    try:
+        batch_size = model_batch_size(model, images.shape[1:], memory_budget_mb, training=False)
+        for batch in iter_batches(images, batch_size):
+            model(as_model_input(batch.to(device)))
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return True
+
+
+@torch.no_grad()
+def num_outputs(model: nn.Module, probe: torch.Tensor, device: torch.device) -> int:
+    """Width of the logits, from one forward pass in eval mode (works for any head)."""
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        return int(model(as_model_input(probe.to(device))).shape[1])
+    finally:
+        model.train(was_training)
+
+
 def _as_images(images, name: str):
     """uint8 (N, C, H, W): an in-memory tensor (validated) or a lazy SplitImages as is."""
     return images if isinstance(images, SplitImages) else as_uint8_images(images, name=name)

@@ -36,7 +36,8 @@ from torch import nn
 
 from .config import DEFAULT_MEMORY_BUDGET_MB, HardLabelConfig, SoftLabelConfig
 from .progress import EpochProgress
-from .students import _as_images, _as_labels, as_model_input, evaluate  # noqa: F401  (evaluate: re-exported)
+from .students import (_as_images, _as_labels, as_model_input, evaluate,  # noqa: F401  (evaluate: re-exported)
+                       num_outputs, recompute_bn_stats)
 
 
 # Random resized crop aspect-ratio range (torchvision's default).
@@ -97,12 +98,9 @@ class CutMixParams:
 
 @dataclass(frozen=True)
 class TrainAugment:
-    """Random resized crop (+ horizontal flip) per image, then CutMix per batch.
-
-    Operates on float ``(B, C, H, W)`` batches, output has the same shape.
-    Crop + flip are done as one batched ``grid_sample`` (bilinear), which is
-    exact for the identity box.
-    """
+    """Random resized crop (+ horizontal flip) per image, then CutMix per batch, on float
+    ``(B, C, H, W)`` batches; crop + flip are one batched bilinear ``grid_sample`` (exact for
+    the identity box)."""
 
     rrc_scale: tuple[float, float]
     flip: bool
@@ -110,11 +108,8 @@ class TrainAugment:
     cutmix_beta: float
 
     def sample(self, n: int, height: int, width: int, generator: torch.Generator) -> AugmentParams:
-        """Crop boxes: area fraction ~ U(rrc_scale), log aspect ~ U(log 3/4, log 4/3).
-
-        As in torchvision, up to 10 draws per image; the first that fits wins,
-        and the whole image is used when none fits.
-        """
+        """Crop boxes as torchvision draws them: area fraction ~ U(rrc_scale), log aspect ~
+        U(log 3/4, log 4/3), up to 10 tries per image, the whole image when none fits."""
         lo, hi = self.rrc_scale
         u_area, u_ratio = torch.rand(2, n, _RRC_TRIES, generator=generator, dtype=torch.float64)
         area = height * width * (lo + (hi - lo) * u_area)
@@ -237,6 +232,7 @@ def _eval_epochs(epochs: int, evaluations: int, ranking_evaluations: int = 1) ->
 
 # ---------------------------------------------------------------- the shared loop
 BatchLoss = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+BNStats = Literal["recomputed", "running"]
 
 
 def _fit(model: nn.Module, images, targets: torch.Tensor | None, *, batch_loss: BatchLoss,
@@ -244,11 +240,16 @@ def _fit(model: nn.Module, images, targets: torch.Tensor | None, *, batch_loss: 
          augment: TrainAugment, epochs: int, batch_size: int, seed: int,
          eval_images, eval_labels: torch.Tensor, evaluations: int,
          device: torch.device, progress: EpochProgress | None, ranking_evaluations: int = 1,
-         micro_batch: int | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> TrainResult:
+         micro_batch: int | None = None, memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+         bn_stats: BNStats = "recomputed") -> TrainResult:
     """Shuffle -> augment -> loss -> step, per epoch; evaluate on schedule. ``images`` uint8
     (N, C, H, W), in memory or a lazy SplitImages: one batch at a time is read and moved to
     ``device``. ``targets`` float (N, K) or None (soft labels: the teacher in ``batch_loss``).
-    ``micro_batch`` < ``batch_size``: gradients of micro-batches accumulated per step."""
+    ``micro_batch`` < ``batch_size``: gradients of micro-batches accumulated per step.
+    ``bn_stats="recomputed"``: batch-norm statistics recomputed on the clean ``images`` before
+    each evaluation (:func:`~mgd3_core.students.recompute_bn_stats`); "running": as trained."""
+    if bn_stats not in ("recomputed", "running"):
+        raise ValueError(f"bn_stats must be 'recomputed' or 'running', got {bn_stats!r}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
@@ -283,6 +284,8 @@ def _fit(model: nn.Module, images, targets: torch.Tensor | None, *, batch_loss: 
         scheduler.step()
         record = {"epoch": epoch, "loss": loss_sum / n, "lr": lr, "eval_acc": None}
         if epoch in eval_at:
+            if bn_stats == "recomputed":
+                recompute_bn_stats(model, images, device=device, memory_budget_mb=memory_budget_mb)
             acc = evaluate(model, eval_images, eval_labels, device=device, memory_budget_mb=memory_budget_mb)
             record["eval_acc"] = acc
             final_acc = acc
@@ -313,7 +316,8 @@ def train_hard_label(model: nn.Module, train_images, train_labels, eval_images, 
                      cfg: HardLabelConfig, epochs: int, seed: int, orientation_sensitive: bool,
                      device: str | torch.device = "cpu", evaluations: int = 2, ranking_evaluations: int = 1,
                      progress: EpochProgress | None = None, micro_batch: int | None = None,
-                     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> TrainResult:
+                     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+                     bn_stats: BNStats = "recomputed") -> TrainResult:
     """Train ``model`` in place on (distilled or real) images with their hard labels.
 
     IDC/MinMax protocol: SGD(lr, momentum, weight decay from ``cfg``), batch
@@ -330,10 +334,11 @@ def train_hard_label(model: nn.Module, train_images, train_labels, eval_images, 
         ranking_evaluations: evaluations in the last fifth of training whose best is
             ``TrainResult.ranking_acc`` (1 = the final epoch only).
         progress: called after every epoch with the history record plus ``epochs``.
+        bn_stats: batch-norm students' statistics at evaluation (see :func:`_fit`).
     """
     device = torch.device(device)
     images, labels, eval_images, eval_labels = _prepare(train_images, train_labels, eval_images, eval_labels)
-    num_classes = _num_outputs(model, images[:1], device)
+    num_classes = num_outputs(model, images[:1], device)
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"train_labels must lie in [0, {num_classes - 1}] (the model's outputs), "
                          f"got [{int(labels.min())}, {int(labels.max())}]")
@@ -349,7 +354,7 @@ def train_hard_label(model: nn.Module, train_images, train_labels, eval_images, 
                 epochs=epochs, batch_size=cfg.batch_size, seed=seed, eval_images=eval_images,
                 eval_labels=eval_labels, evaluations=evaluations, device=device, progress=progress,
                 ranking_evaluations=ranking_evaluations, micro_batch=micro_batch,
-                memory_budget_mb=memory_budget_mb)
+                memory_budget_mb=memory_budget_mb, bn_stats=bn_stats)
 
 
 # ---------------------------------------------------------------- soft-label protocol
@@ -364,7 +369,8 @@ def train_soft_label(student: nn.Module, train_images, teacher: nn.Module, eval_
                      cfg: SoftLabelConfig, seed: int, orientation_sensitive: bool, epochs: int | None = None,
                      device: str | torch.device = "cpu", evaluations: int = 2, ranking_evaluations: int = 1,
                      progress: EpochProgress | None = None, micro_batch: int | None = None,
-                     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB) -> TrainResult:
+                     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+                     bn_stats: BNStats = "recomputed") -> TrainResult:
     """Train ``student`` in place to match ``teacher`` on augmented distilled images.
 
     RDED/SRe2L protocol: each augmented (crop/flip/CutMix) batch is labelled
@@ -377,8 +383,8 @@ def train_soft_label(student: nn.Module, train_images, teacher: nn.Module, eval_
     images, _, eval_images, eval_labels = _prepare(train_images, None, eval_images, eval_labels)
     epochs = cfg.epochs if epochs is None else epochs
     teacher.to(device).eval()
-    n_student = _num_outputs(student, images[:1], device)
-    n_teacher = _num_outputs(teacher, images[:1], device)
+    n_student = num_outputs(student, images[:1], device)
+    n_teacher = num_outputs(teacher, images[:1], device)
     if n_student != n_teacher:
         raise ValueError(f"student has {n_student} outputs but teacher has {n_teacher}; they must agree")
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -394,15 +400,4 @@ def train_soft_label(student: nn.Module, train_images, teacher: nn.Module, eval_
                 epochs=epochs, batch_size=cfg.batch_size, seed=seed, eval_images=eval_images,
                 eval_labels=eval_labels, evaluations=evaluations, device=device, progress=progress,
                 ranking_evaluations=ranking_evaluations, micro_batch=micro_batch,
-                memory_budget_mb=memory_budget_mb)
-
-
-@torch.no_grad()
-def _num_outputs(model: nn.Module, probe: torch.Tensor, device: torch.device) -> int:
-    """Width of the logits, from one forward pass in eval mode (works for any head)."""
-    was_training = model.training
-    model.to(device).eval()
-    try:
-        return int(model(as_model_input(probe.to(device))).shape[1])
-    finally:
-        model.train(was_training)
+                memory_budget_mb=memory_budget_mb, bn_stats=bn_stats)

@@ -1,0 +1,124 @@
+"""Batch-norm students are evaluated with statistics of the clean training images
+(``evaluation.bn_stats``), not those gathered on augmented batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mgd3_core import evaluate, students, training
+from mgd3_core.config import config_from_dict
+from mgd3_core.students import as_model_input, build_student, has_batch_norm, recompute_bn_stats
+from mgd3_core.training import TrainResult, train_hard_label
+from mgd3_assets.versions import code_version
+
+
+def _images(n: int, size: int = 8, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 1, size, size), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+def test_recomputed_statistics_are_those_of_the_clean_images(batches, monkeypatch):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 4, 3)
+    bn = nn.BatchNorm2d(4)
+    model = nn.Sequential(conv, bn, nn.ReLU()).eval()
+    bn.running_mean.fill_(5.0), bn.running_var.fill_(9.0)  # as if gathered on other inputs
+    x = _images(8)
+    # Two equal batches: the mean of their statistics is the whole set's mean.
+    monkeypatch.setattr(students, "model_batch_size", lambda *a, **k: 8 // batches)
+    assert recompute_bn_stats(model, x) is True
+    with torch.no_grad():
+        h = conv(as_model_input(torch.from_numpy(x)))
+    # float32 sums over 8 x 6 x 6 values: agreement to 1e-5 (relative) on any CPU.
+    torch.testing.assert_close(bn.running_mean, h.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    if batches == 1:  # one pass: exactly the set's (unbiased) variance
+        torch.testing.assert_close(bn.running_var, h.var(dim=(0, 2, 3), unbiased=True), rtol=1e-5, atol=1e-6)
+    assert bn.momentum == 0.1 and not model.training  # restored
+
+
+def test_a_model_without_batch_norm_is_left_as_it_is():
+    model = build_student("convnet", 1, 2, 8, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not has_batch_norm(model) and recompute_bn_stats(model, _images(4)) is False
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert has_batch_norm(build_student("resnet18", 1, 2, 8, seed=0))
+
+
+def _train(bn_stats: str):
+    x = _images(16, 16)
+    y = np.repeat([0, 1], 8)
+    cfg = config_from_dict({"name": "t", "evaluation": {"hard": {"batch_size": 8}}})
+    model = build_student("resnet18", 1, 2, 16, seed=0)
+    res = train_hard_label(model, x, y, x, y, cfg=cfg.evaluation.hard, epochs=3, seed=0,
+                           orientation_sensitive=True, evaluations=1, bn_stats=bn_stats)
+    return model, res, x
+
+
+def test_training_is_the_same_and_only_the_evaluation_statistics_differ():
+    recomputed, res_r, x = _train("recomputed")
+    running, res_n, _ = _train("running")
+    params_r, params_n = dict(recomputed.named_parameters()), dict(running.named_parameters())
+    for name, p in params_r.items():  # the statistics never feed the updates (train mode uses the batch's)
+        torch.testing.assert_close(p, params_n[name], rtol=1e-6, atol=1e-7)
+    bn_r = [m for m in recomputed.modules() if isinstance(m, nn.BatchNorm2d)]
+    bn_n = [m for m in running.modules() if isinstance(m, nn.BatchNorm2d)]
+    stored = [m.running_mean.clone() for m in bn_r]
+    recompute_bn_stats(recomputed, x)  # evaluated with these: recomputing again changes nothing
+    for m, s in zip(bn_r, stored):
+        torch.testing.assert_close(m.running_mean, s, rtol=1e-5, atol=1e-6)
+    # The running ones (3 epochs of momentum 0.1 on augmented batches) are elsewhere.
+    assert max(float((a.running_mean - b.running_mean).abs().max()) for a, b in zip(bn_r, bn_n)) > 1e-3
+    assert res_r.final_acc == students.evaluate(recomputed, x, np.repeat([0, 1], 8))
+
+
+def test_an_unknown_setting_is_refused():
+    with pytest.raises(ValueError, match="bn_stats must be 'recomputed' or 'running'"):
+        _train("clean")
+
+
+def test_the_setting_rekeys_only_batch_norm_students(tmp_path, monkeypatch):
+    """ConvNet records (instance norm) keep their keys; ResNet-18's are trained again, and the
+    "running" key is the one runs had before the setting existed."""
+    x, y = _images(4), np.array([0, 1, 0, 1])
+    monkeypatch.setattr(evaluate, "real_split", lambda cfg, split: (x, y))
+    monkeypatch.setattr(evaluate, "distilled_set", lambda cfg, home, m, ipc, g: (x, y))
+    calls = []
+
+    def fake_train(model, *args, epochs, bn_stats, **kw):
+        calls.append((has_batch_norm(model), bn_stats))
+        return TrainResult(final_acc=50.0, best_acc=50.0, best_epoch=1, epochs=epochs, seconds=0.0, history=[])
+
+    monkeypatch.setattr(training, "train_hard_label", fake_train)
+
+    def run(**ev):
+        cfg = config_from_dict({"name": "t", "ipc": [2], "dataset": {"image_size": 8}, "evaluation": {
+            "students": ["convnet", "resnet18"], "generation_seeds": [0], **ev}})
+        evaluate.train_students(cfg, tmp_path, "mgd3")
+
+    run(bn_stats="running")
+    assert calls == [(False, "running"), (True, "running")]
+    calls.clear()
+    run()  # default: recomputed
+    assert calls == [(True, "recomputed")]
+    calls.clear()
+    run(bn_stats="running")
+    assert calls == []
+    cfg = config_from_dict({"name": "t"})
+    spec = dict(method="m", ipc=1, gen_seed=0, student="s", protocol="hard", train_seed=0, epochs=1)
+    old_key = evaluate._run_key(cfg, spec, "a", "b", None)  # the key before the setting existed
+    running = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"bn_stats": "running"})})
+    assert evaluate._run_key(running, spec, "a", "b", None, batch_norm=True) == old_key
+    assert evaluate._run_key(cfg, spec, "a", "b", None, batch_norm=True) != old_key
+    assert evaluate._run_key(cfg, spec, "a", "b", None, batch_norm=False) == old_key
+
+
+@pytest.mark.parametrize("teacher, changes", [("convnet", False), ("resnet18", True)])
+def test_the_teachers_version_follows_the_setting_only_with_batch_norm(teacher, changes):
+    def version(bn_stats):
+        return code_version(config_from_dict({"name": "t", "evaluation": {
+            "bn_stats": bn_stats, "teacher": {"model": teacher}}}), "teacher")
+
+    assert (version("running") != version("recomputed")) is changes
