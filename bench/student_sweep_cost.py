@@ -50,17 +50,18 @@ def sweep_plan(cfg: ExperimentConfig, n_classes: int, n_train: int):
             entry["steps"][rest] += count * epochs
         entry["evals"] += count * len(_eval_epochs(epochs, ev.evaluations, ev.ranking_evaluations))
 
-    add(ev.teacher.model, "hard", n_train, cfg.teacher_epochs(), ev.hard.batch_size)  # the teacher
+    add(ev.teacher.model, "hard", n_train, cfg.teacher_epochs(), ev.hard_for(ev.teacher.model).batch_size)  # teacher
     for student in ev.students:
         for seed in ev.training_seeds:
             if not teacher_is_full_data_run(cfg, student, seed):
-                add(student, "hard", n_train, ev.hard.full_data_epochs, ev.hard.batch_size)
+                hard = ev.hard_for(student)
+                add(student, "hard", n_train, hard.full_data_epochs, hard.batch_size)
     runs = len(cfg.methods) * len(ev.generation_seeds) * len(ev.training_seeds)
     for ipc in cfg.ipc:
         for student in ev.students:
             for protocol in ev.protocols:
-                batch = ev.hard.batch_size if protocol == "hard" else ev.soft.batch_size
-                add(student, protocol, ipc * n_classes, cfg.epochs_for_ipc(ipc, protocol), batch, runs)
+                batch = ev.hard_for(student).batch_size if protocol == "hard" else ev.soft.batch_size
+                add(student, protocol, ipc * n_classes, cfg.epochs_for_ipc(ipc, protocol, student), batch, runs)
     return plan
 
 
@@ -74,7 +75,7 @@ def step_seconds(cfg: ExperimentConfig, model: str, protocol: str, batch: int, t
     student = build_student(model, shape[0], n_classes, shape[-1], seed=0)
     common = dict(epochs=epochs, seed=0, orientation_sensitive=cfg.dataset.orientation_sensitive, evaluations=1)
     if protocol == "hard":
-        res = train_hard_label(student, x, y, x[:1], y[:1], cfg=ev.hard.model_copy(update={"batch_size": batch}),
+        res = train_hard_label(student, x, y, x[:1], y[:1], cfg=ev.hard_for(model).model_copy(update={"batch_size": batch}),
                                **common)
     else:
         res = train_soft_label(student, x, teacher, x[:1], y[:1], cfg=ev.soft.model_copy(update={"batch_size": batch}),
@@ -121,7 +122,7 @@ def main() -> None:
 
     rows, total = [], 0.0
     for (model, protocol), entry in sorted(plan.items()):
-        big = cfg.evaluation.hard.batch_size if protocol == "hard" else cfg.evaluation.soft.batch_size
+        big = cfg.evaluation.hard_for(model).batch_size if protocol == "hard" else cfg.evaluation.soft.batch_size
         measured = {b: [] for b in (big, args.small_batch)}
         evals = []
         step_seconds(cfg, model, protocol, big, teacher, shape, args.classes, 2)  # warm-up (oneDNN primitives)

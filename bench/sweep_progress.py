@@ -46,7 +46,8 @@ def planned_runs(cfg) -> dict[tuple, dict]:
         for ipc, gen_seed, student, protocol, train_seed in _student_runs(cfg, method):
             if method == FULL_DATA and teacher_is_full_data_run(cfg, student, train_seed):
                 continue
-            epochs = cfg.evaluation.hard.full_data_epochs if method == FULL_DATA else cfg.epochs_for_ipc(ipc, protocol)
+            epochs = (cfg.evaluation.hard_for(student).full_data_epochs if method == FULL_DATA
+                      else cfg.epochs_for_ipc(ipc, protocol, student))
             plan[(method, ipc, gen_seed, student, protocol, train_seed)] = dict(epochs=epochs)
     return plan
 

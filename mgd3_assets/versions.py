@@ -60,7 +60,8 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
     if stage == "teacher":
         ev = dump["evaluation"]
         # The teacher: the named model trained on the real data with the hard-label protocol.
-        inputs = {"dataset": dump["dataset"], "hard": ev["hard"], "teacher": ev["teacher"],
+        hard = cfg.evaluation.hard_for(ev["teacher"]["model"]).model_dump(mode="json")  # ev["hard"] unless overridden
+        inputs = {"dataset": dump["dataset"], "hard": hard, "teacher": ev["teacher"],
                   "training_seeds": ev["training_seeds"], "evaluations": ev["evaluations"],
                   "ranking_evaluations": ev["ranking_evaluations"], "device": ev["device"]}
         if ev["teacher"]["model"] == "resnet18":  # batch norm: its statistics at evaluation are saved with it

@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .config_base import DEFAULT_MEMORY_BUDGET_MB, _Strict  # noqa: F401  (re-exported)
+from .config_eval import (EvaluationConfig, HardLabelConfig, SoftLabelConfig,  # noqa: F401  (re-exported)
+                          TeacherConfig)
 
 # MGD3 (ICML 2025), Sec. 4 / reference code: DDPM respaced to 50 steps, CFG 4.0,
 # guidance strength lambda 0.1, guidance stopped at t_stop = 25 of 50.
@@ -20,10 +24,6 @@ PAPER_DEFAULTS = {"steps": 50, "cfg_scale": 4.0, "guidance_strength": 0.1, "t_st
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "embedded.yaml"
 DEFAULT_HOME = PROJECT_ROOT / "mgd3_home"
-
-# Memory for one batch's activations in student training, evaluation and feature
-# extraction (MiB); batch sizes follow from it and the image size (mgd3_core.batching).
-DEFAULT_MEMORY_BUDGET_MB = 2048
 
 DIFFUSION_METHODS = ("mgd3", "unguided", "mgd3_no_stop")
 REAL_METHODS = ("random_real", "closest_real", "decoded_centroids")
@@ -36,10 +36,6 @@ BACKBONE_KINDS = ("embedded", "pretrained", "stable_diffusion")
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message says where and why."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
 class ClassSpec(_Strict):
@@ -222,86 +218,6 @@ class MethodOverride(_Strict):
     guidance_schedule: GuidanceSchedule | None = None
 
 
-class HardLabelConfig(_Strict):
-    lr: float = Field(default=0.01, gt=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=5e-4, ge=0)
-    batch_size: int = Field(default=64, ge=1)
-    rrc_scale: list[float] = [0.5, 1.0]
-    cutmix_prob: float = Field(default=0.5, ge=0, le=1)
-    cutmix_beta: float = Field(default=1.0, gt=0)
-    # Epochs by IPC (the nearest key at or below a given IPC applies).
-    epochs_by_ipc: dict[int, int] = {1: 300, 10: 300, 50: 200}
-    full_data_epochs: int = Field(default=30, ge=1)
-
-    @field_validator("rrc_scale")
-    @classmethod
-    def _scale_pair(cls, v: list[float]) -> list[float]:
-        if len(v) != 2 or not (0 < v[0] <= v[1] <= 1):
-            raise ValueError("rrc_scale must be [low, high] with 0 < low <= high <= 1")
-        return v
-
-
-class SoftLabelConfig(_Strict):
-    temperature: float = Field(default=4.0, gt=0)
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.01, ge=0)
-    epochs: int = Field(default=300, ge=1)
-    # Epochs by IPC as in HardLabelConfig; None = ``epochs`` at every IPC (RDED: 300).
-    epochs_by_ipc: dict[int, int] | None = None
-    batch_size: int = Field(default=64, ge=1)
-    # Augmentation of the soft-label protocol; same meaning as in HardLabelConfig.
-    rrc_scale: list[float] = [0.5, 1.0]
-    cutmix_prob: float = Field(default=0.5, ge=0, le=1)
-    cutmix_beta: float = Field(default=1.0, gt=0)
-
-    @field_validator("rrc_scale")
-    @classmethod
-    def _scale_pair(cls, v: list[float]) -> list[float]:
-        return HardLabelConfig._scale_pair(v)
-
-
-class TeacherConfig(_Strict):
-    """The classifier trained on the real training split (hard-label protocol, first
-    training seed): the soft-label teacher, the feature space of the diversity metrics,
-    and the full-data run of its own student when ``epochs`` = ``hard.full_data_epochs``."""
-
-    model: Literal["convnet", "resnetap10", "resnet18"] = "convnet"
-    epochs: int | None = Field(default=None, ge=1)  # None = hard.full_data_epochs
-
-
-class EvaluationConfig(_Strict):
-    protocols: list[Literal["hard", "soft"]] = ["hard"]
-    students: list[Literal["convnet", "resnetap10", "resnet18"]] = ["convnet"]
-    generation_seeds: list[int] = [0, 1, 2]
-    training_seeds: list[int] = [0]
-    hard: HardLabelConfig = HardLabelConfig()
-    soft: SoftLabelConfig = SoftLabelConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    representativeness_k: int = Field(default=50, ge=1)
-    tsne_classes: int = Field(default=3, ge=0)
-    device: str = "cpu"
-    # Student runs' forward passes: bfloat16 = autocast (weights, optimiser and losses stay float32).
-    precision: Literal["float32", "bfloat16"] = "float32"
-    # Test-split evaluations per run, evenly spaced, the last after the final epoch (the headline).
-    evaluations: int = Field(default=2, ge=1)
-    # Extra test-split evaluations over the last fifth of each run (1 = the final epoch only); the
-    # DD-Ranking scores use their best, as DD-Ranking does (tests after 80 % of training, keeps the best).
-    ranking_evaluations: int = Field(default=1, ge=1)
-    # Batch-norm students (resnet18) at each evaluation: statistics recomputed over the clean
-    # training images, or "running" as gathered on augmented batches (README: ResNet-18, hard labels).
-    bn_stats: Literal["recomputed", "running"] = "recomputed"
-    # Activation MiB of one batch on evaluation.device: sizes evaluation batches and training micro-batches.
-    memory_budget_mb: int = Field(default=DEFAULT_MEMORY_BUDGET_MB, ge=16)
-
-    @field_validator("generation_seeds", "training_seeds")
-    @classmethod
-    def _non_empty_unique(cls, v: list[int]) -> list[int]:
-        if not v or len(set(v)) != len(v):
-            raise ValueError("must be a non-empty list of distinct integers")
-        return v
-
-
 class ExperimentConfig(_Strict):
     name: str = Field(default="embedded", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -361,19 +277,21 @@ class ExperimentConfig(_Strict):
             updates.update({k: v for k, v in o.model_dump().items() if v is not None})
         return self.sampler.model_copy(update=updates)
 
-    def epochs_for_ipc(self, ipc: int, protocol: Literal["hard", "soft"] = "hard") -> int:
-        """Student epochs at ``ipc``: the protocol's table, nearest key at or below ``ipc``."""
+    def epochs_for_ipc(self, ipc: int, protocol: Literal["hard", "soft"] = "hard", student: str | None = None) -> int:
+        """Student epochs at ``ipc``: the protocol's table (hard: the student's,
+        ``evaluation.hard_for``), nearest key at or below ``ipc``."""
         if protocol == "soft":
             table = self.evaluation.soft.epochs_by_ipc
             if not table:
                 return self.evaluation.soft.epochs
         else:
-            table = self.evaluation.hard.epochs_by_ipc
+            table = self.evaluation.hard_for(student).epochs_by_ipc
         keys = sorted(k for k in table if k <= ipc) or [min(table)]
         return table[keys[-1]]
 
     def teacher_epochs(self) -> int:
-        return self.evaluation.teacher.epochs or self.evaluation.hard.full_data_epochs
+        ev = self.evaluation
+        return ev.teacher.epochs or ev.hard_for(ev.teacher.model).full_data_epochs
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -88,14 +88,14 @@ def train_teacher(cfg: ExperimentConfig, home: Path, progress: StageProgress = n
     x, y = real_split(cfg, "train")
     xt, yt = real_split(cfg, "test")
     ev = cfg.evaluation
-    seed, epochs, name = ev.training_seeds[0], cfg.teacher_epochs(), ev.teacher.model
+    seed, epochs, name, hard = ev.training_seeds[0], cfg.teacher_epochs(), ev.teacher.model, ev.hard_for(ev.teacher.model)
     model = build_student(name, x.shape[1], int(y.max()) + 1, x.shape[-1], seed=seed)
     t0 = time.perf_counter()
     res = train_hard_label(
-        model, x, y, xt, yt, cfg=ev.hard, epochs=epochs, seed=seed,
+        model, x, y, xt, yt, cfg=hard, epochs=epochs, seed=seed,
         orientation_sensitive=cfg.dataset.orientation_sensitive, device=ev.device,
         evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
-        memory_budget_mb=ev.memory_budget_mb, micro_batch=_micro_batch(cfg, model, x, ev.hard.batch_size),
+        memory_budget_mb=ev.memory_budget_mb, micro_batch=_micro_batch(cfg, model, x, hard.batch_size),
         bn_stats=ev.bn_stats,
         progress=lambda r: progress(f"teacher ({name}) epoch {r['epoch']}/{epochs} loss {r['loss']:.3f}",
                                     r["epoch"] / epochs),
@@ -113,7 +113,7 @@ def teacher_is_full_data_run(cfg: ExperimentConfig, student: str, train_seed: in
     """Whether the teacher run is exactly this full-data run (same model, seed, epochs, float32)."""
     ev = cfg.evaluation
     return (student == ev.teacher.model and train_seed == ev.training_seeds[0]
-            and cfg.teacher_epochs() == ev.hard.full_data_epochs and ev.precision == "float32")
+            and cfg.teacher_epochs() == ev.hard_for(student).full_data_epochs and ev.precision == "float32")
 
 
 def teacher_fingerprint(cfg: ExperimentConfig, home: Path) -> str:
@@ -169,7 +169,7 @@ def _run_key(cfg: ExperimentConfig, spec: dict, train_digest: str, test_digest: 
     adding soft labels or retraining the teacher keeps its key."""
     ev = cfg.evaluation
     soft = spec["protocol"] == "soft"
-    protocol_cfg = ev.soft if soft else ev.hard
+    protocol_cfg = ev.soft if soft else ev.hard_for(spec["student"])
     payload = dict(spec, version=STUDENT_RUN_VERSION, torch=torch.__version__, device=str(ev.device),
                    evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
                    orientation_sensitive=cfg.dataset.orientation_sensitive,
@@ -182,7 +182,7 @@ def _run_key(cfg: ExperimentConfig, spec: dict, train_digest: str, test_digest: 
         payload["micro_batch"] = micro_batch
     if ev.precision != "float32":  # absent for float32: the keys of earlier runs stay valid
         payload["precision"] = ev.precision
-    if batch_norm and ev.bn_stats != "running":  # only batch-norm students depend on it (instance-norm keys stay)
+    if batch_norm and not soft and ev.bn_stats != "running":  # instance-norm and soft keys stay
         payload["bn_stats"] = ev.bn_stats
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -240,13 +240,13 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
                 progress(f"{label}: the teacher run {where}", n / len(runs))
                 rows.append(_teacher_row(cfg, home, method, student, train_seed))
                 continue
-            epochs = ev.hard.full_data_epochs
+            epochs = ev.hard_for(student).full_data_epochs
         else:
             x, y = distilled_set(cfg, home, method, ipc, gen_seed)
-            epochs = cfg.epochs_for_ipc(ipc, protocol)
+            epochs = cfg.epochs_for_ipc(ipc, protocol, student)
         spec = dict(method=method, ipc=ipc, gen_seed=gen_seed, student=student, protocol=protocol,
                     train_seed=train_seed, epochs=epochs)
-        batch = ev.hard.batch_size if protocol == "hard" else ev.soft.batch_size
+        batch = ev.hard_for(student).batch_size if protocol == "hard" else ev.soft.batch_size
         probe = build_student(student, x.shape[1], len(np.unique(test[1])), x.shape[-1])
         micro = _micro_batch(cfg, probe, x, batch)
         key = _run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest, micro, has_batch_norm(probe))
@@ -302,13 +302,13 @@ def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple,
     t0 = time.perf_counter()
     kwargs = dict(epochs=epochs, seed=seed, orientation_sensitive=cfg.dataset.orientation_sensitive,
                   device=ev.device, evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
-                  progress=on_epoch, micro_batch=micro_batch, memory_budget_mb=ev.memory_budget_mb,
-                  bn_stats=ev.bn_stats)
+                  progress=on_epoch, micro_batch=micro_batch, memory_budget_mb=ev.memory_budget_mb)
     with student_autocast(ev.device, ev.precision):
         if spec["protocol"] == "hard":
-            res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard, **kwargs)
+            res = train_hard_label(model, x, y, xt, yt, cfg=ev.hard_for(spec["student"]), bn_stats=ev.bn_stats,
+                                   **kwargs)
         else:
-            res = train_soft_label(model, x, teacher, xt, yt, cfg=ev.soft, **kwargs)
+            res = train_soft_label(model, x, teacher, xt, yt, cfg=ev.soft, bn_stats="running", **kwargs)
     ipc, gen_seed = spec["ipc"], spec["gen_seed"]
     return dict(method=spec["method"], ipc=ipc if ipc is not None else np.nan, student=spec["student"],
                 protocol=spec["protocol"], gen_seed=gen_seed if gen_seed is not None else 0, train_seed=seed,

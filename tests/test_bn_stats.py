@@ -122,3 +122,64 @@ def test_the_teachers_version_follows_the_setting_only_with_batch_norm(teacher, 
             "bn_stats": bn_stats, "teacher": {"model": teacher}}}), "teacher")
 
     assert (version("running") != version("recomputed")) is changes
+
+
+def test_soft_label_runs_keep_running_statistics_and_their_keys(tmp_path, monkeypatch):
+    x, y = _images(4), np.array([0, 1, 0, 1])
+    monkeypatch.setattr(evaluate, "real_split", lambda cfg, split: (x, y))
+    monkeypatch.setattr(evaluate, "distilled_set", lambda cfg, home, m, ipc, g: (x, y))
+    monkeypatch.setattr(evaluate, "load_teacher", lambda cfg, home: build_student("convnet", 1, 2, 8, seed=0))
+    calls = []
+
+    def fake_soft(model, *args, epochs, bn_stats, **kw):
+        calls.append(bn_stats)
+        return TrainResult(final_acc=50.0, best_acc=50.0, best_epoch=1, epochs=epochs, seconds=0.0, history=[])
+
+    monkeypatch.setattr(training, "train_soft_label", fake_soft)
+    for bn_stats in ("running", "recomputed"):
+        cfg = config_from_dict({"name": "t", "ipc": [2], "dataset": {"image_size": 8}, "evaluation": {
+            "students": ["resnet18"], "protocols": ["soft"], "generation_seeds": [0], "bn_stats": bn_stats}})
+        evaluate.train_students(cfg, tmp_path, "mgd3")
+    assert calls == ["running"]  # the second sweep found the first one's record
+
+
+def test_one_students_hard_settings_apply_to_it_alone(tmp_path, monkeypatch):
+    x, y = _images(4), np.array([0, 1, 0, 1])
+    monkeypatch.setattr(evaluate, "real_split", lambda cfg, split: (x, y))
+    monkeypatch.setattr(evaluate, "distilled_set", lambda cfg, home, m, ipc, g: (x, y))
+    calls = []
+
+    def fake_train(model, *args, cfg, epochs, **kw):
+        calls.append(("bn" if has_batch_norm(model) else "in", epochs, cfg.lr))
+        return TrainResult(final_acc=50.0, best_acc=50.0, best_epoch=1, epochs=epochs, seconds=0.0, history=[])
+
+    monkeypatch.setattr(training, "train_hard_label", fake_train)
+
+    def run(**ev):
+        cfg = config_from_dict({"name": "t", "ipc": [1, 10], "dataset": {"image_size": 8}, "evaluation": {
+            "students": ["convnet", "resnet18"], "generation_seeds": [0],
+            "hard": {"lr": 0.02, "epochs_by_ipc": {1: 300, 10: 300}}, **ev}})
+        evaluate.train_students(cfg, tmp_path, "mgd3")
+        return cfg
+
+    run()
+    calls.clear()
+    cfg = run(hard_by_student={"resnet18": {"epochs_by_ipc": {1: 300, 10: 100}}})
+    # ResNet-18 trains again (its settings, the epochs table included, are in its keys), IPC 10 with
+    # 100 epochs and the shared lr; the ConvNet runs are reused.
+    assert calls == [("bn", 300, 0.02), ("bn", 100, 0.02)]
+    assert cfg.epochs_for_ipc(10, "hard", "resnet18") == 100 and cfg.epochs_for_ipc(10, "hard", "convnet") == 300
+    teacher = config_from_dict({"name": "t", "evaluation": {"teacher": {"model": "resnet18"},
+                                                             "hard_by_student": {"resnet18": {"full_data_epochs": 4}}}})
+    assert teacher.teacher_epochs() == 4 and evaluate.teacher_is_full_data_run(teacher, "resnet18", 0)
+
+
+def test_a_bad_student_setting_names_the_student_and_the_key():
+    from mgd3_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"hard_by_student\.resnet18: lr: Input should be greater than 0"):
+        config_from_dict({"name": "t", "evaluation": {"hard_by_student": {"resnet18": {"lr": -1.0}}}})
+    with pytest.raises(ConfigError, match=r"hard_by_student\.resnet18: epoch: Extra inputs are not permitted"):
+        config_from_dict({"name": "t", "evaluation": {"hard_by_student": {"resnet18": {"epoch": 3}}}})
+    with pytest.raises(ConfigError, match="hard_by_student.resnet50"):
+        config_from_dict({"name": "t", "evaluation": {"hard_by_student": {"resnet50": {}}}})
