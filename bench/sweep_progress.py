@@ -1,18 +1,18 @@
 """Where a config's student sweep stands in a storage root: runs finished, the table so far, time left.
 
 A full-table sweep (``configs/embedded-full.yaml``: 216 student runs) takes many hours on a
-CPU and is meant to run in pieces (``train_students`` resumes run by run). This reads the
-finished-run records under ``students/runs/`` of ``MGD3_HOME`` (nothing is trained or
-loaded), keeps the records whose settings belong to the config (method, IPC, generation and
-training seed, student, protocol, epochs), and prints
+CPU and is meant to run in pieces (``train_students`` resumes run by run). This computes the
+key of every planned run as the sweep does (reading the distilled sets and the teacher; nothing
+is trained), reads the finished-run records under ``students/runs/`` of ``MGD3_HOME`` that have
+those keys, and prints
 
 - per (student, protocol, IPC): runs finished / planned, their median seconds, and the time
   the rest would take at that median (groups with no finished run: "?");
 - the report's table over the finished runs only (each cell's ``n`` says how many; HLR needs
   the full-data row, which is the teacher's when the teacher is that run: then "–").
 
-One storage root per experiment (README): records of another config whose runs share these
-settings but differ in something the key holds (precision, images) would be counted too.
+Records of other settings (another schedule, precision, batch-norm statistics) or of other
+images in the same root are not counted.
 
     MGD3_HOME=mgd3_home_full .venv/bin/python bench/sweep_progress.py configs/embedded-full.yaml
 """
@@ -32,42 +32,48 @@ from _common import markdown_table  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
-from mgd3_core import storage  # noqa: E402
 from mgd3_core.config import load_config  # noqa: E402
-from mgd3_core.evaluate import FULL_DATA, _student_runs, teacher_is_full_data_run  # noqa: E402
+from mgd3_core.evaluate import (FULL_DATA, _load_run, _student_runs, load_teacher, sweep_runs,  # noqa: E402
+                                teacher_is_full_data_run)
 from mgd3_core.report import summary_table, table_markdown  # noqa: E402
 
 
-def planned_runs(cfg) -> dict[tuple, dict]:
-    """{(method, ipc, gen_seed, student, protocol, train_seed): expected spec} of the whole sweep
-    (a full-data run that the teacher run stands in for has no record and is not planned)."""
+def planned_runs(cfg, home: Path) -> dict[tuple, dict]:
+    """{(method, ipc, gen_seed, student, protocol, train_seed): {"epochs", "path"}} of the whole
+    sweep, ``path`` being the record the run is stored under in ``home``, keyed exactly as the
+    sweep keys it (:func:`mgd3_core.evaluate.sweep_runs`: settings, images, teacher), or None
+    while its distilled set or the teacher is not there yet. A full-data run that the teacher run
+    stands in for has no record and is not planned."""
+    try:
+        teacher = load_teacher(cfg, home) if "soft" in cfg.evaluation.protocols else None
+    except FileNotFoundError:
+        teacher = None
     plan = {}
     for method in [*cfg.methods, FULL_DATA]:
+        runs = sweep_runs(cfg, home, method, teacher)
         for ipc, gen_seed, student, protocol, train_seed in _student_runs(cfg, method):
             if method == FULL_DATA and teacher_is_full_data_run(cfg, student, train_seed):
+                if runs is not None:
+                    next(runs, None)  # its entry in sweep_runs: no record
                 continue
             epochs = (cfg.evaluation.hard_for(student).full_data_epochs if method == FULL_DATA
                       else cfg.epochs_for_ipc(ipc, protocol, student))
-            plan[(method, ipc, gen_seed, student, protocol, train_seed)] = dict(epochs=epochs)
+            path = None
+            if runs is not None:
+                try:
+                    path = next(runs)[3]
+                except FileNotFoundError:  # its set is not distilled yet: no record of it or what follows
+                    runs = None
+            if protocol == "soft" and teacher is None:
+                path = None
+            plan[(method, ipc, gen_seed, student, protocol, train_seed)] = dict(epochs=epochs, path=path)
     return plan
 
 
-def finished_rows(cfg, home: Path, plan: dict[tuple, dict]) -> list[dict]:
-    """Rows of the finished runs that belong to ``plan`` (:func:`planned_runs` of ``cfg``;
-    unreadable records are skipped)."""
-    rows = []
-    for path in sorted(storage.student_runs_dir(cfg, home).glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-            spec, row = record["spec"], record["row"]
-            key = (spec["method"], spec["ipc"], spec["gen_seed"], spec["student"], spec["protocol"],
-                   spec["train_seed"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            print(f"{path}: unreadable record ({err}), not counted", file=sys.stderr)
-            continue
-        if key in plan and plan[key]["epochs"] == spec["epochs"]:
-            rows.append(row)
-    return rows
+def finished_rows(plan: dict[tuple, dict]) -> list[dict]:
+    """Rows of the planned runs whose records exist (a damaged record: a warning, not counted)."""
+    rows = [_load_run(entry["path"]) for entry in plan.values() if entry["path"] is not None]
+    return [r for r in rows if r is not None]
 
 
 def progress_table(plan: dict[tuple, dict], rows: list[dict]) -> tuple[list[list], float]:
@@ -99,8 +105,8 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_config(args.config)
     home = Path(args.home)
-    plan = planned_runs(cfg)
-    rows = finished_rows(cfg, home, plan)
+    plan = planned_runs(cfg, home)
+    rows = finished_rows(plan)
     table, left = progress_table(plan, rows)
     spent = sum(float(r["seconds"]) for r in rows)
     print(f"{args.config} in {home}: {len(rows)} of {len(plan)} student runs finished "

@@ -24,7 +24,7 @@ from . import storage
 from .config import ExperimentConfig
 from .distilled import load_distilled_class
 from .files import atomic_output, atomic_write
-from .progress import EpochProgress, StageProgress, no_progress
+from .progress import EpochProgress, StageProgress, epoch_lines, no_progress
 
 log = logging.getLogger("mgd3")
 
@@ -88,7 +88,8 @@ def train_teacher(cfg: ExperimentConfig, home: Path, progress: StageProgress = n
     x, y = real_split(cfg, "train")
     xt, yt = real_split(cfg, "test")
     ev = cfg.evaluation
-    seed, epochs, name, hard = ev.training_seeds[0], cfg.teacher_epochs(), ev.teacher.model, ev.hard_for(ev.teacher.model)
+    seed, epochs, name = ev.training_seeds[0], cfg.teacher_epochs(), ev.teacher.model
+    hard = ev.hard_for(name)
     model = build_student(name, x.shape[1], int(y.max()) + 1, x.shape[-1], seed=seed)
     t0 = time.perf_counter()
     res = train_hard_label(
@@ -218,39 +219,19 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
     depends on (settings, images, teacher, code version), so a sweep that is
     interrupted, or re-run with an added generation seed, student or IPC,
     trains only the runs it does not already have."""
-    from .students import build_student, has_batch_norm
-
-    ev = cfg.evaluation
-    test = real_split(cfg, "test")
-    test_digest = _digest(*test)
     runs = _student_runs(cfg, method)
-    teacher, teacher_digest = None, None
-    if any(r[3] == "soft" for r in runs):
-        teacher = load_teacher(cfg, home)
-        teacher_digest = _digest(*(v.contiguous().numpy() for _, v in sorted(teacher.state_dict().items())))
-    runs_dir = storage.student_runs_dir(cfg, home)
+    teacher = load_teacher(cfg, home) if any(r[3] == "soft" for r in runs) else None
+    test = real_split(cfg, "test")
     rows: list[dict] = []
     reused = 0
-    for n, (ipc, gen_seed, student, protocol, train_seed) in enumerate(runs):
-        label = f"{method} ipc={ipc} seed={gen_seed} {student}/{protocol} train_seed={train_seed}"
+    for n, (spec, train, micro, record_path) in enumerate(sweep_runs(cfg, home, method, teacher)):
+        label = (f"{method} ipc={spec['ipc']} seed={spec['gen_seed']} {spec['student']}/{spec['protocol']} "
+                 f"train_seed={spec['train_seed']}")
         where = f"({n + 1}/{len(runs)})"
-        if method == FULL_DATA:
-            x, y = real_split(cfg, "train")
-            if teacher_is_full_data_run(cfg, student, train_seed):
-                progress(f"{label}: the teacher run {where}", n / len(runs))
-                rows.append(_teacher_row(cfg, home, method, student, train_seed))
-                continue
-            epochs = ev.hard_for(student).full_data_epochs
-        else:
-            x, y = distilled_set(cfg, home, method, ipc, gen_seed)
-            epochs = cfg.epochs_for_ipc(ipc, protocol, student)
-        spec = dict(method=method, ipc=ipc, gen_seed=gen_seed, student=student, protocol=protocol,
-                    train_seed=train_seed, epochs=epochs)
-        batch = ev.hard_for(student).batch_size if protocol == "hard" else ev.soft.batch_size
-        probe = build_student(student, x.shape[1], len(np.unique(test[1])), x.shape[-1])
-        micro = _micro_batch(cfg, probe, x, batch)
-        key = _run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest, micro, has_batch_norm(probe))
-        record_path = runs_dir / f"{key}.json"
+        if record_path is None:
+            progress(f"{label}: the teacher run {where}", n / len(runs))
+            rows.append(_teacher_row(cfg, home, method, spec["student"], spec["train_seed"]))
+            continue
         done = _load_run(record_path)
         if done is not None:
             reused += 1
@@ -258,7 +239,7 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
             rows.append(done)
             continue
         progress(f"training {label} {where}", n / len(runs))
-        row = _train_student(cfg, spec, (x, y), test, teacher, _epoch_progress(progress, label, n, len(runs)),
+        row = _train_student(cfg, spec, train, test, teacher, epoch_lines(progress, label, n, len(runs)),
                              micro)
         atomic_write(record_path, json.dumps({"spec": spec, "row": row}, default=_json_default))
         rows.append(row)
@@ -267,6 +248,34 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
     atomic_write(storage.students_file(cfg, home, method), df.to_csv(index=False))
     progress(f"{method}: {len(rows)} runs done ({reused} reused from earlier runs)", 1.0)
     return df
+
+
+def sweep_runs(cfg: ExperimentConfig, home: Path, method: str, teacher=None):
+    """Each run of a method's sweep, in order: (spec, (x, y), micro-batch, record path), the path
+    keyed by all the run depends on (:func:`_run_key`); all but the spec are None for the full-data
+    run that the teacher run is. ``teacher``: :func:`load_teacher`'s, when there are soft-label runs."""
+    from .students import build_student, has_batch_norm
+
+    ev, test = cfg.evaluation, real_split(cfg, "test")
+    test_digest, n_classes, runs_dir = _digest(*test), len(np.unique(test[1])), storage.student_runs_dir(cfg, home)
+    teacher_digest = None if teacher is None else _digest(
+        *(v.contiguous().numpy() for _, v in sorted(teacher.state_dict().items())))
+    for ipc, gen_seed, student, protocol, train_seed in _student_runs(cfg, method):
+        spec = dict(method=method, ipc=ipc, gen_seed=gen_seed, student=student, protocol=protocol,
+                    train_seed=train_seed)
+        if method == FULL_DATA and teacher_is_full_data_run(cfg, student, train_seed):
+            yield spec, None, None, None
+            continue
+        if method == FULL_DATA:
+            (x, y), spec["epochs"] = real_split(cfg, "train"), ev.hard_for(student).full_data_epochs
+        else:
+            x, y = distilled_set(cfg, home, method, ipc, gen_seed)
+            spec["epochs"] = cfg.epochs_for_ipc(ipc, protocol, student)
+        probe = build_student(student, x.shape[1], n_classes, x.shape[-1])
+        batch = ev.hard_for(student).batch_size if protocol == "hard" else ev.soft.batch_size
+        micro = _micro_batch(cfg, probe, x, batch)
+        key = _run_key(cfg, spec, _digest(x, y), test_digest, teacher_digest, micro, has_batch_norm(probe))
+        yield spec, (x, y), micro, runs_dir / f"{key}.json"
 
 
 def _student_runs(cfg: ExperimentConfig, method: str) -> list[tuple]:
@@ -314,18 +323,6 @@ def _train_student(cfg: ExperimentConfig, spec: dict, train: tuple, test: tuple,
                 protocol=spec["protocol"], gen_seed=gen_seed if gen_seed is not None else 0, train_seed=seed,
                 final_acc=res.final_acc, best_acc=res.best_acc, ranking_acc=res.ranking_acc, epochs=epochs,
                 seconds=time.perf_counter() - t0)
-
-
-def _epoch_progress(progress: StageProgress, label: str, n: int, total: int) -> EpochProgress:
-    """Per-epoch records of one run -> about five progress lines per run, and every evaluation."""
-    def report(r: dict) -> None:
-        epochs = r["epochs"]
-        if r["eval_acc"] is None and r["epoch"] % max(1, epochs // 5):
-            return
-        acc = f", test {r['eval_acc']:.2f}%" if r["eval_acc"] is not None else ""
-        progress(f"{label}: epoch {r['epoch']}/{epochs} loss {r['loss']:.3f}{acc} ({n + 1}/{total})",
-                 (n + r["epoch"] / epochs) / total)
-    return report
 
 
 def _json_default(value):

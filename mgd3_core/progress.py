@@ -22,3 +22,15 @@ class TrainingProgress(Protocol):
 
 def no_progress(message: str, fraction: float) -> None:  # pragma: no cover - trivial
     """The default ``StageProgress``: report nothing."""
+
+
+def epoch_lines(progress: StageProgress, label: str, n: int, total: int) -> EpochProgress:
+    """An EpochProgress for run ``n`` of ``total``: about five lines per run, and every evaluation."""
+    def report(r: dict) -> None:
+        epochs = r["epochs"]
+        if r["eval_acc"] is None and r["epoch"] % max(1, epochs // 5):
+            return
+        acc = f", test {r['eval_acc']:.2f}%" if r["eval_acc"] is not None else ""
+        progress(f"{label}: epoch {r['epoch']}/{epochs} loss {r['loss']:.3f}{acc} ({n + 1}/{total})",
+                 (n + r["epoch"] / epochs) / total)
+    return report

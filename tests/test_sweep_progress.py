@@ -1,11 +1,15 @@
-"""bench/sweep_progress.py: counts a config's finished student runs and nothing else."""
+"""bench/sweep_progress.py: counts the records a config's sweep would reuse, and nothing else."""
 
 import importlib.util
-import json
+import itertools
+import statistics
 from pathlib import Path
 
-from mgd3_core import storage
-from mgd3_core.config import load_config
+import numpy as np
+
+from mgd3_core import evaluate, training
+from mgd3_core.config import config_from_dict
+from mgd3_core.training import TrainResult
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,33 +21,42 @@ def _bench():
     return module
 
 
-def _record(runs: Path, name: str, seconds: float, **spec) -> None:
-    row = dict(spec, final_acc=90.0 + seconds / 100, best_acc=91.0, ranking_acc=91.0, seconds=seconds)
-    (runs / f"{name}.json").write_text(json.dumps({"spec": spec, "row": row}))
-
-
-def test_only_the_configs_runs_count_and_the_rest_is_estimated_from_their_medians(tmp_path):
+def test_only_the_records_the_sweep_would_reuse_count_and_the_rest_is_estimated(tmp_path, monkeypatch):
     bench = _bench()
-    cfg = load_config(ROOT / "configs" / "embedded-full.yaml")
-    runs = storage.student_runs_dir(cfg, tmp_path)
-    runs.mkdir(parents=True)
-    base = dict(method="mgd3", ipc=10, student="convnet", protocol="hard", train_seed=0,
-                epochs=cfg.epochs_for_ipc(10, "hard"))
-    _record(runs, "a", 100.0, gen_seed=0, **base)
-    _record(runs, "b", 300.0, gen_seed=1, **base)
-    _record(runs, "c", 200.0, gen_seed=2, **base)
-    _record(runs, "other_schedule", 5.0, gen_seed=0, **dict(base, epochs=30))  # the demo's schedule
-    _record(runs, "other_seed", 5.0, gen_seed=7, **base)
-    (runs / "torn.json").write_text('{"spec": {"method"')
+    rng = np.random.default_rng(0)
+    sets = {(m, g): rng.integers(0, 256, (4, 1, 8, 8), dtype=np.uint8) for m in ("mgd3", "unguided") for g in (0, 1, 2)}
+    y = np.array([0, 1, 0, 1])
+    monkeypatch.setattr(evaluate, "real_split", lambda cfg, split: (sets["mgd3", 0], y))
+    monkeypatch.setattr(evaluate, "distilled_set", lambda cfg, home, m, ipc, g: (sets[m, g], y))
+    accuracy = itertools.chain([10.0, 30.0, 20.0], itertools.repeat(99.0))  # tells the runs apart
 
-    plan = bench.planned_runs(cfg)
-    rows = bench.finished_rows(cfg, tmp_path, plan)
-    assert sorted(r["seconds"] for r in rows) == [100.0, 200.0, 300.0]
+    def fake_train(model, *args, epochs, **kw):
+        acc = next(accuracy)
+        return TrainResult(final_acc=acc, best_acc=acc, best_epoch=epochs, epochs=epochs, seconds=0.0, history=[])
+
+    monkeypatch.setattr(training, "train_hard_label", fake_train)
+
+    def config(**hard):
+        return config_from_dict({"name": "t", "ipc": [2], "methods": ["mgd3", "unguided"], "dataset": {"image_size": 8},
+                                 "evaluation": {"students": ["convnet"], "hard": {"epochs_by_ipc": {1: 7}, **hard}}})
+
+    cfg = config()
+    evaluate.train_students(cfg, tmp_path, "mgd3")                               # 10, 30, 20 %
+    evaluate.train_students(config(lr=0.5), tmp_path, "unguided")                # another setting: not this sweep's
+    other = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"generation_seeds": [7]})})
+    monkeypatch.setattr(evaluate, "distilled_set", lambda cfg, home, m, ipc, g: (sets[m, 0][::-1].copy(), y))
+    evaluate.train_students(other, tmp_path, "unguided")                         # other images: not this sweep's
+    monkeypatch.setattr(evaluate, "distilled_set", lambda cfg, home, m, ipc, g: (sets[m, g], y))
+
+    plan = bench.planned_runs(cfg, tmp_path)
+    assert len(plan) == 2 * 3  # 2 methods x 3 seeds; the full-data run is the teacher run (no record)
+    rows = bench.finished_rows(plan)
+    assert sorted(r["final_acc"] for r in rows) == [10.0, 20.0, 30.0]
 
     table, left = bench.progress_table(plan, rows)
-    group = next(r for r in table if r[:3] == ["convnet", "hard", 10])
-    per_group = len(cfg.methods) * len(cfg.evaluation.generation_seeds)
-    assert group[3] == f"3 / {per_group}"
-    assert group[4] == "200"  # median seconds of the three runs
-    assert left == (per_group - 3) * 200.0  # only groups with a finished run are estimated
-    assert all(r[4] == "?" for r in table if r[:3] != ["convnet", "hard", 10])
+    median = statistics.median(r["seconds"] for r in rows)
+    assert table == [["convnet", "hard", 2, "3 / 6", f"{median:.0f}", f"{3 * median / 3600:.2f}"]]
+    assert left == 3 * median  # the three unguided runs at the median of the finished group
+
+    plan[("mgd3", 2, 0, "convnet", "hard", 0)]["path"].write_text('{"spec": {"method"')  # a damaged record: not counted, the others still are
+    assert len(bench.finished_rows(bench.planned_runs(cfg, tmp_path))) == 2
