@@ -39,6 +39,13 @@ def test_recomputed_statistics_are_those_of_the_clean_images(batches, monkeypatc
     assert bn.momentum == 0.1 and not model.training  # restored
 
 
+def test_the_batches_are_even_so_none_holds_a_single_image(monkeypatch):
+    """ResNet-18 at 8 px ends in 1x1 maps: batch norm refuses a batch of one image in train mode."""
+    model = build_student("resnet18", 1, 2, 8, seed=0)
+    monkeypatch.setattr(students, "model_batch_size", lambda *a, **k: 4)
+    assert recompute_bn_stats(model, _images(5)) is True  # 3 + 2, not 4 + 1
+
+
 def test_a_model_without_batch_norm_is_left_as_it_is():
     model = build_student("convnet", 1, 2, 8, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
