@@ -64,8 +64,8 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
         inputs = {"dataset": dump["dataset"], "hard": hard, "teacher": ev["teacher"],
                   "training_seeds": ev["training_seeds"], "evaluations": ev["evaluations"],
                   "ranking_evaluations": ev["ranking_evaluations"], "device": ev["device"]}
-        if ev["teacher"]["model"] == "resnet18":  # batch norm: its statistics at evaluation are saved with it
-            inputs["bn_stats"] = ev["bn_stats"]
+        if ev["teacher"]["model"] == "resnet18" and ev["bn_stats"] != "running":  # batch norm (saved with it);
+            inputs["bn_stats"] = ev["bn_stats"]  # "running" as before the setting existed: same version
         return inputs
     if stage in ("full_data_students", "students", "evaluation_report", "diversity_report"):
         return {"seed": dump["seed"], "ipc": dump["ipc"], "evaluation": dump["evaluation"],
