@@ -308,8 +308,8 @@ def recompute_bn_stats(model: nn.Module, images, *, device: str | torch.device =
     Statistics gathered during training come from augmented (cropped, CutMixed) batches; on a
     small distilled set they can sit far from those of clean images, which eval mode then
     normalises the test images with. One pass when the images fit ``memory_budget_mb``, else the
-    mean of the statistics of batches of even size (torch's cumulative average). Returns False, doing nothing,
-    for a model without batch norm; the model's mode and momenta are restored."""
+    mean of the statistics of near-equal batches (torch's cumulative average). Returns False,
+    doing nothing, for a model without batch norm; the model's mode and momenta are restored."""
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not layers or len(images) == 0:
         return bool(layers)
@@ -321,7 +321,7 @@ def recompute_bn_stats(model: nn.Module, images, *, device: str | torch.device =
     model.train()
     try:
         batch_size = model_batch_size(model, images.shape[1:], memory_budget_mb, training=False)
-        batch_size = math.ceil(len(images) / math.ceil(len(images) / batch_size))  # even: no batch of 1
+        batch_size = math.ceil(len(images) / math.ceil(len(images) / batch_size))  # near-equal sizes: no batch of 1
         for batch in iter_batches(images, batch_size):
             model(as_model_input(batch.to(device)))
     finally:
