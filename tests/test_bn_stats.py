@@ -81,22 +81,31 @@ def test_training_is_the_same_and_only_the_evaluation_statistics_differ():
     assert res_r.final_acc == students.evaluate(recomputed, x, np.repeat([0, 1], 8))
 
 
+@pytest.fixture
+def tiny_sets(monkeypatch):
+    """Every real split and distilled set is the same four 8-px images (for sweeps whose trainer is faked)."""
+    x, y = _images(4), np.array([0, 1, 0, 1])
+    monkeypatch.setattr(evaluate, "real_split", lambda cfg, split: (x, y))
+    monkeypatch.setattr(evaluate, "distilled_set", lambda cfg, home, m, ipc, g: (x, y))
+
+
+def _result(epochs: int) -> TrainResult:
+    return TrainResult(final_acc=50.0, best_acc=50.0, best_epoch=1, epochs=epochs, seconds=0.0, history=[])
+
+
 def test_an_unknown_setting_is_refused():
     with pytest.raises(ValueError, match="bn_stats must be 'recomputed' or 'running'"):
         _train("clean")
 
 
-def test_the_setting_rekeys_only_batch_norm_students(tmp_path, monkeypatch):
+def test_the_setting_rekeys_only_batch_norm_students(tmp_path, monkeypatch, tiny_sets):
     """ConvNet records (instance norm) keep their keys; ResNet-18's are trained again, and the
     "running" key is the one runs had before the setting existed."""
-    x, y = _images(4), np.array([0, 1, 0, 1])
-    monkeypatch.setattr(evaluate, "real_split", lambda cfg, split: (x, y))
-    monkeypatch.setattr(evaluate, "distilled_set", lambda cfg, home, m, ipc, g: (x, y))
     calls = []
 
     def fake_train(model, *args, epochs, bn_stats, **kw):
         calls.append((has_batch_norm(model), bn_stats))
-        return TrainResult(final_acc=50.0, best_acc=50.0, best_epoch=1, epochs=epochs, seconds=0.0, history=[])
+        return _result(epochs)
 
     monkeypatch.setattr(training, "train_hard_label", fake_train)
 
@@ -131,16 +140,13 @@ def test_the_teachers_version_follows_the_setting_only_with_batch_norm(teacher, 
     assert (version("running") != version("recomputed")) is changes
 
 
-def test_soft_label_runs_keep_running_statistics_and_their_keys(tmp_path, monkeypatch):
-    x, y = _images(4), np.array([0, 1, 0, 1])
-    monkeypatch.setattr(evaluate, "real_split", lambda cfg, split: (x, y))
-    monkeypatch.setattr(evaluate, "distilled_set", lambda cfg, home, m, ipc, g: (x, y))
+def test_soft_label_runs_keep_running_statistics_and_their_keys(tmp_path, monkeypatch, tiny_sets):
     monkeypatch.setattr(evaluate, "load_teacher", lambda cfg, home: build_student("convnet", 1, 2, 8, seed=0))
     calls = []
 
     def fake_soft(model, *args, epochs, bn_stats, **kw):
         calls.append(bn_stats)
-        return TrainResult(final_acc=50.0, best_acc=50.0, best_epoch=1, epochs=epochs, seconds=0.0, history=[])
+        return _result(epochs)
 
     monkeypatch.setattr(training, "train_soft_label", fake_soft)
     for bn_stats in ("running", "recomputed"):
@@ -150,15 +156,12 @@ def test_soft_label_runs_keep_running_statistics_and_their_keys(tmp_path, monkey
     assert calls == ["running"]  # the second sweep found the first one's record
 
 
-def test_one_students_hard_settings_apply_to_it_alone(tmp_path, monkeypatch):
-    x, y = _images(4), np.array([0, 1, 0, 1])
-    monkeypatch.setattr(evaluate, "real_split", lambda cfg, split: (x, y))
-    monkeypatch.setattr(evaluate, "distilled_set", lambda cfg, home, m, ipc, g: (x, y))
+def test_one_students_hard_settings_apply_to_it_alone(tmp_path, monkeypatch, tiny_sets):
     calls = []
 
     def fake_train(model, *args, cfg, epochs, **kw):
         calls.append(("bn" if has_batch_norm(model) else "in", epochs, cfg.lr))
-        return TrainResult(final_acc=50.0, best_acc=50.0, best_epoch=1, epochs=epochs, seconds=0.0, history=[])
+        return _result(epochs)
 
     monkeypatch.setattr(training, "train_hard_label", fake_train)
 
