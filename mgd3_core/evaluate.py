@@ -167,14 +167,17 @@ def _run_key(cfg: ExperimentConfig, spec: dict, train_digest: str, test_digest: 
     """Everything a student run's result depends on: the run's settings, the protocol's
     hyper-parameters, the exact training and test images, the teacher's weights (soft
     labels), and the code and torch versions. A hard-label run does not depend on the teacher:
-    adding soft labels or retraining the teacher keeps its key."""
+    adding soft labels or retraining the teacher keeps its key. The run's own epoch count is in
+    ``spec``; the protocol's epoch tables are not, so a new schedule for one IPC (or for the
+    full-data runs) re-trains only the runs whose epochs change."""
     ev = cfg.evaluation
     soft = spec["protocol"] == "soft"
     protocol_cfg = ev.soft if soft else ev.hard_for(spec["student"])
     payload = dict(spec, version=STUDENT_RUN_VERSION, torch=torch.__version__, device=str(ev.device),
                    evaluations=ev.evaluations, ranking_evaluations=ev.ranking_evaluations,
                    orientation_sensitive=cfg.dataset.orientation_sensitive,
-                   protocol_cfg=protocol_cfg.model_dump(mode="json"), train=train_digest,
+                   protocol_cfg=protocol_cfg.model_dump(mode="json", exclude={"epochs_by_ipc", "full_data_epochs"}),
+                   train=train_digest,
                    test=test_digest, teacher=teacher_digest if soft else None)
     protocol_batch = protocol_cfg.batch_size
     if micro_batch is not None and micro_batch < protocol_batch:

@@ -175,9 +175,13 @@ def test_one_students_hard_settings_apply_to_it_alone(tmp_path, monkeypatch, tin
     run()
     calls.clear()
     cfg = run(hard_by_student={"resnet18": {"epochs_by_ipc": {1: 300, 10: 100}}})
-    # ResNet-18 trains again (its settings, the epochs table included, are in its keys), IPC 10 with
-    # 100 epochs and the shared lr; the ConvNet runs are reused.
-    assert calls == [("bn", 300, 0.02), ("bn", 100, 0.02)]
+    # Only the run whose epochs changed trains again (ResNet-18 at IPC 10, 100 epochs, the shared
+    # lr): a key holds its run's epochs, not the table, so ResNet-18's IPC 1 and the ConvNet's
+    # runs are reused.
+    assert calls == [("bn", 100, 0.02)]
+    calls.clear()
+    run(hard_by_student={"resnet18": {"epochs_by_ipc": {1: 300, 10: 100}, "lr": 0.01}})
+    assert calls == [("bn", 300, 0.01), ("bn", 100, 0.01)]  # any other setting re-keys all its runs
     assert cfg.epochs_for_ipc(10, "hard", "resnet18") == 100 and cfg.epochs_for_ipc(10, "hard", "convnet") == 300
     teacher = config_from_dict({"name": "t", "evaluation": {"teacher": {"model": "resnet18"},
                                                              "hard_by_student": {"resnet18": {"full_data_epochs": 4}}}})
