@@ -8,7 +8,11 @@ wait or give up can say who it is waiting for.
 ``flock`` locks belong to an open file description: the kernel drops them when
 the holder exits, however it exits (``kill -9`` included), so a lock is never
 left behind by a dead process, and two acquisitions in one process exclude
-each other as two processes do. The lock file itself is left in place:
+each other as two processes do. A holder names itself just after it takes the
+lock and clears its name just before it lets go, so a waiter that finds the
+lock taken but no name yet (the holder is between those two steps) looks again
+for up to ``NAME_GRACE_S`` before it reports the holder as "unknown". The lock
+file itself is left in place:
 removing it would let a third process lock a fresh inode while a second
 still holds the old one. On a network file system ``flock`` works only where
 the server supports it (NFSv4 does).
@@ -24,6 +28,8 @@ import socket
 import time
 from pathlib import Path
 from typing import Callable, Iterator
+
+NAME_GRACE_S = 5.0  # how long a waiter looks for the name of a holder that has not written it yet
 
 
 class LockedError(RuntimeError):
@@ -46,6 +52,17 @@ def holder_of(fd: int) -> str:
     return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
 
 
+def _is_free(fd: int) -> bool:
+    """Take the lock if nobody holds it (True); False when another holder has it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        return False
+
+
 @contextlib.contextmanager
 def file_lock(
     path: Path, timeout: float | None = 0.0, on_wait: Callable[[str], None] | None = None,
@@ -63,25 +80,28 @@ def file_lock(
     try:
         t0 = time.monotonic()
         told = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
+        while not _is_free(fd):
             waited = time.monotonic() - t0
-            if timeout is not None and waited >= timeout:
-                raise LockedError(path, holder_of(fd), timeout) from None
-            if on_wait is not None and not told:
-                on_wait(holder_of(fd))
+            holder = holder_of(fd)
+            # A holder that has the lock but has not named itself yet is looked at again
+            # (up to NAME_GRACE_S) before it is reported as "unknown".
+            named = holder != "unknown" or waited >= NAME_GRACE_S
+            if timeout is not None and waited >= timeout and (named or waited >= timeout + 1.0):
+                raise LockedError(path, holder, timeout) from None
+            if on_wait is not None and not told and named:
+                on_wait(holder)
                 told = True
-            time.sleep(0.1)
+            time.sleep(0.05)
+        name = f"pid {os.getpid()} on {socket.gethostname()}".encode()
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            os.pwrite(fd, name, 0)
+            os.ftruncate(fd, len(name))  # after the write: the name is never seen half-cleared
         except OSError as e:  # a full disk: write() knows no path, so name it here
             raise OSError(e.errno, e.strerror, str(path)) from None
-        yield
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # still held: a waiter never reads a departed holder's name
     finally:
         os.close(fd)  # closing the descriptor releases the flock
