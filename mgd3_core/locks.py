@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 NAME_GRACE_S = 5.0  # how long a waiter looks for the name of a holder that has not written it yet
+TIMEOUT_NAME_GRACE_S = 1.0  # the same, past its timeout, for a waiter about to give up
 
 
 class LockedError(RuntimeError):
@@ -86,7 +87,7 @@ def file_lock(
             # A holder that has the lock but has not named itself yet is looked at again
             # (up to NAME_GRACE_S) before it is reported as "unknown".
             named = holder != "unknown" or waited >= NAME_GRACE_S
-            if timeout is not None and waited >= timeout and (named or waited >= timeout + 1.0):
+            if timeout is not None and waited >= timeout and (named or waited >= timeout + TIMEOUT_NAME_GRACE_S):
                 raise LockedError(path, holder, timeout) from None
             if on_wait is not None and not told and named:
                 on_wait(holder)

@@ -53,7 +53,6 @@ def test_a_waiter_names_a_holder_that_names_itself_late_and_never_a_departed_one
 
 
 def test_a_holder_that_never_names_itself_is_reported_unknown(tmp_path, monkeypatch):
-
     monkeypatch.setattr(locks, "NAME_GRACE_S", 0.3)
     lock = tmp_path / "x.lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT)
