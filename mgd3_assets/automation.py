@@ -89,11 +89,6 @@ def observe_on_schedule() -> dg.AutomationCondition:
     return dg.AutomationCondition.cron_tick_passed(OBSERVE_CRON).with_label("observe_hourly")
 
 
-def checks_with_their_asset() -> dg.AutomationCondition:
-    """Run an asset check whenever its asset is materialized by automation."""
-    return dg.AutomationCondition.any_deps_updated().with_label("with_asset")
-
-
 def automation_sensor() -> dg.AutomationConditionSensorDefinition:
     """Evaluates the conditions above. Running by default: the conditions only react to
     changes, so a freshly loaded, fully materialized graph requests nothing."""

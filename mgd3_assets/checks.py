@@ -1,5 +1,9 @@
 """Asset checks, per partition and blocking: a failed check stops the assets downstream of it.
 
+Each check is evaluated by its asset's own run, for every partition it materializes, right after
+writing it (``partition_events``): no check-only runs. The checks below are also declared on
+their own, so the UI lists them and can re-execute one on a partition by hand.
+
 - ``latent_store_complete``: the store exists, has its completion marker, the
   current VAE's fingerprint, a latent for every training image of the class
   (apart from files recorded as undecodable), only finite values and the
@@ -24,12 +28,11 @@ from mgd3_core.config import ExperimentConfig
 from mgd3_core.distilled import DistilledSetError, read_manifest
 from mgd3_core.latents import LatentStoreError, validate_latent_store
 
-from .automation import checks_with_their_asset
 from .partitions import class_partitions, distilled_partitions, method_and_class
 from .resources import BackboneResource, ExperimentResource
 
 
-def _result(problems: list[str], metadata: dict) -> dg.AssetCheckResult:
+def check_result(problems: list[str], metadata: dict) -> dg.AssetCheckResult:
     description = None
     if problems:
         description = "; ".join(problems[:5])
@@ -115,29 +118,34 @@ def distilled_problems(cfg: ExperimentConfig, home: Path, method: str, class_id:
     return problems, {"images": images, "sets": len(cfg.ipc) * len(cfg.evaluation.generation_seeds)}
 
 
+def _each_partition(context: dg.AssetCheckExecutionContext, problems_of) -> dg.AssetCheckResult:
+    """A check executed on its own (UI: "Execute check"): every partition of its run, one result
+    (passed only if each partition passed; the problems name their partitions)."""
+    problems, meta = [], {}
+    keys = context.partition_keys if context.has_partition_key_range or context.has_partition_key else []
+    for pk in keys:
+        found, meta = problems_of(pk)
+        problems += [f"{pk}: {p}" for p in found] if len(keys) > 1 else found
+    return check_result(problems, meta if len(keys) == 1 else {"partitions": len(keys)})
+
+
 def build_checks(cfg: ExperimentConfig) -> list[dg.AssetChecksDefinition]:
     @dg.asset_check(asset="latent_store", partitions_def=class_partitions(cfg), blocking=True,
-                    automation_condition=checks_with_their_asset(),
                     description="Store complete (a latent per training image), finite, from the current VAE.")
     def latent_store_complete(context: dg.AssetCheckExecutionContext, experiment: ExperimentResource,
                               backbone: BackboneResource) -> dg.AssetCheckResult:
-        problems, meta = latent_store_problems(experiment.config(), experiment.storage(), context.partition_key,
-                                               backbone.vae_fingerprint())
-        return _result(problems, meta)
+        return _each_partition(context, lambda pk: latent_store_problems(
+            experiment.config(), experiment.storage(), pk, backbone.vae_fingerprint()))
 
     @dg.asset_check(asset="mode_centroids", partitions_def=class_partitions(cfg), blocking=True,
-                    automation_condition=checks_with_their_asset(),
                     description="Exactly IPC finite centroids per IPC and seed, counts covering every latent.")
     def centroids_valid(context: dg.AssetCheckExecutionContext, experiment: ExperimentResource) -> dg.AssetCheckResult:
-        problems, meta = centroid_problems(experiment.config(), experiment.storage(), context.partition_key)
-        return _result(problems, meta)
+        return _each_partition(context, lambda pk: centroid_problems(experiment.config(), experiment.storage(), pk))
 
     @dg.asset_check(asset="distilled_images", partitions_def=distilled_partitions(cfg), blocking=True,
-                    automation_condition=checks_with_their_asset(),
                     description="Exactly IPC PNGs per IPC and seed, each with a manifest row and matching hash.")
     def distilled_complete(context: dg.AssetCheckExecutionContext, experiment: ExperimentResource) -> dg.AssetCheckResult:
-        method, class_id = method_and_class(context.partition_key)
-        problems, meta = distilled_problems(experiment.config(), experiment.storage(), method, class_id)
-        return _result(problems, meta)
+        return _each_partition(context, lambda pk: distilled_problems(
+            experiment.config(), experiment.storage(), *method_and_class(pk)))
 
     return [latent_store_complete, centroids_valid, distilled_complete]

@@ -174,16 +174,16 @@ def wait_for_runs(instance: dg.DagsterInstance, runs: dict[str, str | None], job
             pk = runs[run_id]
             if run.status == dg.DagsterRunStatus.SUCCESS:
                 succeeded += 1
-                log(f"   [{succeeded}/{len(set(runs.values()))}] {job} {pk or ''}: "
+                log(f"   [{succeeded}/{len(set(runs.values()))}] {job} {demo.describe(pk)}: "
                     f"{time.perf_counter() - t0:.1f} s since submission")
             else:
                 retry = retry_run_id(run)
                 if retry is None:
-                    raise demo.DemoError(f"{job} {pk or ''} {run.status.value} (run {run_id}):\n"
+                    raise demo.DemoError(f"{job} {demo.describe(pk)} {run.status.value} (run {run_id}):\n"
                                          f"{failure_text(instance, run_id)}")
                 if not retry:
                     continue  # the daemon will retry it but has not launched the retry yet
-                log(f"   {job} {pk or ''}: run {run_id} failed "
+                log(f"   {job} {demo.describe(pk)}: run {run_id} failed "
                     f"({failure_text(instance, run_id).splitlines()[0]}); the run retry policy "
                     f"(run_retries in deploy/dagster.yaml) re-executes it as run {retry}")
                 runs[retry] = pk

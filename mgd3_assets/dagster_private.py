@@ -10,7 +10,10 @@ one fails there, by name, before a demo or the UI breaks.
 - the SQLAlchemy engine of dagster-postgres's storages, which ``instance.py`` replaces with one
   that keeps its connection open (``pooled_pg_engine``, ``use_pg_engine``);
 - a reconstructable job, a workspace and a job subset selector: what ``dagster job launch``
-  uses to submit runs to the instance's queue (``cluster_demo.py``, ``demo.py`` on Dask).
+  uses to submit runs to the instance's queue (``cluster_demo.py``, ``demo.py`` on Dask);
+- the provenance tags Dagster writes on a materialization (code version, each input's data
+  version and event) and a check evaluation's target, for the per-partition events of a run of
+  several partitions (``partition_events.py``).
 
 No heavy imports at module level: the webserver and daemon import ``instance.py``.
 """
@@ -32,6 +35,8 @@ __all__ = [
     "job_subset_selector",
     "pg_engine",
     "pooled_pg_engine",
+    "provenance_tags",
+    "check_target",
     "reconstructable_job",
     "stale_status_resolver",
     "use_pg_engine",
@@ -56,6 +61,32 @@ def is_fresh(resolver, key: dg.AssetKey, partition: str | None) -> bool:
     from dagster._core.definitions.data_version import StaleStatus
 
     return resolver.get_status(key, partition) == StaleStatus.FRESH
+
+
+# ---------------------------------------------------------------- per-partition events
+def provenance_tags(data_version: str, code_version: str, inputs: dict) -> dict[str, str]:
+    """The tags Dagster writes on a materialization it makes from an output with a user-provided data
+    version (``execute_step._build_data_version_tags``): ``inputs`` {parent AssetKey: (data version or
+    None, storage id of the event it was read from, or None)}."""
+    from dagster._core.definitions.data_version import (CODE_VERSION_TAG, DATA_VERSION_IS_USER_PROVIDED_TAG,
+                                                         DATA_VERSION_TAG, DEFAULT_DATA_VERSION, NULL_EVENT_POINTER,
+                                                         get_input_data_version_tag, get_input_event_pointer_tag)
+
+    tags = {CODE_VERSION_TAG: code_version}
+    for key, (version, storage_id) in inputs.items():
+        tags[get_input_data_version_tag(key)] = version or DEFAULT_DATA_VERSION.value
+        tags[get_input_event_pointer_tag(key)] = str(storage_id) if storage_id else NULL_EVENT_POINTER
+    tags[DATA_VERSION_TAG] = data_version
+    tags[DATA_VERSION_IS_USER_PROVIDED_TAG] = "true"
+    return tags
+
+
+def check_target(run_id: str, storage_id: int, timestamp: float):
+    """The materialization a check evaluation is about (Dagster shows its result next to it)."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData)
+
+    return AssetCheckEvaluationTargetMaterializationData(run_id=run_id, storage_id=storage_id, timestamp=timestamp)
 
 
 # ---------------------------------------------------------------- scale-out (cluster_demo.py, demo.py)

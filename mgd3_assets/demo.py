@@ -2,7 +2,8 @@
 
     python -m mgd3_assets.demo [--config configs/x.yaml] [--force]
 
-Runs every stage in dependency order, one in-process run per partition, into
+Runs every stage in dependency order, one in-process run per chunk of up to
+``runs.classes_per_run`` partitions (as a UI backfill groups them), into
 the persistent instance (``$DAGSTER_HOME``, default the repository root, whose
 ``dagster.yaml`` keeps the instance under ``$MGD3_HOME/dagster``), so ``make ui``
 shows everything afterwards. All runs happen in this one Python process, so the
@@ -51,7 +52,7 @@ from .dagster_private import reconstructable_job as private_reconstructable_job
 from .executors import ExecutorConfigError, uses_dask
 from .failures import exception_line, root_cause_line
 from .instance import PostgresUnreachable, storage_is_a_server
-from .jobs import (BACKBONE_JOB, DATASET_JOB, DISTILL_JOB, METHOD_SETTINGS_JOB, PER_CLASS_JOB, REPORTS_JOB,
+from .jobs import (BACKBONE_JOB, DATASET_JOB, DISTILL_JOB, METHOD_SETTINGS_JOB, ENCODE_JOB, MODES_JOB, REPORTS_JOB,
                    STUDENTS_JOB, TEACHER_JOB)
 from .run_pool import RunnerPool, parallel_runs
 
@@ -71,7 +72,8 @@ INPUT_STAGES = (
 STAGES = (
     *INPUT_STAGES,
     Stage(BACKBONE_JOB, ("backbone",)),
-    Stage(PER_CLASS_JOB, ("latent_store", "mode_centroids")),
+    Stage(ENCODE_JOB, ("latent_store",)),
+    Stage(MODES_JOB, ("mode_centroids",)),
     Stage(DISTILL_JOB, ("distilled_images",)),
     Stage(TEACHER_JOB, ("teacher", "full_data_students")),
     Stage(STUDENTS_JOB, ("students",)),
@@ -108,8 +110,14 @@ class DemoError(RuntimeError):
     """A run failed; the message names the job, the partition and the error."""
 
 
+# The run tags that make a run materialize a range of partitions (what a backfill's runs carry).
+RANGE_START_TAG, RANGE_END_TAG = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+
 def plan_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage, force: bool = False):
-    """[(partition key or None, [asset keys to run])] for one stage: missing or stale ones, or all."""
+    """[(what, [asset keys to run])] for one stage's runs: its missing or stale partitions (or all),
+    grouped as a backfill groups them (``chunk_runs``). ``what``: None (an unpartitioned run), a
+    partition key, or a ``dg.PartitionKeyRange`` of several."""
     graph = defs.resolve_asset_graph()
     keys = [dg.AssetKey(a) for a in stage.assets]
     node = graph.get(keys[0])
@@ -128,7 +136,37 @@ def plan_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage,
                 todo.append(k)
         if todo:
             plan.append((pk, todo))
-    return plan
+    policy = node.backfill_policy
+    if policy is None or not node.partitions_def or len(plan) < 2:
+        return plan
+    return chunk_runs(node.partitions_def, plan, policy.max_partitions_per_run or len(plan))
+
+
+def chunk_runs(partitions_def, plan: list, k: int) -> list:
+    """Group [(partition key, asset keys)] into runs of up to ``k`` partitions with the same asset
+    keys, each a range of consecutive partition keys (so a run never computes a partition that is
+    up to date), as Dagster's backfill does with ``BackfillPolicy.multi_run(k)``. Multi-partitions
+    (method x class) are grouped along the class dimension, one method per run."""
+    if isinstance(partitions_def, dg.MultiPartitionsDefinition):
+        from .partitions import CLASS_DIM, method_and_class, partition_key
+
+        classes = partitions_def.get_partitions_def_for_dimension(CLASS_DIM).get_partition_keys()
+        order = {pk: (method, classes.index(c)) for pk, _ in plan for method, c in [method_and_class(pk)]}
+        adjacent = lambda a, b: order[a][0] == order[b][0] and order[b][1] == order[a][1] + 1  # noqa: E731
+        by_method = sorted(plan, key=lambda item: order[item[0]])
+    else:
+        index = {pk: i for i, pk in enumerate(partitions_def.get_partition_keys())}
+        adjacent = lambda a, b: index[b] == index[a] + 1  # noqa: E731
+        by_method = sorted(plan, key=lambda item: index[item[0]])
+    runs: list[list] = []
+    for pk, keys in by_method:
+        last = runs[-1] if runs else None
+        if last and len(last) < k and last[-1][1] == keys and adjacent(last[-1][0], pk):
+            last.append((pk, keys))
+        else:
+            runs.append([(pk, keys)])
+    return [(run[0][0], run[0][1]) if len(run) == 1 else (dg.PartitionKeyRange(str(run[0][0]), str(run[-1][0])), run[0][1])
+            for run in runs]
 
 
 def run_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage, *, force: bool = False,
@@ -149,7 +187,7 @@ def run_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage, 
         pk, keys, success, run_id, failure, seconds = result
         if success:
             report.partitions.append(pk)
-            log(f"   [{len(report.partitions)}/{len(todo)}] {stage.job} {pk or ''} "
+            log(f"   [{len(report.partitions)}/{len(todo)}] {stage.job} {describe(pk)} "
                 f"({', '.join(k.to_user_string() for k in keys)}): {seconds:.1f} s")
 
     if runners is not None and len(todo) > 1:
@@ -168,7 +206,7 @@ def run_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage, 
                 break
     for pk, _, success, run_id, failure, _ in results:
         if not success:  # the root cause last: it is what a user reads first
-            raise DemoError(f"{stage.job} {pk or ''} failed (run {run_id}; its full trace is in the UI, "
+            raise DemoError(f"{stage.job} {describe(pk)} failed (run {run_id}; its full trace is in the UI, "
                             f"`make ui`):\n{failure}")
     report.runs = len(todo)
     report.seconds = time.perf_counter() - t0
@@ -176,8 +214,11 @@ def run_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage, 
 
 
 def _execute_in_process(job, instance, pk, keys, config) -> tuple[bool, str, str]:
-    result = job.execute_in_process(instance=instance, partition_key=pk, asset_selection=keys,
-                                    run_config=config, raise_on_error=False, tags=_run_tags())
+    single = pk if pk is None or isinstance(pk, str) else None
+    tags = {**_run_tags(), **(partition_tags(job, pk) if single is None and pk is not None else {})}
+    # The stand-alone check steps stay out: the assets evaluate their checks per partition.
+    result = job.get_subset(asset_selection=set(keys), asset_check_selection=set()).execute_in_process(
+        instance=instance, partition_key=single, run_config=config, raise_on_error=False, tags=tags)
     return result.success, result.run_id, "" if result.success else _failure_text(result)
 
 
@@ -187,9 +228,19 @@ def reconstructable_job(name: str):
     return private_reconstructable_job("mgd3_assets.definitions", "defs", name, str(PROJECT_ROOT))
 
 
-def partition_tags(job: dg.JobDefinition, pk: str | None) -> dict:
-    """The run tags that make a run materialize partition ``pk`` (all dimensions of a multi-partition)."""
+def partition_tags(job: dg.JobDefinition, pk) -> dict:
+    """The run tags that make a run materialize partition ``pk`` (all dimensions of a multi-partition),
+    or every partition of a ``dg.PartitionKeyRange``."""
+    if isinstance(pk, dg.PartitionKeyRange):
+        return {RANGE_START_TAG: pk.start, RANGE_END_TAG: pk.end}
     return dict(job.partitions_def.get_tags_for_partition_key(pk)) if pk is not None else {}
+
+
+def describe(pk) -> str:
+    """A planned run's partitions for the console: a key, or ``first...last`` of a range."""
+    if isinstance(pk, dg.PartitionKeyRange):
+        return f"{pk.start}...{pk.end}"
+    return str(pk or "")
 
 
 def execute_on_dask(job, instance, pk, keys, config, tags: dict | None = None) -> tuple[bool, str, str]:
@@ -197,7 +248,9 @@ def execute_on_dask(job, instance, pk, keys, config, tags: dict | None = None) -
     workers, this process orchestrates (execute_in_process would run them here). ``tags``: the
     demo's (who launched the run), by default this process's."""
     tags = _run_tags() if tags is None else tags
-    with dg.execute_job(reconstructable_job(job.name), instance, run_config=config, asset_selection=keys,
+    # The stand-alone check steps stay out: the assets evaluate their checks per partition.
+    subset = reconstructable_job(job.name).get_subset(asset_selection=set(keys), asset_check_selection=set())
+    with dg.execute_job(subset, instance, run_config=config,
                         tags={**tags, **partition_tags(job, pk)}, raise_on_error=False) as result:
         return result.success, result.run_id, "" if result.success else _failure_text(result)
 

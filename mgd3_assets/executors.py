@@ -1,7 +1,9 @@
 """Where a run's steps execute, chosen by configuration (environment), never by editing code.
 
-- ``MGD3_EXECUTOR`` unset or ``in_process``: Dagster's default executor (``make demo`` runs
-  every partition in its own process; a run launched from the UI uses processes on this host).
+- ``MGD3_EXECUTOR`` unset or ``in_process``: Dagster's ``in_process_executor`` for every job, so a
+  run executes its steps in the run's own process and loads the backbone at most once, whoever
+  launched it (``make demo``, the UI, the automation's backfills, the daemon's queue). Dagster's
+  default would start a new process per step, each loading the backbone again.
 - ``MGD3_EXECUTOR=dask``: dagster-dask's executor. With ``MGD3_DASK_SCHEDULER=tcp://host:port``
   the steps go to that existing scheduler's workers (a local cluster, SLURM / PBS through
   dask-jobqueue, Kubernetes); without it each run starts a local cluster of
@@ -58,10 +60,10 @@ def accelerator_step() -> dict:
     return {"op_tags": tags} if uses_dask() else {"pool": ACCELERATOR_POOL, "op_tags": tags}
 
 
-def build_executor() -> dg.ExecutorDefinition | None:
-    """The executor of every job, from the environment; None = Dagster's default."""
+def build_executor() -> dg.ExecutorDefinition:
+    """The executor of every job, from the environment."""
     if executor_kind() == "in_process":
-        return None
+        return dg.in_process_executor
     address = os.environ.get(SCHEDULER_ENV, "").strip()
     if address:
         return run_scoped_dask_executor().configured({"cluster": {"existing": {"address": address}}}, name="dask")

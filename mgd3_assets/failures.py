@@ -14,6 +14,7 @@ recorded in the event log (what ``make demo`` prints last).
 from __future__ import annotations
 
 import functools
+import inspect
 
 import dagster as dg
 
@@ -64,6 +65,24 @@ def fails_with_root_cause(fn):
     becomes a ``dagster.Failure`` described by the root cause's line, with the exception's class
     in the metadata; Dagster's own control-flow exceptions pass through unchanged."""
 
+    def failure(e: Exception, args, kwargs) -> dg.Failure:
+        line = exception_line(e)
+        if isinstance(e, OSError) and e.filename is None:
+            line += _storage_hint(args, kwargs)
+        return dg.Failure(description=line, metadata={"error": line.split(":", 1)[0]})
+
+    if inspect.isgeneratorfunction(fn):  # an asset that yields one event per partition
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except (dg.Failure, dg.RetryRequested, dg.DagsterError):
+                raise
+            except Exception as e:
+                raise failure(e, args, kwargs) from e
+
+        return generator
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -71,12 +90,27 @@ def fails_with_root_cause(fn):
         except (dg.Failure, dg.RetryRequested, dg.DagsterError):
             raise
         except Exception as e:
-            line = exception_line(e)
-            if isinstance(e, OSError) and e.filename is None:
-                line += _storage_hint(args, kwargs)
-            raise dg.Failure(description=line, metadata={"error": line.split(":", 1)[0]}) from e
+            raise failure(e, args, kwargs) from e
 
     return wrapper
+
+
+def raise_partition_failures(failed: dict, done: int) -> None:
+    """End a run of several partitions that had failures: a ``dagster.Failure`` naming each failed
+    partition with its root cause (``{partition key: exception}``; the first one's line last, as
+    the demo prints it). ``done``: partitions of the run that were materialized, and stay so."""
+    if not failed:
+        return
+    lines = [f"{pk}: {exception_line(e)}" for pk, e in failed.items()]
+    head = (f"{len(failed)} of {len(failed) + done} partitions of this run failed "
+            f"({done} materialized, kept; a re-run computes only what is missing):")
+    first = next(iter(failed.values()))
+    if len(failed) == 1 and done == 0:
+        description = exception_line(first)
+    else:
+        description = head + " " + "; ".join(lines[1:] + lines[:1])
+    raise dg.Failure(description=description, metadata={"error": exception_line(first).split(":", 1)[0],
+                                                        "failed_partitions": ", ".join(map(str, failed))}) from first
 
 
 def _storage_hint(args, kwargs) -> str:

@@ -43,9 +43,10 @@ class BackboneResource(dg.ConfigurableResource):
     """The experiment's diffusion backbone, loaded at most once per process.
 
     Steps never pass a backbone between each other: each process loads it on
-    first use (``mgd3_core.pipeline.get_backbone`` keeps it), so one in-process
-    run of many partitions loads it once, and multiprocess or distributed
-    executors load it once per worker.
+    first use (``mgd3_core.pipeline.get_backbone`` keeps it). Every job runs its
+    steps in the run's own process (``executors.build_executor``), so a run of
+    many partitions loads it once; on Dask each worker loads it once and keeps it
+    across the steps it executes.
     """
 
     experiment: ExperimentResource

@@ -218,6 +218,16 @@ class MethodOverride(_Strict):
     guidance_schedule: GuidanceSchedule | None = None
 
 
+class RunsConfig(_Strict):
+    """How many partitions (classes) one Dagster run materializes: the run loads the backbone once
+    and the sampler sees all its classes' images at once (up to ``sampler.batch_size`` per forward
+    pass). ``auto``: enough classes for four full sampler batches (at least one class), so the
+    per-run cost (a process, imports, a weight load) is small next to the work; 1 = one run per
+    class, as before batching. Never part of any output's version: grouping changes no image."""
+
+    classes_per_run: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
+
+
 class ExperimentConfig(_Strict):
     name: str = Field(default="embedded", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
@@ -230,6 +240,7 @@ class ExperimentConfig(_Strict):
     methods: list[Literal[ALL_METHODS]] = list(ALL_METHODS)  # type: ignore[valid-type]
     method_overrides: dict[str, MethodOverride] = {}
     evaluation: EvaluationConfig = EvaluationConfig()
+    runs: RunsConfig = RunsConfig()
 
     @field_validator("ipc")
     @classmethod
@@ -288,6 +299,17 @@ class ExperimentConfig(_Strict):
             table = self.evaluation.hard_for(student).epochs_by_ipc
         keys = sorted(k for k in table if k <= ipc) or [min(table)]
         return table[keys[-1]]
+
+    def images_per_class(self) -> int:
+        """Distilled images of one class by one method: every IPC times every generation seed."""
+        return sum(self.ipc) * len(self.evaluation.generation_seeds)
+
+    def classes_per_run(self) -> int:
+        """``runs.classes_per_run`` resolved: ``auto`` fills four sampler batches."""
+        k = self.runs.classes_per_run
+        if k == "auto":
+            return max(1, -(-4 * self.sampler.batch_size // self.images_per_class()))
+        return k
 
     def teacher_epochs(self) -> int:
         ev = self.evaluation

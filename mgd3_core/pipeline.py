@@ -8,9 +8,11 @@ or any Dagster executor. A loaded backbone is cached per process
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,42 +268,82 @@ class DistillResult:
 def distill_class(
     cfg: ExperimentConfig, home: Path, method: str, class_id: str, progress: StageProgress = no_progress
 ) -> DistillResult:
-    """Write every (IPC, generation seed) set of one method for one class.
+    """Write every (IPC, generation seed) set of one method for one class (``distill_classes``
+    for one class; its error is raised)."""
+    for _, result in distill_classes(cfg, home, method, [class_id], progress):
+        if isinstance(result, BaseException):
+            raise result
+        return result
+    raise AssertionError("distill_classes yielded nothing")  # pragma: no cover
 
-    Two runs of the same (method, class) at once, e.g. on two cluster workers sharing the
-    storage root, take turns: the second waits for the first's lock (``flock``, so the
-    filesystem must support it) and then writes the same files again; their outputs never mix.
+
+def distill_classes(cfg: ExperimentConfig, home: Path, method: str, class_ids: list[str],
+                    progress: StageProgress = no_progress) -> Iterator[tuple[str, DistillResult | Exception]]:
+    """Write every (IPC, generation seed) set of one method for several classes; yields
+    ``(class id, DistillResult)`` as each class is written, or ``(class id, the exception)`` for a
+    class that failed (its modes missing, say): the other classes go on.
+
+    A diffusion method samples all classes' images in one ``sampling.sample`` call, up to
+    ``sampler.batch_size`` images per forward pass: a GPU sees full batches, not one class's
+    ``IPC x seeds`` images. Decoding and writing stay per class. An image depends on its class,
+    mode, seed and the settings, not on which classes share its run (``sampling.sample``; batch
+    composition changes only float rounding, see the README).
+
+    Two runs sharing a (method, class) at once, e.g. on two cluster workers sharing the storage
+    root, take turns: the second waits for the first's locks (``flock``, taken in class order, so
+    two runs never wait on each other) and then writes the same files again; outputs never mix.
+    An error that concerns every class (the backbone does not load) is raised.
     """
     from .latent_writer import writer_lock
 
-    with writer_lock(storage.distill_lock(cfg, home, method, class_id), timeout=None):
-        return _distill_class(cfg, home, method, class_id, progress)
+    with contextlib.ExitStack() as locks:
+        for class_id in sorted(set(class_ids)):
+            locks.enter_context(writer_lock(storage.distill_lock(cfg, home, method, class_id), timeout=None))
+        yield from _distill_classes(cfg, home, method, list(dict.fromkeys(class_ids)), progress)
 
 
-def _distill_class(cfg: ExperimentConfig, home: Path, method: str, class_id: str,
-                   progress: StageProgress) -> DistillResult:
-    info = class_info(cfg, class_id)
+def _distill_classes(cfg: ExperimentConfig, home: Path, method: str, class_ids: list[str],
+                     progress: StageProgress) -> Iterator[tuple[str, DistillResult | Exception]]:
+    if method not in DIFFUSION_METHODS and method not in ("decoded_centroids", "random_real", "closest_real"):
+        raise ValueError(f"unknown method {method!r}")
     keys = set_keys(cfg)
-    modes = {key: read_modes(cfg, home, class_id, *key) for key in keys}
+    ready: dict[str, tuple] = {}
+    for class_id in class_ids:
+        try:
+            ready[class_id] = (class_info(cfg, class_id), {key: read_modes(cfg, home, class_id, *key) for key in keys})
+        except Exception as e:  # noqa: BLE001 - reported per class; the others go on
+            yield class_id, e
+    if not ready:
+        return
     needs_backbone = method in DIFFUSION_METHODS or method == "decoded_centroids"
     backbone = get_backbone(cfg, home) if needs_backbone else None
     fingerprint = backbone.fingerprint if backbone else (backbone_fingerprint(cfg, home) or "")
-    if method in DIFFUSION_METHODS:
-        contents = _sampled_sets(cfg, backbone, method, info, keys, modes, progress)
-    elif method == "decoded_centroids":
-        contents = _decoded_centroid_sets(cfg, backbone, keys, modes)
-    elif method in ("random_real", "closest_real"):
-        contents = _real_image_sets(cfg, home, method, class_id, keys, modes)
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    sampled = (_sample_classes(cfg, backbone, method, ready, keys, progress)
+               if method in DIFFUSION_METHODS else {})
+    for class_id, (info, modes) in ready.items():
+        try:
+            if method in DIFFUSION_METHODS:
+                contents = _sampled_sets(cfg, backbone, info, keys, *sampled[class_id])
+            elif method == "decoded_centroids":
+                contents = _decoded_centroid_sets(cfg, backbone, keys, modes)
+            else:
+                contents = _real_image_sets(cfg, home, method, class_id, keys, modes)
+            result = _write_sets(cfg, home, method, info, keys, modes, contents, fingerprint)
+        except Exception as e:  # noqa: BLE001 - reported per class; the others go on
+            yield class_id, e
+            continue
+        yield class_id, result
 
-    base = {"method": method, "class_id": class_id, "class_name": info.name, "class_label": info.label,
+
+def _write_sets(cfg: ExperimentConfig, home: Path, method: str, info, keys: list[SetKey],
+                modes: dict[SetKey, ClassModes], contents: dict[SetKey, SetContent], fingerprint: str) -> DistillResult:
+    base = {"method": method, "class_id": info.id, "class_name": info.name, "class_label": info.label,
             "backbone_fingerprint": fingerprint, "config": cfg.name}
-    result = DistillResult(method, class_id)
+    result = DistillResult(method, info.id)
     for ipc, s in keys:
         content = contents[(ipc, s)]
         rows = _lineage_rows(base, method, ipc, s, content, modes[(ipc, s)])
-        written = write_distilled_class(storage.distilled_set_dir(cfg, home, method, ipc, s), class_id,
+        written = write_distilled_class(storage.distilled_set_dir(cfg, home, method, ipc, s), info.id,
                                         content.images, content.latents, rows)
         result.classes.append(written)
         result.rows.extend(rows)
@@ -310,29 +352,40 @@ def _distill_class(cfg: ExperimentConfig, home: Path, method: str, class_id: str
     return result
 
 
-def _sampled_sets(cfg: ExperimentConfig, backbone, method: str, info, keys: list[SetKey],
-                  modes: dict[SetKey, ClassModes], progress: StageProgress) -> dict[SetKey, SetContent]:
-    """A diffusion method: every set of the class sampled in one batched run (MGD3 Sec. 3.2)."""
+def _sample_classes(cfg: ExperimentConfig, backbone, method: str, ready: dict[str, tuple], keys: list[SetKey],
+                    progress: StageProgress) -> dict[str, tuple[torch.Tensor, list[int], SamplerSettings]]:
+    """A diffusion method: every set of every class sampled in one batched call (MGD3 Sec. 3.2).
+    Returns {class id: (latents (n, C, h, w) in set order, their seeds, the settings)}."""
     settings = SamplerSettings.from_config(cfg.sampler_for(method))
-    labels, seeds, centroids = [], [], []
-    for ipc, s in keys:
-        labels += [info.label] * ipc
-        seeds += image_seeds(cfg, info.id, ipc, s)
-        centroids += list(modes[(ipc, s)].centroids)
+    labels, seeds, centroids, spans = [], [], [], {}
+    for class_id, (info, modes) in ready.items():
+        start = len(labels)
+        for ipc, s in keys:
+            labels += [info.label] * ipc
+            seeds += image_seeds(cfg, info.id, ipc, s)
+            centroids += list(modes[(ipc, s)].centroids)
+        spans[class_id] = (start, len(labels))
     total_steps = settings.steps * -(-len(labels) // cfg.sampler.batch_size)
     done = [0]
+    what = f"{method}/{next(iter(ready))}" if len(ready) == 1 else f"{method}, {len(ready)} classes"
 
     def on_step(_step):
         done[0] += 1
         if done[0] % 10 == 0 or done[0] == total_steps:
-            progress(f"{method}/{info.id}: sampling step {done[0]}/{total_steps}", done[0] / total_steps)
+            progress(f"{what}: sampling step {done[0]}/{total_steps} ({len(labels)} images)", done[0] / total_steps)
 
     out = sample(backbone, labels, seeds, modes=torch.from_numpy(np.stack(centroids)), settings=settings,
                  batch_size=cfg.sampler.batch_size, callback=on_step)
-    images = _decode(backbone, out.latents, cfg.sampler.batch_size)
+    return {c: (out.latents[a:b], seeds[a:b], settings) for c, (a, b) in spans.items()}
+
+
+def _sampled_sets(cfg: ExperimentConfig, backbone, info, keys: list[SetKey], latents: torch.Tensor,
+                  seeds: list[int], settings: SamplerSettings) -> dict[SetKey, SetContent]:
+    """One class's sampled latents (in set order) decoded and split into its sets."""
+    images = _decode(backbone, latents, cfg.sampler.batch_size)
     contents, pos = {}, 0
     for ipc, s in keys:
-        contents[(ipc, s)] = SetContent(out.latents[pos:pos + ipc].numpy(), images[pos:pos + ipc],
+        contents[(ipc, s)] = SetContent(latents[pos:pos + ipc].numpy(), images[pos:pos + ipc],
                                         [{"seed": seeds[pos + i], **settings.as_dict(), **_prompt_row(backbone, info)}
                                          for i in range(ipc)])
         pos += ipc

@@ -179,26 +179,33 @@ def materialized_partitions(instance: dg.DagsterInstance, asset: str) -> set:
 @contextlib.contextmanager
 def recording_backbone_loads(step_names: set[str]):
     """Record every backbone load while active, as the name of the asset or check function
-    on the call stack ("?" if none). The per-process cache is emptied before every
-    ``get_backbone``, so each step that needs the backbone loads it (as in its own process
-    under a multiprocess or distributed executor) and is seen here."""
+    on the call stack ("?" if none). The per-process cache is emptied whenever a new step
+    execution asks for the backbone, so each step that needs it loads it (as in a fresh run
+    process, or on a fresh worker) and is seen here, once per step however many partitions
+    it materializes: the count per step is what a run pays."""
     from mgd3_core import backbones, pipeline
 
     loads: list[str] = []
     load, get = backbones.load_backbone, pipeline.get_backbone
+    last_step = [None]
 
-    def recording_load(*args, **kwargs):
-        frame, name = sys._getframe(1), "?"
+    def step_frame(frame):
         while frame is not None:
             if frame.f_code.co_name in step_names:
-                name = frame.f_code.co_name
-                break
+                return frame
             frame = frame.f_back
-        loads.append(name)
+        return None
+
+    def recording_load(*args, **kwargs):
+        frame = step_frame(sys._getframe(1))
+        loads.append(frame.f_code.co_name if frame is not None else "?")
         return load(*args, **kwargs)
 
     def uncached_get(*args, **kwargs):
-        pipeline._BACKBONES.clear()
+        frame = step_frame(sys._getframe(1))
+        if frame is None or frame is not last_step[0]:  # a new step execution: as a new process
+            pipeline._BACKBONES.clear()
+            last_step[0] = frame
         return get(*args, **kwargs)
 
     backbones.load_backbone, pipeline.get_backbone = recording_load, uncached_get

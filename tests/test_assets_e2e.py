@@ -49,9 +49,18 @@ def test_every_asset_partition_is_materialized_and_every_check_passed(tiny_graph
     for check_key in graph.asset_check_keys:
         records = instance.event_log_storage.get_asset_check_execution_history(check_key, limit=100)
         assert records and all(r.evaluation.passed for r in records if r.evaluation), check_key
-    # inputs observed (dataset, method settings), backbone, 2 classes, 6 methods x 2 classes,
-    # teacher + full data, 6 students, reports
-    assert sum(r.runs for r in tiny_graph.stage_reports) == 1 + 1 + 1 + 2 + 12 + 1 + 6 + 1
+        # One result per partition, evaluated by the asset's own run (no check-only runs).
+        node = graph.get(check_key.asset_key)
+        assert {r.partition for r in records} == set(node.partitions_def.get_partition_keys()), check_key
+        asset_runs = {r.run_id for r in instance.fetch_materializations(check_key.asset_key, limit=100).records}
+        assert {r.run_id for r in records} <= asset_runs, check_key
+    # inputs observed (dataset, method settings), backbone, both classes' latent stores in one run,
+    # their modes in one run, one run per method (both classes), teacher + full data, 6 students,
+    # reports: the tiny graph's runs of classes_per_run "auto" hold every class.
+    assert [r.runs for r in tiny_graph.stage_reports] == [1, 1, 1, 1, 1, 6, 1, 6, 1]
+    # One backbone load per run that needs it: the backbone, the stores, 4 methods that sample or decode.
+    assert sorted(tiny_graph.backbone_loads) == sorted(
+        ["backbone", "latent_store"] + ["distilled_images"] * 3 + ["distilled_images"]), tiny_graph.backbone_loads
 
 
 def test_stores_carry_their_content_hash_as_data_version(tiny_graph):
@@ -201,7 +210,7 @@ def test_adding_a_class_materializes_only_that_class(tiny_graph, tmp_path, monke
     one = build_defs(write_config(tmp_path / "one.yaml",
                                   tiny_config(backbone=pretrained, dataset={"classes": ["0"]})), home)
     two = build_defs(write_config(tmp_path / "two.yaml", tiny_config(backbone=pretrained)), home)
-    per_class = demo.STAGES[:5]  # inputs and backbone observed, latent_store + mode_centroids, distilled_images
+    per_class = demo.STAGES[:6]  # inputs and backbone observed, latent_store, mode_centroids, distilled_images
     loads, real_load = [], backbones.load_backbone
 
     def counting_load(*args):
@@ -215,8 +224,7 @@ def test_adding_a_class_materializes_only_that_class(tiny_graph, tmp_path, monke
         latent_0 = Path(_meta(latest_materialization(instance, "latent_store", "0"), "path"))
         stamp = latent_0.stat().st_mtime_ns
 
-        assert demo.plan_stage(two, instance, demo.STAGES[3]) == [("1", [dg.AssetKey("latent_store"),
-                                                                       dg.AssetKey("mode_centroids")])]
+        assert demo.plan_stage(two, instance, demo.stage_of("latent_store")) == [("1", [dg.AssetKey("latent_store")])]
         reports = demo.materialize_graph(two, instance, stages=per_class, log=lambda m: None)
 
         new = {(r.asset_key.to_user_string(), r.partition_key)
@@ -225,7 +233,7 @@ def test_adding_a_class_materializes_only_that_class(tiny_graph, tmp_path, monke
                    dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), after_storage_id=mark), limit=100).records}
         assert new == {("latent_store", "1"), ("mode_centroids", "1"),
                        ("distilled_images", "1|mgd3"), ("distilled_images", "1|random_real")}
-        assert [r.runs for r in reports] == [1, 1, 1, 1, 2]  # inputs and backbone re-observed, not re-run
+        assert [r.runs for r in reports] == [1, 1, 1, 1, 1, 2]  # inputs and backbone re-observed, not re-run
         assert latent_0.stat().st_mtime_ns == stamp  # class 0's store untouched
         assert materialized_partitions(instance, "distilled_images") == set(all_partitions(two)["distilled_images"])
     # In one process the backbone is loaded once and reused by every partition of both runs.

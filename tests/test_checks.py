@@ -36,7 +36,7 @@ def restored(*paths: Path):
             backup.rename(p)
 
 
-JOB_OF_CHECK = {"latent_store_complete": "per_class_job", "centroids_valid": "per_class_job",
+JOB_OF_CHECK = {"latent_store_complete": "encode_job", "centroids_valid": "modes_job",
                 "distilled_complete": "distill_job"}
 
 

@@ -44,7 +44,7 @@ def test_the_code_location_loads_the_embedded_default(monkeypatch, tmp_path):
         "latent_store", "mode_centroids", "distilled_images"}
     assert all(graph.get_check_spec(c).blocking for c in graph.asset_check_keys)
     assert {j.name for j in loaded.resolve_all_job_defs()} >= {
-        "backbone_job", "per_class_job", "distill_job", "teacher_job", "students_job", "reports_job"}
+        "backbone_job", "encode_job", "modes_job", "distill_job", "teacher_job", "students_job", "reports_job"}
     assert [s.name for s in loaded.sensors] == ["mgd3_automation"]
     # The storage root comes from the environment, and the UI shows that it does.
     home = loaded.resources["experiment"].home

@@ -1,5 +1,10 @@
 """``distilled_images``: one method's distilled images of one class, for every IPC and seed.
 
+A run materializes any set of (method, class) partitions (``context.partition_keys``; a UI
+backfill groups up to ``runs.classes_per_run`` classes of one method per run): a diffusion
+method samples all of the run's classes in one batched call, and each class gets its own
+materialization, data version and check result (``partition_events``).
+
 Each materialization carries the lineage of its images (mode, distance to the
 centroid, seed) as a table, and a thumbnail grid. The manifest files hold the
 full lineage; ``mgd3_core.distilled.lineage_of(png)`` answers for any one PNG.
@@ -12,13 +17,19 @@ import dagster as dg
 from mgd3_core import pipeline, storage
 from mgd3_core.config import ExperimentConfig
 
+from mgd3_core.backbones import backbone_class_conditions
+
 from ..automation import on_upstream_data_change
-from ..failures import fails_with_root_cause
-from ..metadata import preview_markdown, progress_logger, table, thumbnails_markdown
-from ..partitions import CLASS_DIM, METHOD_DIM, distilled_partitions, method_and_class
+from ..checks import check_result, distilled_problems
 from ..executors import accelerator_step
+from ..failures import fails_with_root_cause, raise_partition_failures
+from ..metadata import preview_markdown, progress_logger, table, thumbnails_markdown
+from ..partition_events import PartitionEvents
+from ..partitions import (CLASS_DIM, METHOD_DIM, backfill_policy, distilled_partitions, method_and_class,
+                          partition_key)
 from ..resources import ExperimentResource
-from ..versions import checked_config, checked_method_settings, combined_hash, stage_asset
+from ..versions import (checked_config, checked_method_settings, class_version, combined_hash,
+                        method_settings_version, stage_asset)
 
 
 # Every manifest column a reader asks about (``mgd3_core.distilled.MANIFEST_COLUMNS``); floats are
@@ -54,6 +65,8 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     @stage_asset(
         cfg, "distilled_images",
         partitions_def=distilled_partitions(cfg),
+        backfill_policy=backfill_policy(cfg),
+        output_required=False,  # one AssetMaterialization per partition instead (partition_events)
         deps=[
             "backbone",
             # dataset[class]: the real-image methods pick its images; with a text-to-image backbone
@@ -75,42 +88,66 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         "Data version: hash of the PNGs.",
     )
     @fails_with_root_cause
-    def distilled_images(
-        context: dg.AssetExecutionContext, experiment: ExperimentResource
-    ) -> dg.MaterializeResult:
+    def distilled_images(context: dg.AssetExecutionContext, experiment: ExperimentResource):
         cfg = checked_config(context, experiment)
         home = experiment.storage()
-        method, class_id = method_and_class(context.partition_key)
-        checked_method_settings(cfg_at_load, cfg, method)
-        # The core loads the backbone (once per process) only for the methods that sample or decode.
-        result = pipeline.distill_class(cfg, home, method, class_id,
-                                        progress=progress_logger(context.log, f"distilled_images[{method}/{class_id}]"))
-        root = storage.distilled_root(cfg, home)
-        rows = []
-        for written, rows_of_set in _rows_by_set(result):
-            for r in rows_of_set:
-                rows.append(dict(r, image=str((storage.set_images_dir(written.set_dir, class_id) / r["file"]).relative_to(root))))
-        context.log.info(f"{method}/{class_id}: wrote {len(rows)} images in {len(result.classes)} sets")
-        first = result.classes[0]
-        prompted = any("prompt" in r for r in rows)
-        columns = LINEAGE_COLUMNS + (PROMPT_LINEAGE_COLUMNS if prompted else [])
-        return dg.MaterializeResult(
-            data_version=dg.DataVersion(combined_hash([c.content_hash for c in result.classes])),
-            metadata={
-                "preview": preview_markdown(result.preview, f"{method}, class {class_id}"),
-                "thumbnails": thumbnails_markdown(
-                    result.preview, f"{method}, class {class_id}: {Path(first.set_dir).relative_to(root)}"),
-                "lineage": table(rows, columns),
-                **({"prompt": rows[0]["prompt"]} if prompted else {}),
-                "images": len(rows),
-                "sets": len(result.classes),
-                "backbone_fingerprint": rows[0].get("backbone_fingerprint") or "",
-                "manifest": dg.MetadataValue.path(str(first.manifest)),
-                "distilled_root": dg.MetadataValue.path(str(root)),
-            },
-        )
+        events = PartitionEvents(context, "distilled_images", {
+            "backbone": None,
+            "dataset": lambda pk: method_and_class(pk)[1],
+            "mode_centroids": lambda pk: method_and_class(pk)[1],
+            "method_settings": lambda pk: method_and_class(pk)[0],
+        })
+        by_method: dict[str, list[str]] = {}
+        for pk in context.partition_keys:
+            method, class_id = method_and_class(pk)
+            by_method.setdefault(method, []).append(class_id)
+        failed, done = {}, 0
+        for method, class_ids in by_method.items():
+            checked_method_settings(cfg_at_load, cfg, method)
+            yield from events.observe("method_settings", method, method_settings_version(cfg, method))
+            conditions = backbone_class_conditions(cfg)  # once, not once per class
+            for class_id in class_ids:
+                yield from events.observe("dataset", class_id, class_version(cfg, home, class_id, conditions))
+            progress = progress_logger(context.log, f"distilled_images[{method}, {len(class_ids)} classes]")
+            # The core loads the backbone (once per process) only for the methods that sample or decode.
+            for class_id, result in pipeline.distill_classes(cfg, home, method, class_ids, progress=progress):
+                pk = partition_key(method, class_id)
+                if isinstance(result, BaseException):
+                    failed[pk] = result
+                    context.log.error(f"distilled_images[{method}/{class_id}] failed: {result}")
+                    continue
+                yield events.materialization(pk, combined_hash([c.content_hash for c in result.classes]),
+                                             _metadata(cfg, home, method, class_id, result))
+                problems, check_meta = distilled_problems(cfg, home, method, class_id)
+                yield events.check("distilled_complete", pk, check_result(problems, check_meta))
+                done += 1
+        raise_partition_failures(failed, done)
 
     return distilled_images
+
+
+def _metadata(cfg: ExperimentConfig, home, method: str, class_id: str, result) -> dict:
+    """One partition's metadata: its images' lineage table, a preview and thumbnails."""
+    root = storage.distilled_root(cfg, home)
+    rows = []
+    for written, rows_of_set in _rows_by_set(result):
+        for r in rows_of_set:
+            rows.append(dict(r, image=str((storage.set_images_dir(written.set_dir, class_id) / r["file"]).relative_to(root))))
+    first = result.classes[0]
+    prompted = any("prompt" in r for r in rows)
+    columns = LINEAGE_COLUMNS + (PROMPT_LINEAGE_COLUMNS if prompted else [])
+    return {
+        "preview": preview_markdown(result.preview, f"{method}, class {class_id}"),
+        "thumbnails": thumbnails_markdown(
+            result.preview, f"{method}, class {class_id}: {Path(first.set_dir).relative_to(root)}"),
+        "lineage": table(rows, columns),
+        **({"prompt": rows[0]["prompt"]} if prompted else {}),
+        "images": len(rows),
+        "sets": len(result.classes),
+        "backbone_fingerprint": rows[0].get("backbone_fingerprint") or "",
+        "manifest": dg.MetadataValue.path(str(first.manifest)),
+        "distilled_root": dg.MetadataValue.path(str(root)),
+    }
 
 
 def _rows_by_set(result):
