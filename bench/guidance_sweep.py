@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from mgd3_core import pipeline  # noqa: E402
+from mgd3_core import distillation, pipeline  # noqa: E402
 from mgd3_core.config import load_config  # noqa: E402
 from mgd3_core.storage import latent_store_file, storage_root  # noqa: E402
 from mgd3_core.evaluate import real_split  # noqa: E402
@@ -100,12 +100,12 @@ def _score_sampled(cfg, backbone, classes: dict, ipc: int, g: int, st: SamplerSe
     centroids = [finders[g].centroids_.reshape(ipc, *lat.shape[1:]) for _, _, lat, finders in classes.values()]
     for cid, (info, *_rest) in classes.items():
         labels += [info.label] * ipc
-        seeds += pipeline.image_seeds(cfg, cid, ipc, g)
+        seeds += distillation.image_seeds(cfg, cid, ipc, g)
         student_labels += [info.index] * ipc
     t0 = time.perf_counter()
     out = sample(backbone, labels, seeds, modes=torch.from_numpy(np.concatenate(centroids)), settings=st,
                  batch_size=cfg.sampler.batch_size)
-    images = pipeline._decode(backbone, out.latents, cfg.sampler.batch_size)
+    images = distillation._decode(backbone, out.latents, cfg.sampler.batch_size)
     sample_s = time.perf_counter() - t0
     generated = out.latents.numpy()
     d, share = np.mean([mode_distances(generated[k * ipc:(k + 1) * ipc], c) for k, c in enumerate(centroids)], axis=0)

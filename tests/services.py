@@ -69,59 +69,61 @@ def scaleout(tmp_path_factory):
 
 # ------------------------------------------------------------ run inside other processes
 def slow_down_distill(marker: str, seconds: float) -> int:
-    """In a Dask worker (``client.run``): the next ``distill_class`` touches ``marker``, then
+    """In a Dask worker (``client.run``): the next ``distill_classes`` touches ``marker``, then
     sleeps, so a test can kill the worker mid-step. Returns the worker's pid."""
-    from mgd3_core import pipeline
+    from mgd3_core import distillation
 
-    real = pipeline.distill_class
+    real = distillation.distill_classes
 
     def slow(*args, **kwargs):
         Path(marker).touch()
         time.sleep(seconds)
-        return real(*args, **kwargs)
+        yield from real(*args, **kwargs)
 
-    pipeline.distill_class = slow
+    distillation.distill_classes = slow
     return os.getpid()
 
 
 def fail_distill_of_class(class_id: str) -> int:
-    """In a Dask worker (``client.run``): ``distill_class`` raises for ``class_id`` (before it
-    writes anything) until ``restore_distill``. Returns the worker's pid."""
-    from mgd3_core import pipeline
+    """In a Dask worker (``client.run``): ``distill_classes`` fails ``class_id`` (before it writes
+    anything) until ``restore_distill``. Returns the worker's pid."""
+    from mgd3_core import distillation
 
-    real = pipeline.__dict__.setdefault("_real_distill_class", pipeline.distill_class)
+    real = distillation.__dict__.setdefault("_real_distill_classes", distillation.distill_classes)
 
-    def failing(cfg, home, method, cid, *args, **kwargs):
-        if cid == class_id:
-            raise RuntimeError(f"injected failure in class {cid}")
-        return real(cfg, home, method, cid, *args, **kwargs)
+    def failing(cfg, home, method, class_ids, *args, **kwargs):
+        if class_id in class_ids:
+            yield class_id, RuntimeError(f"injected failure in class {class_id}")
+        others = [c for c in class_ids if c != class_id]
+        if others:
+            yield from real(cfg, home, method, others, *args, **kwargs)
 
-    pipeline.distill_class = failing
+    distillation.distill_classes = failing
     return os.getpid()
 
 
 def restore_distill() -> None:
-    from mgd3_core import pipeline
+    from mgd3_core import distillation
 
-    pipeline.distill_class = pipeline.__dict__.pop("_real_distill_class", pipeline.distill_class)
+    distillation.distill_classes = distillation.__dict__.pop("_real_distill_classes", distillation.distill_classes)
 
 
 def materialize_with_timeline(partition: str, timeline: str) -> None:
     """In a subprocess: materialize one ``distilled_images`` partition in process on the instance
     of ``$DAGSTER_HOME``, appending to ``timeline`` "<pid> enter|write|done <time>" lines around
-    ``distill_class`` and its writes (each write held 3 s, so unlocked writers would overlap)."""
+    ``distill_classes`` and its writes (each write held 3 s, so unlocked writers would overlap)."""
     from mgd3_assets.definitions import build_definitions
-    from mgd3_core import pipeline
+    from mgd3_core import distillation
 
     def note(what: str) -> None:
         with open(timeline, "a") as f:
             f.write(f"{os.getpid()} {what} {time.time():.3f}\n")
 
-    real_distill, real_write = pipeline.distill_class, pipeline.write_distilled_class
+    real_distill, real_write = distillation.distill_classes, distillation.write_distilled_class
 
     def distill(*args, **kwargs):
         note("enter")
-        return real_distill(*args, **kwargs)
+        yield from real_distill(*args, **kwargs)
 
     def write(*args, **kwargs):
         note("write")
@@ -130,7 +132,7 @@ def materialize_with_timeline(partition: str, timeline: str) -> None:
         note("done")
         return out
 
-    pipeline.distill_class, pipeline.write_distilled_class = distill, write
+    distillation.distill_classes, distillation.write_distilled_class = distill, write
     job = build_definitions().resolve_job_def("distill_job")
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(instance=instance, partition_key=partition, raise_on_error=False)

@@ -184,7 +184,7 @@ def test_two_runs_of_one_partition_at_once_take_turns_and_never_mix_outputs(scal
     assert [p.returncode for p in procs] == [0, 0], errors
     events = [line.split() for line in timeline.read_text().splitlines()]
     first_done = min(float(t) for _, what, t in events if what == "done")
-    # Both runs were inside distill_class before either finished writing: they ran at once ...
+    # Both runs were inside distill_classes before either finished writing: they ran at once ...
     assert len({pid for pid, what, _ in events if what == "enter"}) == 2
     assert all(float(t) < first_done for _, what, t in events if what == "enter")
     # ... and the second wrote only after the first had finished (the class's lock).

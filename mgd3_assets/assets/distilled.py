@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from mgd3_core import pipeline, storage
+from mgd3_core import distillation, storage
 from mgd3_core.config import ExperimentConfig
 
 from mgd3_core.backbones import backbone_class_conditions
@@ -110,7 +110,7 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
                 yield from events.observe("dataset", class_id, class_version(cfg, home, class_id, conditions))
             progress = progress_logger(context.log, f"distilled_images[{method}, {len(class_ids)} classes]")
             # The core loads the backbone (once per process) only for the methods that sample or decode.
-            for class_id, result in pipeline.distill_classes(cfg, home, method, class_ids, progress=progress):
+            for class_id, result in distillation.distill_classes(cfg, home, method, class_ids, progress=progress):
                 pk = partition_key(method, class_id)
                 if isinstance(result, BaseException):
                     failed[pk] = result

@@ -1,0 +1,194 @@
+"""Batched runs through Dagster's real launch path: an asset backfill of every partition (what the
+UI's "Materialize all" adds), picked up by a running ``dagster-daemon`` whose backfill daemon groups
+the partitions by the assets' ``BackfillPolicy`` and launches each run as a process of its own.
+
+Checked: the number of runs (one per stage chunk, not per partition), one backbone load per run
+at most, one data version and one check result per partition, images equal to per-class runs',
+no needless re-run at the next automation tick after observing the inputs, and a run of several
+classes where one fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from mgd3_assets import demo
+from mgd3_assets.dagster_private import add_asset_backfill
+from mgd3_assets.local_cluster import start_process, stop_process
+from mgd3_core import storage
+from mgd3_core.config import PROJECT_ROOT, config_from_dict
+from tests.dagster_helpers import (DATA_VERSION_TAG, build_defs, evaluate, latest_materialization, requested,
+                                   tiny_config, write_config)
+
+pytestmark = pytest.mark.slow
+
+PER_CLASS = ["latent_store", "mode_centroids", "distilled_images"]
+BACKFILL_TAG = "dagster/backfill"
+
+
+def _instance_dir(root: Path) -> Path:
+    d = root / "dagster_home"
+    d.mkdir(parents=True)
+    (d / "dagster.yaml").write_text(yaml.safe_dump({
+        "storage": {"sqlite": {"base_dir": str(root / "dagster_storage")}},
+        # The core's log lines (a backbone load among them) become events of the run.
+        "python_logs": {"managed_python_loggers": ["mgd3"], "python_log_level": "INFO"},
+        "telemetry": {"enabled": False},
+        "nux": {"enabled": False},
+    }))
+    return d
+
+
+def _pngs(cfg, home: Path, method: str, class_id: str) -> dict[str, np.ndarray]:
+    out = {}
+    for ipc in cfg.ipc:
+        for seed in cfg.evaluation.generation_seeds:
+            d = storage.set_images_dir(storage.distilled_set_dir(cfg, home, method, ipc, seed), class_id)
+            out.update({f"ipc{ipc}/seed{seed}/{p.name}": np.asarray(Image.open(p)) for p in sorted(d.glob("*.png"))})
+    return out
+
+
+@pytest.fixture(scope="module")
+def backfilled(tmp_path_factory):
+    """The tiny experiment's inputs and backbone made by the demo path, then every per-class
+    partition materialized by a backfill that a real ``dagster-daemon`` executes."""
+    root = tmp_path_factory.mktemp("backfill")
+    raw = tiny_config()
+    config = write_config(root / "tiny.yaml", raw)
+    home, dagster_home = root / "home", _instance_dir(root)
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "MGD3_HOME": str(home), "MGD3_CONFIG": str(config)}
+    defs = build_defs(config, home)
+    instance = dg.DagsterInstance.from_config(str(dagster_home))
+    quiet = dict(log=lambda m: None, log_level="WARNING")
+    demo.materialize_graph(defs, instance, stages=demo.STAGES[:3], **quiet)  # inputs observed, backbone
+    # The inputs' observations are wiped: as after a UI "Materialize all" that never observed them.
+    for source in ("dataset", "method_settings"):
+        instance.wipe_assets([dg.AssetKey(source)])
+
+    daemon = start_process("dagster-daemon", [str(Path(sys.executable).with_name("dagster-daemon")), "run",
+                                              "-w", str(PROJECT_ROOT / "workspace.yaml")], root, env=env)
+    try:
+        backfill_id = add_asset_backfill(instance, defs, PER_CLASS)
+        deadline = time.monotonic() + 600
+        while instance.get_backfill(backfill_id).status.value == "REQUESTED":
+            assert daemon.poll() is None, (root / "dagster-daemon.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "backfill not done after 600 s"
+            time.sleep(2)
+    finally:
+        stop_process(daemon)
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill_id}))
+    return dict(root=root, raw=raw, cfg=config_from_dict(raw), home=home, defs=defs, instance=instance,
+                backfill=instance.get_backfill(backfill_id), runs=runs)
+
+
+def test_a_backfill_runs_one_run_per_stage_chunk_and_loads_the_backbone_once_per_run(backfilled):
+    instance, cfg = backfilled["instance"], backfilled["cfg"]
+    assert backfilled["backfill"].status.value == "COMPLETED_SUCCESS"
+    runs = backfilled["runs"]
+    assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+    assert cfg.classes_per_run() >= len(cfg.dataset.classes)  # "auto": every tiny class in one run
+    # latent_store: one run of both classes; mode_centroids: one; distilled_images: one per method.
+    by_asset = sorted(tuple(sorted(k.to_user_string() for k in r.asset_selection)) for r in runs)
+    assert by_asset == sorted([("latent_store",), ("mode_centroids",)] + [("distilled_images",)] * len(cfg.methods))
+    for run in runs:
+        ranged = run.tags.get("dagster/asset_partition_range_start") != run.tags.get("dagster/asset_partition_range_end")
+        assert ranged, run.tags  # each run holds both classes
+        loads = [e for e in instance.all_logs(run.run_id)
+                 if e.user_message and "loaded the embedded backbone" in e.user_message]
+        needs = {"latent_store"} | ({"distilled_images"} if run.tags.get("dagster/partition/method", "") != "random_real"
+                                    and "random_real" not in run.tags.get("dagster/asset_partition_range_start", "")
+                                    else set())
+        expected = 1 if {k.to_user_string() for k in run.asset_selection} & needs else 0
+        assert len(loads) == expected, (run.asset_selection, run.tags, [e.user_message for e in loads])
+
+
+def test_each_partition_has_its_own_data_version_and_check_result_from_its_run(backfilled):
+    instance, cfg, home = backfilled["instance"], backfilled["cfg"], backfilled["home"]
+    from mgd3_core.latents import validate_latent_store
+
+    versions = {}
+    for class_id in cfg.dataset.classes:
+        mat = latest_materialization(instance, "latent_store", class_id)
+        info = validate_latent_store(Path(mat.metadata["path"].value))
+        versions[class_id] = mat.tags[DATA_VERSION_TAG]
+        assert versions[class_id] == info.content_hash  # the class's own store, not the run's
+    assert len(set(versions.values())) == len(versions)
+    for check, asset in (("latent_store_complete", "latent_store"), ("centroids_valid", "mode_centroids"),
+                         ("distilled_complete", "distilled_images")):
+        records = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(dg.AssetKey(asset), check), limit=100)
+        node = backfilled["defs"].resolve_asset_graph().get(dg.AssetKey(asset))
+        assert {r.partition for r in records} == set(node.partitions_def.get_partition_keys())
+        assert all(r.evaluation and r.evaluation.passed for r in records)
+        assert {r.run_id for r in records} <= {r.run_id for r in backfilled["runs"]}  # no check-only runs
+
+
+def test_images_do_not_depend_on_how_classes_are_grouped_into_runs(backfilled, tmp_path):
+    """The same config with one class per run (``runs.classes_per_run: 1``) makes the same PNGs.
+    Tolerance: a class's images are sampled in a batch of 2 classes here and of 1 there, and other
+    batch shapes may take other vectorised CPU paths (float32 rounding in the last bits,
+    ``sampling.sample``); a pixel may then round to the next grey level. Same noise, modes and seeds."""
+    raw = {**backfilled["raw"], "runs": {"classes_per_run": 1}}
+    home2 = tmp_path / "home"
+    shutil.copytree(storage.backbones_dir(backfilled["home"]), storage.backbones_dir(home2))  # the same backbone
+    defs2 = build_defs(write_config(tmp_path / "alone.yaml", raw), home2)
+    upto = demo.STAGES.index(demo.stage_of("teacher"))
+    with dg.DagsterInstance.ephemeral() as instance:
+        reports = demo.materialize_graph(defs2, instance, stages=demo.STAGES[:upto], log=lambda m: None,
+                                         log_level="WARNING")
+    distill = demo.STAGES.index(demo.stage_of("distilled_images"))
+    assert reports[distill].runs == len(raw["methods"]) * len(raw["dataset"]["classes"])  # one per (method, class)
+    cfg = backfilled["cfg"]
+    for method in cfg.methods:
+        for class_id in cfg.dataset.classes:
+            grouped, single = _pngs(cfg, backfilled["home"], method, class_id), _pngs(cfg, home2, method, class_id)
+            assert grouped.keys() == single.keys() and grouped
+            for name in grouped:
+                diff = np.abs(grouped[name].astype(int) - single[name].astype(int))
+                assert diff.max() <= 1 and (diff == 0).mean() >= 0.99, (method, class_id, name, diff.max())
+
+
+def test_after_the_backfill_observing_the_inputs_makes_nothing_stale(backfilled):
+    """The inputs were never observed before the backfill (as after a UI "Materialize all"); the
+    runs recorded what they read, so the first observation finds everything up to date."""
+    instance, defs = backfilled["instance"], backfilled["defs"]
+    demo.materialize_graph(defs, instance, stages=demo.INPUT_STAGES, log=lambda m: None, log_level="WARNING")
+    for stage in demo.STAGES[len(demo.INPUT_STAGES) + 1:demo.STAGES.index(demo.stage_of("teacher"))]:
+        assert demo.plan_stage(defs, instance, stage) == [], stage
+    result = evaluate(defs, instance)
+    asked = requested(result)
+    assert not {a: p for a, p in asked.items() if a in PER_CLASS}, asked
+
+
+def test_a_failing_class_in_a_run_of_several_is_named_and_the_others_are_kept(backfilled, tmp_path):
+    """Class "1"'s modes are gone: the distill run of both classes fails naming class 1, class 0's
+    images are materialized, and the next plan runs class 1 only."""
+    home, cfg = backfilled["home"], backfilled["cfg"]
+    instance = backfilled["instance"]
+    defs = backfilled["defs"]
+    modes = storage.modes_file(cfg, home, "1")
+    saved = modes.read_bytes()
+    modes.unlink()
+    mark = instance.event_log_storage.get_maximum_record_id()
+    try:
+        with pytest.raises(demo.DemoError) as failed:
+            demo.run_stage(defs, instance, demo.stage_of("distilled_images"), force=True,
+                           log=lambda m: None, log_level="CRITICAL")
+    finally:
+        modes.write_bytes(saved)
+    message = str(failed.value)
+    assert "1|mgd3" in message or "1|random_real" in message, message
+    assert "no modes for class '1'" in message.splitlines()[-1]
+    new = {(r.partition_key) for r in instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("distilled_images"), after_storage_id=mark), limit=100).records}
+    assert new and all(pk.startswith("0|") for pk in new), new  # class 0 written and kept
