@@ -85,8 +85,18 @@ def on_backbone_config_change() -> dg.AutomationCondition:
 
 
 def observe_on_schedule() -> dg.AutomationCondition:
-    """Re-observe an observable source (pretrained weights, image files, method settings) periodically."""
+    """Re-observe an unpartitioned observable source (pretrained weights) periodically."""
     return dg.AutomationCondition.cron_tick_passed(OBSERVE_CRON).with_label("observe_hourly")
+
+
+def observation_schedules(jobs: dict[str, str]) -> list[dg.ScheduleDefinition]:
+    """Observe each partitioned input (``{asset: its observation job}``: every class's files, every
+    method's settings) hourly in one run of all its partitions. An automation condition would
+    request one run per partition (10 runs an hour for 10 classes, 1,000 for ImageNet-1K)."""
+    return [dg.ScheduleDefinition(name=f"observe_{asset}_hourly", job_name=job, cron_schedule=OBSERVE_CRON,
+                                  default_status=dg.DefaultScheduleStatus.RUNNING,
+                                  description=f"Observe every partition of {asset} in one run.")
+            for asset, job in jobs.items()]
 
 
 def automation_sensor() -> dg.AutomationConditionSensorDefinition:

@@ -14,10 +14,10 @@ import dagster as dg
 from mgd3_core.config import DEFAULT_CONFIG, load_config
 
 from .assets import build_assets
-from .automation import automation_sensor
+from .automation import automation_sensor, observation_schedules
 from .checks import build_checks
 from .executors import build_executor
-from .jobs import build_jobs
+from .jobs import DATASET_JOB, METHOD_SETTINGS_JOB, build_jobs
 from .resources import build_resources
 
 
@@ -34,6 +34,7 @@ def build_definitions(config_path: str | None = None, home: str | None = None) -
             asset_checks=build_checks(cfg),
             jobs=build_jobs(),
             sensors=[automation_sensor()],
+            schedules=observation_schedules({"dataset": DATASET_JOB, "method_settings": METHOD_SETTINGS_JOB}),
             resources=build_resources(config_path, home),
             executor=build_executor(),  # MGD3_EXECUTOR (mgd3_assets/executors.py)
         )

@@ -254,3 +254,28 @@ def test_changed_class_images_rerun_that_class_and_what_reads_every_image(tmp_pa
         # Nothing is left stale: the reports run (again) after the class's new students.
         last = lambda asset: max(i for i, t in enumerate(ticks) if asset in t)  # noqa: E731
         assert last("diversity_report") > last("distilled_images") and last("evaluation_report") > last("students")
+
+
+def test_the_hourly_observation_of_an_input_is_one_run_of_all_its_partitions(tmp_path):
+    """Each partitioned input is observed by a schedule: one run an hour observes every class (or
+    method), instead of one run per partition; the automation sensor requests no observation."""
+    defs = _defs(tmp_path, dataset=THREE_CLASSES)
+    for asset in ("dataset", "method_settings"):
+        schedule = defs.resolve_schedule_def(f"observe_{asset}_hourly")
+        assert schedule.cron_schedule == "0 * * * *"
+        with dg.DagsterInstance.ephemeral() as instance:
+            requests = schedule.evaluate_tick(dg.build_schedule_context(instance=instance)).run_requests
+            assert len(requests) == 1 and requests[0].partition_key is None
+            job = defs.resolve_job_def(schedule.job_name)
+            assert job.execute_in_process(instance=instance, tags=requests[0].tags).success
+            observed = {r.partition_key for r in instance.fetch_observations(dg.AssetKey(asset), limit=100).records}
+            assert observed == set(all_partitions_of(defs, asset)) and len(observed) >= 2
+            assert len(instance.get_runs()) == 1
+    with dg.DagsterInstance.ephemeral() as instance:
+        asked = _evaluate(defs, instance)
+        assert not {r.key for r in asked.results if isinstance(r.key, dg.AssetKey)
+                    and r.key.to_user_string() in ("dataset", "method_settings") and r.true_subset.size}
+
+
+def all_partitions_of(defs, asset: str) -> list[str]:
+    return defs.resolve_asset_graph().get(dg.AssetKey(asset)).partitions_def.get_partition_keys()

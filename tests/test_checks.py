@@ -98,8 +98,8 @@ def test_distilled_check_fails_on_a_broken_partition(tiny_graph, damage):
 
 
 def test_a_failed_blocking_check_stops_the_downstream_asset(tiny_graph, monkeypatch):
-    """An encoder that leaves a corrupt store: latent_store materializes, its check fails, and
-    mode_centroids (next in the same run) is not materialized."""
+    """An encoder that leaves a corrupt store: latent_store materializes, its check (evaluated by
+    the asset's own run) fails, the run fails, and mode_centroids is not run after it."""
     encode = pipeline.encode_latents
 
     def encode_then_corrupt(cfg, home, class_id, progress=None):
@@ -109,7 +109,7 @@ def test_a_failed_blocking_check_stops_the_downstream_asset(tiny_graph, monkeypa
         return info
 
     path = _latent_store(tiny_graph, "1")
-    job = tiny_graph.defs.resolve_job_def("per_class_job")
+    job = tiny_graph.defs.resolve_job_def("encode_job")
     with restored(path):
         monkeypatch.setattr(pipeline, "encode_latents", encode_then_corrupt)
         result = job.execute_in_process(instance=dg.DagsterInstance.ephemeral(), partition_key="1",
@@ -120,3 +120,4 @@ def test_a_failed_blocking_check_stops_the_downstream_asset(tiny_graph, monkeypa
     assert materialized == ["latent_store"]
     failed = [e.asset_check_key.name for e in result.get_asset_check_evaluations() if not e.passed]
     assert failed == ["latent_store_complete"]
+    assert [e.partition for e in result.get_asset_check_evaluations()] == ["1"]

@@ -38,7 +38,8 @@ def test_the_code_location_loads_the_embedded_default(monkeypatch, tmp_path):
     assert parts["students"] == list(ALL_METHODS)
     for name, node in nodes.items():
         assert node.code_version or name in OBSERVED, f"{name} has no code version"
-        assert node.automation_condition is not None, f"{name} has no automation condition"
+        # The partitioned inputs are observed by a schedule, all partitions in one run.
+        assert (node.automation_condition is not None) != (name in ("dataset", "method_settings")), name
     assert {n for n, node in nodes.items() if node.pools == {"accelerator"}} == ACCELERATOR_ASSETS
     assert {c.asset_key.to_user_string() for c in graph.asset_check_keys} == {
         "latent_store", "mode_centroids", "distilled_images"}
@@ -46,6 +47,7 @@ def test_the_code_location_loads_the_embedded_default(monkeypatch, tmp_path):
     assert {j.name for j in loaded.resolve_all_job_defs()} >= {
         "backbone_job", "encode_job", "modes_job", "distill_job", "teacher_job", "students_job", "reports_job"}
     assert [s.name for s in loaded.sensors] == ["mgd3_automation"]
+    assert sorted(s.name for s in loaded.schedules) == ["observe_dataset_hourly", "observe_method_settings_hourly"]
     # The storage root comes from the environment, and the UI shows that it does.
     home = loaded.resources["experiment"].home
     assert isinstance(home, dg.EnvVar) and home.get_value() == str(tmp_path)

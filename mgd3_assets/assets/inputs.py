@@ -14,16 +14,17 @@ Dagster's code versions are per asset, but two inputs change per partition:
   sampler change makes the diffusion methods' ``distilled_images`` partitions
   stale and leaves the real-image methods alone.
 
-Both are observable source assets: ``make demo`` observes them before it plans
-(cheap: a directory walk and a stat per file), and the automation sensor
-observes them hourly, like a pretrained backbone (UI: *Observe sources*).
+Both are observable source assets, observed for all their partitions in one run:
+``make demo`` observes them before it plans (cheap: a stat per listed file), an hourly
+schedule per input does so for the automation (``automation.observation_schedules``), and
+every run that reads one records the version it read (``partition_events``), so a graph
+materialized from the UI before any observation is up to date at the first one.
 """
 
 import dagster as dg
 
 from mgd3_core.config import ExperimentConfig
 
-from ..automation import observe_on_schedule
 from ..partitions import class_partitions, method_partitions
 from ..resources import ExperimentResource
 from ..versions import class_version, method_settings_version
@@ -35,7 +36,6 @@ def build_input_assets(cfg: ExperimentConfig) -> list[dg.SourceAsset]:
     @dg.observable_source_asset(
         name="dataset",
         partitions_def=classes,
-        automation_condition=observe_on_schedule(),
         description="The image files of each class (train and test folders). Data version: the class's "
         "content key (file paths and hashes), so a changed image re-encodes its class only; with a "
         "text-to-image backbone also the class's prompt, so renaming a class re-makes its images only.",
@@ -53,7 +53,6 @@ def build_input_assets(cfg: ExperimentConfig) -> list[dg.SourceAsset]:
     @dg.observable_source_asset(
         name="method_settings",
         partitions_def=methods,
-        automation_condition=observe_on_schedule(),
         description="The settings each distillation method depends on beyond the shared ones (the sampler "
         "for diffusion methods). Data version: their hash, so a sampler change re-runs diffusion methods only.",
     )
