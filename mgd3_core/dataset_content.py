@@ -2,8 +2,12 @@
 
 A dataset's ``dataset_key`` names the tree and its preprocessing, not the bytes
 of its files: editing or replacing an image of an ImageFolder class changes
-neither. :func:`class_content_key` does: it hashes the (relative path, sha256)
-of every file under the class's train and test folders. Reading every file at
+neither. :func:`class_content_key` does: it hashes the (``<split>/<item id>``,
+sha256) of exactly the files the source lists for the class
+(``ImageSource.listing``: the train and test items, by their stored ids), never
+re-walking the tree, so a file the source skips (a hidden entry, a name that is
+not UTF-8, a FIFO, a damaged file) is never hashed and every file hashed is one
+the encoder reads. Reading every file at
 each run would cost as much as decoding them, so each file's sha256 is cached
 (a small JSON file per class) with its size, mtime, ctime and inode, and a file
 is read again only when one of those changed. The ctime and inode catch a file
@@ -46,21 +50,12 @@ def _stat_signature(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def _class_files(folders: dict[str, Path]) -> list[tuple[str, Path]]:
-    """(``<split>/<path relative to the class folder>``, path) of every regular,
-    non-hidden file under the class's folders, sorted. Symlinked folders are not
-    followed (the listing in ``data`` does not follow them either)."""
-    out = []
-    for split, folder in sorted(folders.items()):
-        if not folder.is_dir():
-            continue
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in filenames:
-                path = Path(dirpath) / name
-                if not name.startswith(".") and path.is_file():
-                    out.append((f"{split}/{path.relative_to(folder).as_posix()}", path))
-    return sorted(out, key=lambda item: item[0])
+def _listed_files(source, class_id: str) -> list[tuple[str, Path]]:
+    """(``<split>/<item id>``, path) of every file of the class's listing, sorted: the
+    source's own listing, so the key covers exactly what the stages read."""
+    listing = source.listing(class_id)
+    out = [(f"{split}/{item}", path) for split, files in listing.files.items() for item, path in files.items()]
+    return sorted(out, key=lambda entry: entry[0])
 
 
 def _read_cache(cache: Path) -> dict:
@@ -91,14 +86,17 @@ def class_content_key(source, class_id: str, cache: Path | None = None) -> str:
     pixels can.
     """
     h = hashlib.sha256(f"v{CONTENT_KEY_VERSION}\0{source.dataset_key}\0{class_id}\0".encode())
-    folders = source.class_folders(class_id)
-    if folders:
+    listed = _listed_files(source, class_id)
+    if listed:
         known = _read_cache(cache) if cache is not None else {}
         files, rehashed = {}, 0
-        for rel, path in _class_files(folders):
+        for rel, path in listed:
             try:
                 sig = _stat_signature(path.stat())
-            except OSError:  # removed since the listing: not part of the class any more
+            except OSError as e:
+                # Listed, then gone (or unreadable): keyed as such, so the key differs from
+                # both the listing with the file and the next one without it.
+                h.update(f"{rel}\0missing:{e.errno}\n".encode())
                 continue
             entry = known.get(rel)
             if entry is None or entry[0] != sig:
