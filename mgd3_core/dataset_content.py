@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -77,16 +78,25 @@ def _write_cache(cache: Path, files: dict) -> None:
         log.warning("could not write the content-key cache %s (%s); files will be hashed again", cache, e)
 
 
-def class_content_key(source, class_id: str, cache: Path | None = None) -> str:
-    """A short hex key of one class's image content (see the module docstring).
+@dataclass(frozen=True)
+class ClassContent:
+    """A class's content key and what it was computed from: ``{<split>/<item id>: (path, sha256)}``
+    of every listed file (``missing:<errno>`` for a listed file that could not be read)."""
 
-    ``source``: an ``ImageSource``; ``cache``: the JSON file caching file hashes
-    for this class (None = hash every file). The key also covers the dataset key
-    (preprocessing, split seed, cap), so it changes whenever the class's encoded
-    pixels can.
-    """
+    key: str
+    files: dict[str, tuple[Path, str]]
+
+    def changed_since(self, before: "ClassContent") -> list[Path]:
+        """The files added, removed or rewritten between ``before`` and this content."""
+        return sorted({path for rel, (path, digest) in {**before.files, **self.files}.items()
+                       if before.files.get(rel, (None, None))[1] != self.files.get(rel, (None, None))[1]})
+
+
+def class_content(source, class_id: str, cache: Path | None = None) -> ClassContent:
+    """The content key of one class (see :func:`class_content_key`) with its per-file hashes."""
     h = hashlib.sha256(f"v{CONTENT_KEY_VERSION}\0{source.dataset_key}\0{class_id}\0".encode())
     listed = _listed_files(source, class_id)
+    hashed: dict[str, tuple[Path, str]] = {}
     if listed:
         known = _read_cache(cache) if cache is not None else {}
         files, rehashed = {}, 0
@@ -96,13 +106,26 @@ def class_content_key(source, class_id: str, cache: Path | None = None) -> str:
             except OSError as e:
                 # Listed, then gone (or unreadable): keyed as such, so the key differs from
                 # both the listing with the file and the next one without it.
+                hashed[rel] = (path, f"missing:{e.errno}")
                 h.update(f"{rel}\0missing:{e.errno}\n".encode())
                 continue
             entry = known.get(rel)
             if entry is None or entry[0] != sig:
                 entry, rehashed = [sig, _file_sha256(path)], rehashed + 1
             files[rel] = entry
+            hashed[rel] = (path, entry[1])
             h.update(f"{rel}\0{entry[1]}\n".encode())
         if cache is not None and (rehashed or files.keys() != known.keys()):
             _write_cache(cache, files)
-    return h.hexdigest()[:16]
+    return ClassContent(h.hexdigest()[:16], hashed)
+
+
+def class_content_key(source, class_id: str, cache: Path | None = None) -> str:
+    """A short hex key of one class's image content (see the module docstring).
+
+    ``source``: an ``ImageSource``; ``cache``: the JSON file caching file hashes
+    for this class (None = hash every file). The key also covers the dataset key
+    (preprocessing, split seed, cap), so it changes whenever the class's encoded
+    pixels can.
+    """
+    return class_content(source, class_id, cache).key
