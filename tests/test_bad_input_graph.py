@@ -224,3 +224,115 @@ def test_a_bad_tree_stops_the_demo_with_its_error_last(tmp_path, monkeypatch, ca
     assert re.match(expected, lines[-1]), lines[-3:]
     if code == 2:  # found while the definitions load: one line, nothing run
         assert len(lines) == 1, lines
+
+
+# --------------------------------------------------------------------------- files changing mid-run
+class _ToyBackbone:
+    vae_fingerprint, scaling_factor = "toy-vae", 1.0
+
+    @staticmethod
+    def encode(x):
+        from tests.latent_helpers import pool_encoder
+
+        return pool_encoder(x)
+
+
+@pytest.fixture()
+def toy_encoding(tmp_path, monkeypatch):
+    """``encode(on_decode)``: ``pipeline.encode_latents`` of class alpha of a clean tree with a toy
+    VAE; ``on_decode(path)`` runs before each image is decoded (to change files mid-run). Returns
+    (the store's path, its recorded content key, its index)."""
+    from mgd3_core import imagefolder, pipeline
+    from mgd3_core.config import config_from_dict
+
+    data = _clean_tree(tmp_path / "data", train=6)
+    cfg = config_from_dict(tiny_config(dataset={"kind": "imagefolder", "root": str(data), "classes": None,
+                                                "max_per_class": None}, encode={"batch_size": 2, "chunk_size": 2}))
+    home = tmp_path / "home"
+    monkeypatch.setattr(pipeline, "vae_fingerprint", lambda cfg, home: _ToyBackbone.vae_fingerprint)
+    monkeypatch.setattr(pipeline, "get_backbone", lambda cfg, home: _ToyBackbone())
+    decode = imagefolder.ImageFolderSource._decode
+
+    def encode(on_decode=lambda path: None):
+        def watched(self, path, item_id):
+            on_decode(Path(path))
+            return decode(self, path, item_id)
+
+        monkeypatch.setattr(imagefolder.ImageFolderSource, "_decode", watched)
+        info = pipeline.encode_latents(cfg, home, "alpha")
+        monkeypatch.setattr(imagefolder.ImageFolderSource, "_decode", decode)
+        with h5py.File(info.path, "r") as f:
+            index = [i.decode() if isinstance(i, bytes) else i for i in f["index"][()]]
+            return info.path, f.attrs["content_key"], index, f["latents"][()]
+
+    encode.data, encode.cfg, encode.home = data / "train" / "alpha", cfg, home
+    return encode
+
+
+def _latent_of(cfg, item: str) -> np.ndarray:
+    import torch
+
+    x = torch.from_numpy(open_dataset(cfg.dataset).load("alpha", "train", [item])).float().div(127.5).sub(1.0)
+    return _ToyBackbone.encode(x).numpy()[0]
+
+
+def test_an_image_rewritten_before_or_while_encoding_is_encoded_as_it_is_then(toy_encoding, caplog):
+    from mgd3_core import pipeline
+
+    cfg, home, alpha = toy_encoding.cfg, toy_encoding.home, toy_encoding.data
+    observed = pipeline.class_content_key(cfg, home, "alpha")  # the dataset observation
+    _png(alpha / "1.png", seed=901)  # rewritten between the observation and the encoding
+    _, key, index, latents = toy_encoding()
+    assert key == pipeline.class_content_key(cfg, home, "alpha") != observed  # the next observation sees it
+    assert np.array_equal(latents[index.index("1.png")], _latent_of(cfg, "1.png"))
+
+    rewritten = []
+
+    def rewrite_once(path: Path) -> None:  # rewritten after the listing, just before it is read
+        if path.name == "4.png" and not rewritten:
+            rewritten.append(path)
+            _png(path, seed=902)
+
+    _png(alpha / "0.png", seed=903)  # a change to re-encode for (the store above is reused otherwise)
+    with caplog.at_level("WARNING", logger="mgd3"):
+        _, key, index, latents = toy_encoding(rewrite_once)
+    assert rewritten and key == pipeline.class_content_key(cfg, home, "alpha")  # the key of what the store holds
+    for item in ("0.png", "4.png"):
+        assert np.array_equal(latents[index.index(item)], _latent_of(cfg, item))
+    assert f"files changed while the class was being encoded ({alpha / '4.png'})" in caplog.text
+
+
+def test_an_image_deleted_while_encoding_is_left_out_with_a_warning(toy_encoding, caplog):
+    from mgd3_core import pipeline
+
+    cfg, home, alpha = toy_encoding.cfg, toy_encoding.home, toy_encoding.data
+
+    def delete(path: Path) -> None:
+        if path.name == "3.png" and path.exists():
+            path.unlink()
+
+    with caplog.at_level("WARNING"):
+        path, key, index, _ = toy_encoding(delete)
+    assert index == ["0.png", "1.png", "2.png", "4.png", "5.png"]
+    assert key == pipeline.class_content_key(cfg, home, "alpha")
+    with h5py.File(path, "r") as f:
+        assert json.loads(f.attrs["skipped_items"]) == []  # the store is the class as it is now
+    assert f"({alpha / '3.png'}); encoding it again" in caplog.text
+
+
+def test_files_that_never_settle_leave_a_store_no_observation_vouches_for(toy_encoding, caplog):
+    from mgd3_core import pipeline
+
+    cfg, home = toy_encoding.cfg, toy_encoding.home
+    seeds = iter(range(2000, 2100))
+
+    def always(path: Path) -> None:
+        if path.name == "2.png":
+            _png(path, seed=next(seeds))
+
+    with caplog.at_level("WARNING"):
+        _, key, index, _ = toy_encoding(always)
+    assert key == pipeline.UNSETTLED_CONTENT_KEY and len(index) == 6
+    assert "encoding it again (a last time" in caplog.text
+    _, key, _, latents = toy_encoding()  # settled: the next materialization encodes it again
+    assert key == pipeline.class_content_key(cfg, home, "alpha")
