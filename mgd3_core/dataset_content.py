@@ -129,3 +129,33 @@ def class_content_key(source, class_id: str, cache: Path | None = None) -> str:
     pixels can.
     """
     return class_content(source, class_id, cache).key
+
+
+# Encodings of one class before giving up on files that keep changing while they are read.
+ENCODE_ATTEMPTS = 3
+# The content key a store records when its files kept changing: no observation ever gives it,
+# so the store is encoded again by the next materialization.
+UNSETTLED_CONTENT_KEY = "unsettled"
+
+
+def encode_settled(class_id: str, source, content: ClassContent, relisted, encode):
+    """``encode(source, content_key)`` the class, then key its files again (``relisted()`` ->
+    (a fresh source, its ``ClassContent``)): a file deleted or rewritten while the class was
+    read would make the recorded key a lie, so if anything changed the class is encoded again,
+    from the files as they are then, with a warning naming what changed (a file that vanished is
+    left out). The last of ``ENCODE_ATTEMPTS`` encodings is recorded as ``UNSETTLED_CONTENT_KEY``."""
+    from .image_source import display_path
+
+    for attempt in range(1, ENCODE_ATTEMPTS):
+        result = encode(source, content.key)
+        source, now = relisted()
+        if now.key == content.key:
+            return result
+        changed = now.changed_since(content)
+        shown = ", ".join(display_path(p) for p in changed[:5]) + (
+            f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        log.warning("class %s: files changed while the class was being encoded (%s); encoding it again%s",
+                    class_id, shown, " (a last time: the store will be encoded again by the next "
+                    "materialization)" if attempt + 1 == ENCODE_ATTEMPTS else "")
+        content = now
+    return encode(source, UNSETTLED_CONTENT_KEY)

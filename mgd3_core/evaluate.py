@@ -376,38 +376,10 @@ def diversity_report(cfg: ExperimentConfig, home: Path, progress: StageProgress 
 
 
 # --------------------------------------------------------------------------- the report
-SKIPPED_FILES_CSV = "skipped_files.csv"
-
-
-def skipped_files(source) -> pd.DataFrame:
-    """Every entry of a freshly opened dataset (``ImageSource``) left out, from its listing: columns
-    class ("" for an entry beside the class folders), path (bytes that are not UTF-8 escaped), reason."""
-    from .image_source import display_path
-
-    rows = [("", p, r) for p, r in source.skipped]  # found when the tree was opened
-    for info in source.classes():
-        rows += [(info.id, p, r) for p, r in source.listing(info.id).skipped]
-    return pd.DataFrame([(c, display_path(p), r) for c, p, r in rows], columns=["class", "path", "reason"])
-
-
-def dataset_note(cfg: ExperimentConfig, home: Path) -> str:
-    """The report's line on the data the students saw (from the dataset's listing), with the
-    skipped entries written to ``SKIPPED_FILES_CSV`` in the report folder."""
-    from .data import open_dataset
-
-    source = open_dataset(cfg.dataset)
-    skipped = skipped_files(source)  # before anything is decoded: the listing's entries only
-    n = {split: sum(len(source.items(c.id, split)) for c in source.classes()) for split in ("train", "test")}
-    atomic_write(storage.report_dir(cfg, home) / SKIPPED_FILES_CSV, skipped.to_csv(index=False))
-    left_out = (f"{len(skipped)} file(s) or folder(s) left out (`{SKIPPED_FILES_CSV}` lists each with the reason)"
-                if len(skipped) else "no file left out")
-    return (f"Dataset `{source.dataset_key}`: {n['train']} training and {n['test']} test images in "
-            f"{len(source.classes())} classes; {left_out}.")
-
-
 def evaluation_report(cfg: ExperimentConfig, home: Path, fingerprint: str = ""):
-    """Gather students and feature metrics of every method into the report
-    (Markdown, CSV, PNGs, HTML) under ``report/``. Returns ``report.Report``."""
+    """Every method's students and feature metrics, the data's account (``dataset_report``), as
+    the report (Markdown, CSV, PNGs, HTML) under ``report/``; returns ``report.Report``."""
+    from .dataset_report import dataset_note
     from .images import image_grid
     from .report import write_report
 
@@ -425,8 +397,7 @@ def evaluation_report(cfg: ExperimentConfig, home: Path, fingerprint: str = ""):
         metrics["class"] = metrics["class"].astype(str)
     if (ddir / "tsne.csv").is_file() and (ddir / "tsne.csv").stat().st_size > 1:
         tsne = pd.read_csv(ddir / "tsne.csv")
-    grids = {}
-    ipc, g = cfg.ipc[0], cfg.evaluation.generation_seeds[0]
+    grids, ipc, g = {}, cfg.ipc[0], cfg.evaluation.generation_seeds[0]
     infos = _classes(cfg)
     for method in cfg.methods:
         root = storage.distilled_set_dir(cfg, home, method, ipc, g)
@@ -434,6 +405,6 @@ def evaluation_report(cfg: ExperimentConfig, home: Path, fingerprint: str = ""):
         grids[f"{method} (IPC {ipc}, seed {g})"] = image_grid(np.concatenate(per_class), nrow=min(ipc, 10))
     notes = (f"Config `{cfg.name}`; backbone fingerprint `{fingerprint}`; sampler: {cfg.sampler.kind}, "
              f"{cfg.sampler.steps} steps, CFG {cfg.sampler.cfg_scale}, λ {cfg.sampler.guidance_strength}, "
-             f"t_stop {cfg.sampler.t_stop}; modes: {cfg.modes.method}. " + dataset_note(cfg, home))
+             f"t_stop {cfg.sampler.t_stop}; modes: {cfg.modes.method}. {dataset_note(cfg, home)}")
     return write_report(storage.report_dir(cfg, home), accuracy, metrics, tsne=tsne, image_grids=grids,
                         title=f"MGD³ evaluation — {cfg.name}", notes=notes)

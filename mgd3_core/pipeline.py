@@ -98,14 +98,15 @@ def get_backbone(cfg: ExperimentConfig, home: Path):
 def class_content_key(cfg: ExperimentConfig, home: Path, class_id: str) -> str:
     """Key of one class's image content (``dataset_content.class_content_key``), with its
     file-hash cache at ``storage.content_key_cache_file``."""
-    return _class_content(cfg, home, class_id, open_source(cfg)).key
+    return _class_content(cfg, home, class_id)[1].key
 
 
-def _class_content(cfg: ExperimentConfig, home: Path, class_id: str, source):
-    """``dataset_content.ClassContent`` of one class as ``source`` lists it."""
+def _class_content(cfg: ExperimentConfig, home: Path, class_id: str):
+    """(a fresh ImageSource, the ``dataset_content.ClassContent`` of the class as it lists it now)."""
     from .dataset_content import class_content
 
-    return class_content(source, class_id, storage.content_key_cache_file(home, source.dataset_key, class_id))
+    source = open_source(cfg)
+    return source, class_content(source, class_id, storage.content_key_cache_file(home, source.dataset_key, class_id))
 
 
 def _stored_content_key(path: Path) -> str | None:
@@ -114,27 +115,16 @@ def _stored_content_key(path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-# Encodings of one class before giving up on files that keep changing while they are read.
-ENCODE_ATTEMPTS = 3
-# The content key a store records when its files kept changing: no observation ever gives it,
-# so the store is encoded again by the next materialization.
-UNSETTLED_CONTENT_KEY = "unsettled"
-
-
 def encode_latents(cfg: ExperimentConfig, home: Path, class_id: str, progress: StageProgress = no_progress):
     """Encode one class's training images into its latent store; a valid store encoded
-    from the same image content (``class_content_key``) is reused.
-
-    The store records the content key of the listing it was encoded from. A file deleted or
-    rewritten while the class is being encoded would make that key a lie, so the class's files
-    are keyed again (from a fresh listing) after encoding: if anything changed, the class is
-    encoded again, from the files as they are then, with a warning naming what changed (a file
-    that vanished is left out). After ``ENCODE_ATTEMPTS - 1`` encodings that saw files change,
-    the last one is recorded as ``UNSETTLED_CONTENT_KEY``, which no observation matches."""
+    from the same image content (``class_content_key``) is reused. The store records the
+    content key of the files it was encoded from: a class whose files change while it is
+    encoded is encoded again (``dataset_content.encode_settled``)."""
+    from .dataset_content import encode_settled
+    from .latent_writer import encode_class
     from .latents import LatentStoreError, validate_latent_store
 
-    source = open_source(cfg)
-    content = _class_content(cfg, home, class_id, source)
+    source, content = _class_content(cfg, home, class_id)
     vae_fp = vae_fingerprint(cfg, home)
     path = storage.latent_store_file(cfg, home, class_id, vae_fp)
     if path.exists():  # a valid store of the same images is reused without loading the model
@@ -146,41 +136,13 @@ def encode_latents(cfg: ExperimentConfig, home: Path, class_id: str, progress: S
         except LatentStoreError as e:
             log.warning("re-encoding %s: %s", path, e)
     backbone = get_backbone(cfg, home)
-    for attempt in range(1, ENCODE_ATTEMPTS + 1):
-        if attempt == ENCODE_ATTEMPTS:  # the last try: its store is not vouched for by any key
-            return _encode_listing(cfg, source, class_id, backbone, path, UNSETTLED_CONTENT_KEY, progress)
-        info = _encode_listing(cfg, source, class_id, backbone, path, content.key, progress)
-        source = open_source(cfg)  # the class listed and keyed again, as it is now
-        now = _class_content(cfg, home, class_id, source)
-        if now.key == content.key:
-            return info
-        changed = _names(now.changed_since(content))
-        last = attempt + 1 == ENCODE_ATTEMPTS
-        log.warning("class %s: files changed while the class was being encoded (%s); encoding it again%s",
-                    class_id, changed, " (a last time: the store will be encoded again by the next "
-                    "materialization)" if last else "")
-        content = now
-    raise AssertionError("unreachable")
-
-
-def _encode_listing(cfg: ExperimentConfig, source, class_id: str, backbone, path: Path, content_key: str,
-                    progress: StageProgress):
-    from .latent_writer import encode_class
-
-    return encode_class(
-        source, class_id, "train", backbone.encode, path,
+    return encode_settled(class_id, source, content, lambda: _class_content(cfg, home, class_id), lambda src, key: encode_class(
+        src, class_id, "train", backbone.encode, path,
         vae_fingerprint=backbone.vae_fingerprint, scaling_factor=backbone.scaling_factor,
         batch_size=cfg.encode.batch_size, chunk_size=cfg.encode.chunk_size, dtype=cfg.encode.dtype,
-        attrs={"image_size": cfg.dataset.image_size, "content_key": content_key},
+        attrs={"image_size": cfg.dataset.image_size, "content_key": key},
         progress=lambda done, total: progress(f"encoded {done}/{total} images of class {class_id}", done / max(total, 1)),
-    )
-
-
-def _names(paths: list[Path]) -> str:
-    from .image_source import display_path
-
-    shown = ", ".join(display_path(p) for p in paths[:5])
-    return shown + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    ))
 
 
 # --------------------------------------------------------------------------- modes

@@ -25,11 +25,11 @@ import pytest
 from PIL import Image
 
 from mgd3_assets import demo
-from mgd3_core import storage
+from mgd3_core import dataset_content, storage
 from mgd3_core.config import DatasetConfig
 from mgd3_core.data import open_dataset
 from mgd3_core.dataset_content import class_content_key
-from mgd3_core.evaluate import SKIPPED_FILES_CSV
+from mgd3_core.dataset_report import SKIPPED_FILES_CSV
 from tests.dagster_helpers import tiny_config, write_config
 from tests.test_bad_inputs import FILE_CASES, Accepted, Skipped
 
@@ -192,6 +192,22 @@ def _class_only_in_test_split(data: Path) -> str:
             rf"\({re.escape(str(data))}/train/owl does not exist\): its test images would be left out")
 
 
+def _undecodable(data: Path) -> str:
+    """Not a row of the table: a PNG whose chunks are intact (it passes the listing's checks) but
+    whose pixel data is not deflate data. The first stage that decodes it (the embedded backbone's
+    training) fails naming the file."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 0, 0, 0, 0))
+    path = data / "train" / "alpha" / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", b"not deflate data" * 4) + chunk(b"IEND", b""))
+    return rf"UnreadableImageError: {re.escape(str(path))}: cannot be decoded \(OSError: .*\); fix or remove the file"
+
+
 # (build the case into a clean tree and return the expected last line, dataset settings, exit code)
 ERROR_CASES = {
     "one with no usable image": (_no_usable_image, {}, 1),
@@ -204,6 +220,7 @@ ERROR_CASES = {
     "missing split folder": (_missing_split, {}, 2),
     "class missing from the test split": (_class_missing_from_test_split, {}, 2),
     "class only in the test split": (_class_only_in_test_split, {}, 2),
+    "file that passes the checks but does not decode": (_undecodable, {}, 1),
     "class smaller than IPC": (lambda d: r"ModeDiscoveryError: class 'alpha': IPC 2 is larger than the 1 images",
                                {"validation_fraction": 0.0}, 1),
 }
@@ -332,7 +349,7 @@ def test_files_that_never_settle_leave_a_store_no_observation_vouches_for(toy_en
 
     with caplog.at_level("WARNING"):
         _, key, index, _ = toy_encoding(always)
-    assert key == pipeline.UNSETTLED_CONTENT_KEY and len(index) == 6
+    assert key == dataset_content.UNSETTLED_CONTENT_KEY and len(index) == 6
     assert "encoding it again (a last time" in caplog.text
     _, key, _, latents = toy_encoding()  # settled: the next materialization encodes it again
     assert key == pipeline.class_content_key(cfg, home, "alpha")
