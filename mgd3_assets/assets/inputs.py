@@ -15,7 +15,8 @@ Dagster's code versions are per asset, but two inputs change per partition:
   stale and leaves the real-image methods alone.
 
 Both are observable source assets: ``make demo`` observes them before it plans
-(cheap: a directory walk and a stat per file), and the automation sensor
+(the dataset's listing: a walk and a header check per file, about 0.26 ms per JPEG;
+then a stat per file, bytes re-hashed only when changed), and the automation sensor
 observes them hourly, like a pretrained backbone (UI: *Observe sources*).
 """
 
