@@ -88,7 +88,7 @@ class ClassContent:
 
     def changed_since(self, before: "ClassContent") -> list[Path]:
         """The files added, removed or rewritten between ``before`` and this content."""
-        return sorted({path for rel, (path, digest) in {**before.files, **self.files}.items()
+        return sorted({path for rel, (path, _) in {**before.files, **self.files}.items()
                        if before.files.get(rel, (None, None))[1] != self.files.get(rel, (None, None))[1]})
 
 

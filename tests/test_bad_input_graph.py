@@ -106,6 +106,8 @@ def test_every_skipped_or_accepted_file_runs_through_the_whole_graph(tmp_path, m
             assert isinstance(outcome, Accepted), case
             accepted.append(name)
     (data / "val" / "caf\u00e9" / "empty.png").write_bytes(b"")
+    _png(cafe / ".cache" / "thumb.png", seed=7)  # a hidden folder (the row's other half), with an image
+    expected_skips[str(cafe / ".cache")] = "hidden entry ignored"
     expected_skips[str(data / "val" / "caf\u00e9" / "empty.png")] = "zero-byte file"
 
     rc, out, err = _run_demo(monkeypatch, capsys, tmp_path, data)
