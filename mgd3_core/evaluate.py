@@ -377,8 +377,9 @@ def diversity_report(cfg: ExperimentConfig, home: Path, progress: StageProgress 
 
 # --------------------------------------------------------------------------- the report
 def evaluation_report(cfg: ExperimentConfig, home: Path, fingerprint: str = ""):
-    """Gather students and feature metrics of every method into the report
-    (Markdown, CSV, PNGs, HTML) under ``report/``. Returns ``report.Report``."""
+    """Every method's students and feature metrics, the data's account (``dataset_report``), as
+    the report (Markdown, CSV, PNGs, HTML) under ``report/``; returns ``report.Report``."""
+    from .dataset_report import dataset_note
     from .images import image_grid
     from .report import write_report
 
@@ -396,8 +397,7 @@ def evaluation_report(cfg: ExperimentConfig, home: Path, fingerprint: str = ""):
         metrics["class"] = metrics["class"].astype(str)
     if (ddir / "tsne.csv").is_file() and (ddir / "tsne.csv").stat().st_size > 1:
         tsne = pd.read_csv(ddir / "tsne.csv")
-    grids = {}
-    ipc, g = cfg.ipc[0], cfg.evaluation.generation_seeds[0]
+    grids, ipc, g = {}, cfg.ipc[0], cfg.evaluation.generation_seeds[0]
     infos = _classes(cfg)
     for method in cfg.methods:
         root = storage.distilled_set_dir(cfg, home, method, ipc, g)
@@ -405,6 +405,6 @@ def evaluation_report(cfg: ExperimentConfig, home: Path, fingerprint: str = ""):
         grids[f"{method} (IPC {ipc}, seed {g})"] = image_grid(np.concatenate(per_class), nrow=min(ipc, 10))
     notes = (f"Config `{cfg.name}`; backbone fingerprint `{fingerprint}`; sampler: {cfg.sampler.kind}, "
              f"{cfg.sampler.steps} steps, CFG {cfg.sampler.cfg_scale}, λ {cfg.sampler.guidance_strength}, "
-             f"t_stop {cfg.sampler.t_stop}; modes: {cfg.modes.method}.")
+             f"t_stop {cfg.sampler.t_stop}; modes: {cfg.modes.method}. {dataset_note(cfg, home)}")
     return write_report(storage.report_dir(cfg, home), accuracy, metrics, tsne=tsne, image_grids=grids,
                         title=f"MGD³ evaluation — {cfg.name}", notes=notes)

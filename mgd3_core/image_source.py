@@ -48,8 +48,33 @@ class UnreadableImageError(DatasetError):
         self.item_id = item_id
         self.reason = reason
         super().__init__(
-            f"{path}: cannot be decoded ({reason}); fix or remove the file"
+            f"{display_path(path)}: cannot be decoded ({reason}); fix or remove the file"
         )
+
+
+@dataclass(frozen=True)
+class ClassListing:
+    """Which files one class has: the one listing every stage reads a class through.
+
+    ``items``: the sorted item ids of each base split (``"train"``, ``"test"``);
+    ``files``: for a source read from files, each item's file per split (empty for
+    packaged or generated sources, whose content their ``dataset_key`` fixes);
+    ``skipped``: ``(path, reason)`` of every entry under the class's folders that was
+    left out. Computed once per source and class (:meth:`ImageSource.listing`): the
+    content key hashes exactly ``files``, the encoder, the real-image sets, the
+    students and the report read ``items``.
+    """
+
+    class_id: str
+    items: dict[str, tuple[str, ...]]
+    files: dict[str, dict[str, Path]]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+def display_path(path) -> str:
+    """A path as text that can always be written (UTF-8, JSON, a log line): bytes that are
+    not valid UTF-8 in a file name are shown as ``\\xe9`` escapes instead of failing."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,8 @@ def check_path_component(value: str, what: str) -> str:
         bad = "it contains a control or invisible formatting character"
     elif value != value.strip():
         bad = "it has leading or trailing whitespace"
+    elif not _encodable(value):
+        bad = "it is not valid UTF-8"
     elif len(value.encode("utf-8")) > 255:
         bad = "it is longer than 255 bytes"
     if bad:
@@ -96,6 +123,15 @@ def check_path_component(value: str, what: str) -> str:
             "rename the folder or give the class a different name in dataset.classes"
         )
     return value
+
+
+def _encodable(value: str) -> bool:
+    """False for a name with bytes that are not UTF-8 (they arrive from the OS as surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _normalised(name: str) -> str:
@@ -186,6 +222,7 @@ class ImageSource(ABC):
         self.strict = cfg.strict
         self.skipped: list[tuple[str, str]] = []
         self._split_cache: dict[tuple[str, str], list[str]] = {}
+        self._listings: dict[str, ClassListing] = {}
         self._set_cache: dict[tuple[str, str], frozenset[str]] = {}
 
     # -- to implement
@@ -195,7 +232,12 @@ class ImageSource(ABC):
 
     @abstractmethod
     def _base_items(self, info: ClassInfo, split: str) -> list[str]:
-        """Sorted item ids of a class in ``"train"`` or ``"test"``."""
+        """Sorted item ids of a class in ``"train"`` or ``"test"`` (read through :meth:`listing`)."""
+
+    def _list_class(self, info: ClassInfo) -> ClassListing:
+        """The class's listing; sources read from files override this (and list files there only)."""
+        return ClassListing(info.id, {s: tuple(sorted(self._base_items(info, s))) for s in ("train", "test")},
+                            {"train": {}, "test": {}})
 
     @abstractmethod
     def _load(self, info: ClassInfo, split: str, ids: list[str]) -> np.ndarray:
@@ -211,14 +253,22 @@ class ImageSource(ABC):
             f"known classes: {[c.id for c in self.classes()]}"
         )
 
+    def listing(self, class_id: str) -> ClassListing:
+        """Which files the class has in each split and which were skipped, and why
+        (:class:`ClassListing`); listed once per source, on first use."""
+        info = self.class_info(class_id)
+        if class_id not in self._listings:
+            self._listings[class_id] = self._list_class(info)
+        return self._listings[class_id]
+
     def items(self, class_id: str, split: str) -> list[str]:
         """Sorted item ids of one class in one split (see the module docstring)."""
-        info = self.class_info(class_id)
+        self.class_info(class_id)
         split = _check_split(split)
         key = (class_id, split)
         if key not in self._split_cache:
             if split in ("train", "test"):
-                ids = sorted(self._base_items(info, split))
+                ids = list(self.listing(class_id).items[split])
             else:
                 train = self.items(class_id, "train")
                 n_val = validation_size(len(train), self.cfg.validation_fraction)

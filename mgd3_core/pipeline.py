@@ -95,10 +95,15 @@ def get_backbone(cfg: ExperimentConfig, home: Path):
 def class_content_key(cfg: ExperimentConfig, home: Path, class_id: str) -> str:
     """Key of one class's image content (``dataset_content.class_content_key``), with its
     file-hash cache at ``storage.content_key_cache_file``."""
-    from .dataset_content import class_content_key as _key
+    return _class_content(cfg, home, class_id)[1].key
+
+
+def _class_content(cfg: ExperimentConfig, home: Path, class_id: str):
+    """(a fresh ImageSource, the ``dataset_content.ClassContent`` of the class as it lists it now)."""
+    from .dataset_content import class_content
 
     source = open_source(cfg)
-    return _key(source, class_id, storage.content_key_cache_file(home, source.dataset_key, class_id))
+    return source, class_content(source, class_id, storage.content_key_cache_file(home, source.dataset_key, class_id))
 
 
 def _stored_content_key(path: Path) -> str | None:
@@ -109,30 +114,32 @@ def _stored_content_key(path: Path) -> str | None:
 
 def encode_latents(cfg: ExperimentConfig, home: Path, class_id: str, progress: StageProgress = no_progress):
     """Encode one class's training images into its latent store; a valid store encoded
-    from the same image content (``class_content_key``) is reused."""
+    from the same image content (``class_content_key``) is reused. The store records the
+    content key of the files it was encoded from: a class whose files change while it is
+    encoded is encoded again (``dataset_content.encode_settled``)."""
+    from .dataset_content import encode_settled
     from .latent_writer import encode_class
     from .latents import LatentStoreError, validate_latent_store
 
-    source = open_source(cfg)
-    content_key = class_content_key(cfg, home, class_id)
+    source, content = _class_content(cfg, home, class_id)
     vae_fp = vae_fingerprint(cfg, home)
     path = storage.latent_store_file(cfg, home, class_id, vae_fp)
     if path.exists():  # a valid store of the same images is reused without loading the model
         try:
             info = validate_latent_store(path, expected_vae_fingerprint=vae_fp)
-            if _stored_content_key(path) == content_key:
+            if _stored_content_key(path) == content.key:
                 return info
             log.info("re-encoding %s: the images of class %s changed", path, class_id)
         except LatentStoreError as e:
             log.warning("re-encoding %s: %s", path, e)
     backbone = get_backbone(cfg, home)
-    return encode_class(
-        source, class_id, "train", backbone.encode, path,
+    return encode_settled(class_id, source, content, lambda: _class_content(cfg, home, class_id), lambda src, key: encode_class(
+        src, class_id, "train", backbone.encode, path,
         vae_fingerprint=backbone.vae_fingerprint, scaling_factor=backbone.scaling_factor,
         batch_size=cfg.encode.batch_size, chunk_size=cfg.encode.chunk_size, dtype=cfg.encode.dtype,
-        attrs={"image_size": cfg.dataset.image_size, "content_key": content_key},
+        attrs={"image_size": cfg.dataset.image_size, "content_key": key},
         progress=lambda done, total: progress(f"encoded {done}/{total} images of class {class_id}", done / max(total, 1)),
-    )
+    ))
 
 
 # --------------------------------------------------------------------------- modes

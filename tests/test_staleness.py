@@ -74,6 +74,8 @@ def test_class_content_key_follows_file_bytes_and_reads_only_changed_files(tmp_p
     assert class_content_key(source, "0", cache["0"]) == key["0"]  # per class: class 0 unchanged
 
     _png(root / "val" / "1" / "new.png", seed=8)  # an added test image changes the class's content too
+    assert class_content_key(source, "1", cache["1"]) == edited  # a source lists a class once: not seen yet
+    source = open_dataset(DatasetConfig(kind="imagefolder", root=str(root), image_size=16))  # as each run does
     assert class_content_key(source, "1", cache["1"]) not in (key["1"], edited)
     cache["1"].write_text("{not json")  # a damaged cache is ignored: every file is hashed again
     assert class_content_key(source, "1", None) == class_content_key(source, "1", cache["1"])

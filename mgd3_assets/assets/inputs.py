@@ -15,8 +15,9 @@ Dagster's code versions are per asset, but two inputs change per partition:
   stale and leaves the real-image methods alone.
 
 Both are observable source assets, observed for all their partitions in one run:
-``make demo`` observes them before it plans (cheap: a stat per listed file), an hourly
-schedule per input does so for the automation (``automation.observation_schedules``), and
+``make demo`` observes them before it plans (the dataset's listing: a walk and a header check
+per file, about 0.26 ms per JPEG; then a stat per file, bytes re-hashed only when changed), an
+hourly schedule per input does so for the automation (``automation.observation_schedules``), and
 every run that reads one records the version it read (``partition_events``), so a graph
 materialized from the UI before any observation is up to date at the first one.
 """
