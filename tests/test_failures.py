@@ -39,10 +39,22 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _demo(config: Path, home: Path) -> subprocess.Popen:
-    env = {**os.environ, "MGD3_HOME": str(home), "DAGSTER_HOME": str(ROOT), "PYTHONPATH": str(ROOT)}
+# ``python -m mgd3_assets.demo`` with a file-size limit set once its modules are imported
+# (``Disk.full`` without root: a full storage root, not a process that cannot write anything).
+_DEMO_UNDER_FSIZE_LIMIT = """
+import os, resource, sys
+from mgd3_assets import demo
+limit = int(os.environ.pop("FSIZE_LIMIT"))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.exit(demo.main(sys.argv[1:]))
+"""
+
+
+def _demo(config: Path, home: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "MGD3_HOME": str(home), "DAGSTER_HOME": str(ROOT), "PYTHONPATH": str(ROOT), **(env or {})}
     env.pop("MGD3_CONFIG", None)
-    return subprocess.Popen([sys.executable, "-m", "mgd3_assets.demo", "--config", str(config)], cwd=ROOT,
+    run = ["-c", _DEMO_UNDER_FSIZE_LIMIT] if "FSIZE_LIMIT" in env else ["-m", "mgd3_assets.demo"]
+    return subprocess.Popen([sys.executable, *run, "--config", str(config)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -166,10 +178,12 @@ class Disk:
 
     - ``read_only()`` takes the write permission off ``path`` and everything under it (EACCES;
       root ignores permission bits, hence the mount as root);
-    - ``full()`` sets this process's file-size limit to 0 (RLIMIT_FSIZE, inherited by the processes
-      it starts): writing any byte to any regular file fails with EFBIG where a full disk gives
-      ENOSPC, at the same ``write()``. Python ignores SIGXFSZ, which would otherwise kill the writer.
-      The code under test must therefore write no other file meanwhile (an in-memory instance).
+    - ``full()`` sets this process's file-size limit to 0 (RLIMIT_FSIZE): writing any byte to any
+      regular file fails with EFBIG where a full disk gives ENOSPC, at the same ``write()``. Python
+      ignores SIGXFSZ, which would otherwise kill the writer. The code under test must therefore
+      write no other file meanwhile (an in-memory instance). ``full(for_demo=True)`` leaves this
+      process alone and yields the environment of a demo that sets the limit itself once its
+      modules are imported (``_demo``; an import writes a file of its own: joblib's semaphore).
 
     Either way the error is an ``OSError`` raised by the same call the real condition fails,
     so the handling under test (the message naming the file or the storage root, earlier outputs
@@ -190,7 +204,8 @@ class Disk:
             self.read_only_error = _os_error_line("PermissionError", errno.EACCES)
 
     @contextlib.contextmanager
-    def full(self):
+    def full(self, for_demo: bool = False):
+        """Yields the environment a ``_demo`` started in the block needs."""
         if self.AS_ROOT:
             filler = self.path / "filler"
             fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -202,15 +217,17 @@ class Disk:
             finally:
                 os.close(fd)
             try:
-                yield
+                yield {}
             finally:
                 filler.unlink()
+        elif for_demo:
+            yield {"FSIZE_LIMIT": "0"}
         else:
             soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
             assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
             resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
             try:
-                yield
+                yield {}
             finally:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
@@ -271,8 +288,8 @@ def test_unwritable_storage_root_fails_at_the_first_write_in_one_line(tmp_path, 
     config = write_config(tmp_path / "tiny.yaml", tiny_config())
     if condition == "full":
         home.mkdir()
-        with mnt.full():  # the lock is the demo's first write: its name, with the lock's path
-            rc, out, err = _finish(_demo(config, home))
+        with mnt.full(for_demo=True) as env:  # the lock is the demo's first write: its name, with its path
+            rc, out, err = _finish(_demo(config, home, env))
         expected = f"{mnt.full_error}: '{demo_lock_file(home)}'"
     else:
         with mnt.read_only():  # the storage root cannot be created
