@@ -34,9 +34,30 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 	@rm -f $(VENV)/.stamp-* && touch $@
 
-# Headless Chromium (Debian's package) for the browser test of the UI.
+# Headless Chromium for the browser test of the UI (tests/test_ui_browser.py): $(CHROMIUM) if set,
+# else `chromium` on PATH. As root, Debian's package is installed when missing; without root this
+# says how to get one, and the suite runs on: the browser test fails (never skips) until there is one.
+# Nothing else in `make test` needs root or a system package (PostgreSQL comes from a pip wheel).
+define NO_CHROMIUM
+The UI test (tests/test_ui_browser.py) needs headless Chromium: a `chromium` on PATH, or
+CHROMIUM=/path/to/chromium-or-chrome. None was found, and only root can install Debian's package.
+Without root:
+  - a system one: ask for Debian/Ubuntu's `chromium` package, or put an installed Chromium/Chrome
+    on PATH as `chromium` (a symlink in ~/.local/bin, say) or name it in CHROMIUM;
+  - Playwright's build, into your home (needs Chromium's shared libraries on the system):
+      $(VENV)/bin/pip install playwright && $(VENV)/bin/python -m playwright install chromium
+      export CHROMIUM=$$(find ~/.cache/ms-playwright -type f -name chrome | head -1)
+The suite runs on; the browser test fails until Chromium is there.
+endef
+export NO_CHROMIUM
+
 browser-deps:
-	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@if [ -n "$$CHROMIUM" ]; then \
+		[ -f "$$CHROMIUM" ] && [ -x "$$CHROMIUM" ] || { echo "CHROMIUM=$$CHROMIUM is not an executable file" >&2; exit 1; }; \
+	elif command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "$$NO_CHROMIUM" >&2; fi
 
 test: env browser-deps
 	$(PY) -m pytest -q

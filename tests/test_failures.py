@@ -1,17 +1,21 @@
 """Failures that say their cause, two demos on one storage root, a read-only or full disk.
 
 The demo tests run ``python -m mgd3_assets.demo`` as a user would (a subprocess on the
-tiny config, the instance under ``$MGD3_HOME/dagster``). The disk tests mount small
-tmpfs file systems (the suite runs as root, and root ignores directory permission
-bits, so a read-only *mount* is the only honest read-only directory); each mount is
-removed by its fixture's finalizer.
+tiny config, the instance under ``$MGD3_HOME/dagster``). The disk tests make the storage root
+full or read-only (``Disk``): as root on a small tmpfs of its own (the real ENOSPC and EROFS),
+otherwise by what a user without root can do (EFBIG, EACCES), which reach the same handling.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import re
+import resource
+import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -35,10 +39,22 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _demo(config: Path, home: Path) -> subprocess.Popen:
-    env = {**os.environ, "MGD3_HOME": str(home), "DAGSTER_HOME": str(ROOT), "PYTHONPATH": str(ROOT)}
+# ``python -m mgd3_assets.demo`` with a file-size limit set once its modules are imported
+# (``Disk.full`` without root: a full storage root, not a process that cannot write anything).
+_DEMO_UNDER_FSIZE_LIMIT = """
+import os, resource, sys
+from mgd3_assets import demo
+limit = int(os.environ.pop("FSIZE_LIMIT"))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.exit(demo.main(sys.argv[1:]))
+"""
+
+
+def _demo(config: Path, home: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "MGD3_HOME": str(home), "DAGSTER_HOME": str(ROOT), "PYTHONPATH": str(ROOT), **(env or {})}
     env.pop("MGD3_CONFIG", None)
-    return subprocess.Popen([sys.executable, "-m", "mgd3_assets.demo", "--config", str(config)], cwd=ROOT,
+    run = ["-c", _DEMO_UNDER_FSIZE_LIMIT] if "FSIZE_LIMIT" in env else ["-m", "mgd3_assets.demo"]
+    return subprocess.Popen([sys.executable, *run, "--config", str(config)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -155,40 +171,111 @@ def test_two_demos_on_one_storage_root_compute_one_set_of_outputs(tmp_path, tiny
 
 
 # --------------------------------------------------------------------------- disk and permissions
-@pytest.fixture()
-def tmpfs():
-    """``mount(path, size, ro=False)``: a tmpfs at ``path``; ``remount(path, "ro"|"rw")``.
-    Every mount is removed at the end (lazily, so an open file cannot keep it)."""
-    mounted: list[Path] = []
+class Disk:
+    """The disk of a storage root at ``path``, made full or read-only for a ``with`` block.
 
-    def mount(path: Path, size: str = "32m", ro: bool = False) -> Path:
+    As root, ``path`` is a tmpfs of ``size`` of its own: ``full()`` fills it with a file (a write
+    then fails with ENOSPC) and ``read_only()`` remounts it read-only (EROFS), the conditions
+    themselves. A user without root can neither mount nor fill a small file system, so there:
+
+    - ``read_only()`` takes the write permission off ``path`` and everything under it (EACCES;
+      root ignores permission bits, hence the mount as root);
+    - ``full()`` sets this process's file-size limit to 0 (RLIMIT_FSIZE): writing any byte to any
+      regular file fails with EFBIG where a full disk gives ENOSPC, at the same ``write()``. Python
+      ignores SIGXFSZ, which would otherwise kill the writer. The code under test must therefore
+      write no other file meanwhile (an in-memory instance). ``full(for_demo=True)`` leaves this
+      process alone and yields the environment of a demo that sets the limit itself once its
+      modules are imported (``_demo``; an import writes a file of its own: joblib's semaphore).
+
+    Either way the error is an ``OSError`` raised by the same call the real condition fails,
+    so the handling under test (the message naming the file or the storage root, earlier outputs
+    left intact) is the same; ``full_error`` and ``read_only_error`` are the lines to expect."""
+
+    AS_ROOT = os.geteuid() == 0
+
+    def __init__(self, path: Path, size: str):
+        self.path = path
         path.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{',ro' if ro else ''}", "tmpfs", str(path)],
-                       check=True, capture_output=True)
-        mounted.append(path)
-        return path
+        if self.AS_ROOT:
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           check=True, capture_output=True)
+            self.full_error = _os_error_line("OSError", errno.ENOSPC)
+            self.read_only_error = _os_error_line("OSError", errno.EROFS)
+        else:
+            self.full_error = _os_error_line("OSError", errno.EFBIG)
+            self.read_only_error = _os_error_line("PermissionError", errno.EACCES)
 
-    def remount(path: Path, mode: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True, capture_output=True)
+    @contextlib.contextmanager
+    def full(self, for_demo: bool = False):
+        """Yields the environment a ``_demo`` started in the block needs."""
+        if self.AS_ROOT:
+            filler = self.path / "filler"
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                with pytest.raises(OSError) as filled:
+                    while True:
+                        os.write(fd, b"\0" * (1 << 16))
+                assert filled.value.errno == errno.ENOSPC, filled.value
+            finally:
+                os.close(fd)
+            try:
+                yield {}
+            finally:
+                filler.unlink()
+        elif for_demo:
+            yield {"FSIZE_LIMIT": "0"}
+        else:
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))
+            try:
+                yield {}
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
-    mount.remount = remount
-    yield mount
-    for path in reversed(mounted):
-        subprocess.run(["umount", "-l", str(path)], check=False)
+    @contextlib.contextmanager
+    def read_only(self):
+        if self.AS_ROOT:
+            self._remount("ro")
+            try:
+                yield
+            finally:
+                self._remount("rw")
+        else:
+            modes = {p: p.stat().st_mode for p in (self.path, *self.path.rglob("*")) if not p.is_symlink()}
+            for p, mode in modes.items():
+                p.chmod(stat.S_IMODE(mode) & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+            try:
+                yield
+            finally:
+                for p, mode in modes.items():
+                    p.chmod(stat.S_IMODE(mode))
+
+    def _remount(self, mode: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{mode}", str(self.path)], check=True, capture_output=True)
+
+    def close(self) -> None:
+        if self.AS_ROOT:  # lazily, so an open file cannot keep it
+            subprocess.run(["umount", "-l", str(self.path)], check=False)
 
 
-def _fill(directory: Path) -> Path:
-    """Write a file until the file system is full (ENOSPC); returns it."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        while True:
-            os.write(fd, b"\0" * (1 << 16))
-    except OSError as e:
-        assert e.errno == 28, e
-    finally:
-        os.close(fd)
-    return filler
+def _os_error_line(cls: str, code: int) -> str:
+    """How ``exception_line`` starts for an ``OSError`` of ``code``, e.g. "OSError: [Errno 28] No space left on device"."""
+    return f"{cls}: [Errno {code}] {os.strerror(code)}"
+
+
+@pytest.fixture()
+def disk():
+    """``disk(path, size)``: a ``Disk`` at ``path``; every one is undone at the end."""
+    made: list[Disk] = []
+
+    def make(path: Path, size: str = "32m") -> Disk:
+        made.append(Disk(path, size))
+        return made[-1]
+
+    yield make
+    for d in reversed(made):
+        d.close()
 
 
 def _every_file(home: Path) -> dict[str, str]:
@@ -196,29 +283,31 @@ def _every_file(home: Path) -> dict[str, str]:
             for p in sorted(home.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
 
 
-@pytest.mark.parametrize("disk", ["read-only", "full"])
-def test_unwritable_storage_root_fails_at_the_first_write_in_one_line(tmp_path, tmpfs, disk):
-    mnt = tmpfs(tmp_path / "mnt", size="1m")
-    home = mnt / "home"
-    if disk == "full":
-        home.mkdir()
-        _fill(mnt)
-        expected = f"OSError: [Errno 28] No space left on device: '{demo_lock_file(home)}'"
-    else:
-        tmpfs.remount(mnt, "ro")
-        expected = f"OSError: [Errno 30] Read-only file system: '{home}'"
+@pytest.mark.parametrize("condition", ["read-only", "full"])
+def test_unwritable_storage_root_fails_at_the_first_write_in_one_line(tmp_path, disk, condition):
+    mnt = disk(tmp_path / "mnt", size="1m")
+    home = mnt.path / "home"
     config = write_config(tmp_path / "tiny.yaml", tiny_config())
-    rc, out, err = _finish(_demo(config, home))
+    if condition == "full":
+        home.mkdir()
+        with mnt.full(for_demo=True) as env:  # the lock is the demo's first write: its name, with its path
+            rc, out, err = _finish(_demo(config, home, env))
+        expected = f"{mnt.full_error}: '{demo_lock_file(home)}'"
+    else:
+        with mnt.read_only():  # the storage root cannot be created
+            rc, out, err = _finish(_demo(config, home))
+        expected = f"{mnt.read_only_error}: '{home}'"
     assert rc == 2 and err.strip() == expected, err[-2000:]
 
 
-def test_a_full_or_read_only_disk_mid_graph_names_it_and_keeps_earlier_outputs(tmp_path, tmpfs):
-    """The storage root on its own small file system (the instance elsewhere): the first stages
+def test_a_full_or_read_only_disk_mid_graph_names_it_and_keeps_earlier_outputs(tmp_path, disk):
+    """The storage root on its own small file system (the instance in memory): the first stages
     succeed, then the disk fills up, then turns read-only: the next stage fails with the OS error
     and a path under the root, every earlier file is unchanged and valid, and once the disk is
     writable again the graph completes."""
     g = TinyGraph(tmp_path / "g", tiny_config())
-    tmpfs(g.home, size="48m")
+    g.instance = dg.DagsterInstance.ephemeral()  # writes no file while the disk is full (see Disk)
+    home = disk(g.home, size="48m")
     quiet = dict(log=lambda m: None, log_level="ERROR")
     distill = demo.STAGES.index(demo.stage_of("distilled_images"))
     demo.materialize_graph(g.defs, g.instance, stages=demo.STAGES[:distill], **quiet)
@@ -229,19 +318,17 @@ def test_a_full_or_read_only_disk_mid_graph_names_it_and_keeps_earlier_outputs(t
         with pytest.raises(demo.DemoError) as failed:
             demo.run_stage(g.defs, g.instance, demo.STAGES[distill], **quiet)
         last = str(failed.value).splitlines()[-1]
-        assert last.startswith("OSError: " + error) and str(g.home) in last, last
+        assert last.startswith(error) and str(g.home) in last, last
         after = _every_file(g.home)
         assert {k: after.get(k) for k in before} == before, "an earlier output changed"
         for store in (g.home / "latents").rglob("*.h5"):
             validate_latent_store(store)
 
-    filler = _fill(g.home)
-    fails_naming("[Errno 28] No space left on device")
-    filler.unlink()
-    tmpfs.remount(g.home, "ro")
-    fails_naming("[Errno 30] Read-only file system")
+    with home.full():
+        fails_naming(home.full_error)
+    with home.read_only():
+        fails_naming(home.read_only_error)
 
-    tmpfs.remount(g.home, "rw")
     demo.materialize_graph(g.defs, g.instance, stages=demo.STAGES[distill:], **quiet)
     for asset in ("distilled_images", "students", "evaluation_report"):
         assert materialized_partitions(g.instance, asset), asset

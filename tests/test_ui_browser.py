@@ -2,8 +2,9 @@
 
 Starts ``dagster-webserver`` on 127.0.0.1 (a free port) on the session's tiny
 instance, loads the code location through ``workspace.yaml`` as ``make ui``
-does, and renders pages in headless Chromium (Debian's ``chromium``, installed by
-``make browser-deps``). Screenshots go to ``test-output/``.
+does, and renders pages in headless Chromium: ``$CHROMIUM``, else ``chromium`` on PATH (``make
+browser-deps`` installs Debian's as root, and says how to get one without). A missing Chromium
+fails the test. Screenshots go to ``test-output/``.
 """
 
 import base64
@@ -24,7 +25,7 @@ from mgd3_core.config import PROJECT_ROOT
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or ""
 OUTPUT = PROJECT_ROOT / "test-output"
 ASSETS = ("backbone", "latent_store", "mode_centroids", "distilled_images", "teacher", "full_data_students",
           "students", "diversity_report", "evaluation_report")
@@ -54,8 +55,10 @@ def _render(url: str, profile: Path, screenshot: Path, ready, attempts: int = 4)
 
 @pytest.fixture(scope="module")
 def webserver(tiny_graph, tmp_path_factory):
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed; `make browser-deps` (part of `make test`) installs it")
+    if not (CHROMIUM and Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
+        found = f"CHROMIUM={CHROMIUM} is not an executable file" if CHROMIUM else "no chromium on PATH, CHROMIUM unset"
+        pytest.fail(f"no headless Chromium ({found}): put a `chromium` on PATH or set CHROMIUM=/path/to/chromium; "
+                    "`make browser-deps` installs Debian's as root and says how to get one without root")
     port = _free_port()
     log = tmp_path_factory.mktemp("webserver") / "webserver.log"
     with open(log, "w") as out:
