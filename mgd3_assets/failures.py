@@ -96,30 +96,20 @@ def fails_with_root_cause(fn):
 
 
 def raise_partition_failures(failed: dict, done: int) -> None:
-    """End a run of several partitions that had failures: a ``dagster.Failure`` naming each failed
-    partition with its root cause (``{partition key: exception}``; the first one's line last, as
-    the demo prints it). ``done``: partitions of the run that were materialized, and stay so."""
+    """End a run of several partitions that had failures (``{partition key: exception}``): a
+    ``dagster.Failure`` whose line starts with the first failure's root cause (what the demo prints
+    last) and names every failed partition; ``done`` partitions of the run were materialized and
+    stay so (a re-run computes only what is missing)."""
     if not failed:
         return
-    lines = [f"{pk}: {exception_line(e)}" for pk, e in failed.items()]
-    head = (f"{len(failed)} of {len(failed) + done} partitions of this run failed "
-            f"({done} materialized, kept; a re-run computes only what is missing):")
-    first = next(iter(failed.values()))
-    if len(failed) == 1 and done == 0:
-        description = exception_line(first)
-    else:
-        description = head + " " + "; ".join(lines[1:] + lines[:1])
-    raise dg.Failure(description=description, metadata={"error": exception_line(first).split(":", 1)[0],
-                                                        "failed_partitions": ", ".join(map(str, failed))}) from first
-
-
-def _storage_hint(args, kwargs) -> str:
-    """Where a failed write went, for OS errors that name no file (a full disk fails ``write()``,
-    which knows no path): the storage root of the step's experiment resource."""
-    from .resources import BackboneResource, ExperimentResource
-
-    for value in (*args, *kwargs.values()):
-        experiment = value.experiment if isinstance(value, BackboneResource) else value
-        if isinstance(experiment, ExperimentResource):
-            return f" (writing under the storage root {experiment.storage()})"
-    return ""
+    (first_pk, first), *others = failed.items()
+    line = exception_line(first)
+    if str(first_pk) not in line:
+        line += f" (partition {first_pk})"
+    if others:
+        line += (f"; and {len(others)} more partition(s) of this run failed: "
+                 + "; ".join(f"{pk}: {exception_line(e)}" for pk, e in others))
+    if done:
+        line += f"; {done} other partition(s) of this run were materialized and are kept"
+    raise dg.Failure(description=line, metadata={"error": exception_line(first).split(":", 1)[0],
+                                                 "failed_partitions": ", ".join(map(str, failed))}) from first
