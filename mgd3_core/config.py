@@ -78,7 +78,7 @@ class DatasetConfig(_Strict):
 
 
 class EmbeddedVAEConfig(_Strict):
-    # Measured recipe (bench/embedded_backbone.py): 32 px digits -> 4 x 8 x 8 latents.
+    # Measured recipe (experiments/embedded_backbone.py): 32 px digits -> 4 x 8 x 8 latents.
     block_out_channels: list[int] = [8, 16, 32]
     latent_channels: int = Field(default=4, ge=1)
     layers_per_block: int = Field(default=1, ge=1)

@@ -9,9 +9,9 @@ batch (cost per step is fitted as a + b x batch), and one evaluation pass over a
 sized batch. Median of ``--repeats``. Sampling, the backbone, latents and the reports are
 not included (see the README's measured demo for those).
 
-    .venv/bin/python bench/student_sweep_cost.py configs/embedded-full.yaml
-    .venv/bin/python bench/student_sweep_cost.py configs/embedded.yaml --repeats 5
-    .venv/bin/python bench/student_sweep_cost.py configs/embedded-full.yaml --precision bfloat16
+    .venv/bin/python experiments/student_sweep_cost.py configs/embedded-full.yaml
+    .venv/bin/python experiments/student_sweep_cost.py configs/embedded.yaml --repeats 5
+    .venv/bin/python experiments/student_sweep_cost.py configs/embedded-full.yaml --precision bfloat16
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/_common.py
 from _common import header, markdown_table, median, set_threads  # noqa: E402
 
 import numpy as np  # noqa: E402
