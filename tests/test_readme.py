@@ -3,7 +3,7 @@
 Each shell block of README.md (```bash, ```sh, ```console) is read line by line: every
 `make TARGET` must be a target of the Makefile, every script it runs (``python X.py``,
 ``bash X.sh``, ``bench/…``, ``experiments/…``) and every config it names (``configs/….yaml``)
-must exist. Every relative link in README.md and docs/*.md must point to an existing file.
+must exist. Every relative link in README.md and docs/*.md must point to an existing file (and heading).
 """
 
 from __future__ import annotations
@@ -79,13 +79,29 @@ def test_the_checks_catch_what_they_are_for():
     assert [m.group(1) for line in lines for m in _PATH.finditer(line)] == ["experiments/nope.py", "configs/nope.yaml"]
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped (letters of any script kept),
+    spaces to hyphens."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
 @pytest.mark.parametrize("page", [README, *sorted((REPO / "docs").glob("*.md"))], ids=lambda p: p.name)
-def test_relative_links_point_to_existing_files(page):
+def test_relative_links_point_to_existing_files_and_headings(page):
     broken = []
     for target in _LINK.findall(page.read_text()):
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
-            continue  # a URL or an anchor on the same page
-        path = target.split("#", 1)[0]
-        if not (page.parent / path).exists():
+        if re.match(r"[a-z]+:", target):
+            continue  # a URL
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path) if path else page
+        if not linked.exists():
             broken.append(target)
-    assert broken == [], f"{page.relative_to(REPO)} links to missing files"
+        elif anchor and linked.suffix == ".md" and anchor not in _anchors(linked):
+            broken.append(target)
+    assert broken == [], f"{page.relative_to(REPO)} links to missing files or headings"
+
+
+def test_anchors_follow_githubs_rule():
+    page = REPO / "docs" / "decisions.md"
+    assert "λ-t_stop-and-cfg" in _anchors(page) and "resnet-18-with-hard-labels-its-own-schedule" in _anchors(page)
