@@ -78,7 +78,7 @@ class DatasetConfig(_Strict):
 
 
 class EmbeddedVAEConfig(_Strict):
-    # Measured recipe (bench/embedded_backbone.py): 32 px digits -> 4 x 8 x 8 latents.
+    # Measured recipe (experiments/embedded_backbone.py): 32 px digits -> 4 x 8 x 8 latents.
     block_out_channels: list[int] = [8, 16, 32]
     latent_channels: int = Field(default=4, ge=1)
     layers_per_block: int = Field(default=1, ge=1)
@@ -91,7 +91,7 @@ class EmbeddedVAEConfig(_Strict):
 class EmbeddedDiTConfig(_Strict):
     # Measured recipe: a narrow DiT (width 64, 0.59 M parameters) trained for many small-batch
     # steps beat a 2.1 M one at equal CPU time; min-SNR weighting and lr 2e-3 were the largest
-    # single gains; 4800 steps rather than 3200 raised MGD3's validation top-1 (README).
+    # single gains; 4800 steps rather than 3200 raised MGD3's validation top-1 (docs/decisions.md).
     num_layers: int = Field(default=6, ge=1)
     num_attention_heads: int = Field(default=2, ge=1)
     attention_head_dim: int = Field(default=32, ge=1)

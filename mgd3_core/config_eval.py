@@ -85,7 +85,7 @@ class EvaluationConfig(_Strict):
     ranking_evaluations: int = Field(default=1, ge=1)
     # Batch-norm students (resnet18) trained with hard labels, at each evaluation: statistics recomputed
     # over the clean training images, or "running" as gathered on augmented batches (soft labels: always
-    # running; README: the hard-label ResNet-18).
+    # running; docs/decisions.md: ResNet-18 with hard labels).
     bn_stats: Literal["recomputed", "running"] = "recomputed"
     # Activation MiB of one batch on evaluation.device: sizes evaluation batches and training micro-batches.
     memory_budget_mb: int = Field(default=DEFAULT_MEMORY_BUDGET_MB, ge=16)

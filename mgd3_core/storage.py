@@ -1,6 +1,6 @@
 """The storage layout: every path under the storage root, in one place.
 
-The README's "Storage" section shows the same tree::
+The tree (the README's "Layout" section summarises it)::
 
     <home>/                                   $MGD3_HOME, default <repo>/mgd3_home
       backbones/embedded-<key>/               embedded backbone (diffusers layout)

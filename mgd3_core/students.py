@@ -173,7 +173,7 @@ def _resnet18(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
         model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     # Channels-last weights and inputs keep every activation channels-last, which
     # oneDNN (CPU) and cuDNN convolve faster: ~1.2x per training step on 2 CPU
-    # cores at 32 px (bench/students.py). The ConvNet gains nothing and keeps the default.
+    # cores at 32 px (experiments/students.py). The ConvNet gains nothing and keeps the default.
     model.register_forward_pre_hook(_channels_last_input)
     return model.to(memory_format=torch.channels_last)
 

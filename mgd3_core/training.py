@@ -378,7 +378,7 @@ def train_soft_label(student: nn.Module, train_images, teacher: nn.Module, eval_
     ``cfg.temperature``; AdamW(``cfg.lr``, ``cfg.weight_decay``), cosine to 0
     over ``epochs`` (default ``cfg.epochs``). The images' own labels are not
     used. The teacher is put in eval mode and not updated. ``bn_stats`` defaults to "running" here:
-    recomputing on clean images measured no better with soft labels (README).
+    recomputing on clean images measured no better with soft labels (docs/decisions.md).
     """
     device = torch.device(device)
     images, _, eval_images, eval_labels = _prepare(train_images, None, eval_images, eval_labels)

@@ -1,5 +1,5 @@
 """The bad-input catalogue: every malformed input the data layer can meet, and its documented
-outcome (README, "Bad input"): a named error, a counted skip, or accepted.
+outcome (docs/bad-input.md): a named error, a counted skip, or accepted.
 
 Each case builds its input in a fresh temporary directory and runs the real code on it:
 image files go into class ``cat`` of a small ImageFolder tree (three good JPEGs per class);

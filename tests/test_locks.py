@@ -43,13 +43,24 @@ def test_a_waiter_names_a_holder_that_names_itself_late_and_never_a_departed_one
     assert lock.read_text() == "", "a holder clears its name before it lets go"
     fd = os.open(lock, os.O_RDWR)  # another holder: takes the lock, names itself 0.5 s later
     fcntl.flock(fd, fcntl.LOCK_EX)
-    threading.Timer(0.5, lambda: os.pwrite(fd, b"pid 4242 on elsewhere", 0)).start()
-    threading.Timer(1.0, lambda: os.close(fd)).start()  # ...and lets go at 1 s
+    named, letting_go = threading.Event(), threading.Event()
+
+    def name_itself():
+        os.pwrite(fd, b"pid 4242 on elsewhere", 0)
+        named.set()
+
+    def let_go():
+        named.wait()
+        letting_go.set()  # before the close: the waiter cannot get the lock earlier than this
+        os.close(fd)
+
+    threading.Timer(0.5, name_itself).start()
+    threading.Timer(1.0, let_go).start()  # ...and lets go at 1 s (never before it named itself)
     told = []
-    t0 = time.monotonic()
     with file_lock(lock, timeout=None, on_wait=told.append):
-        assert 0.9 <= time.monotonic() - t0 < 4.0
-    assert told == ["pid 4242 on elsewhere"]
+        assert letting_go.is_set(), "the waiter got the lock while the other holder still had it"
+        assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+    assert told == ["pid 4242 on elsewhere"], "the late name, not 'unknown' and not the departed holder's"
 
 
 def test_a_holder_that_never_names_itself_is_reported_unknown(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""The storage layout (README "Layout") and atomic writes: existing outputs stay findable,
+"""The storage layout (README "Layout", storage.py's docstring) and atomic writes: existing outputs stay findable,
 and a failed write never leaves a half-written file under the real name."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bench/sweep_progress.py: counts the records a config's sweep would reuse, and nothing else."""
+"""experiments/sweep_progress.py: counts the records a config's sweep would reuse, and nothing else."""
 
 import importlib.util
 import itertools
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("sweep_progress", ROOT / "bench" / "sweep_progress.py")
+    spec = importlib.util.spec_from_file_location("sweep_progress", ROOT / "experiments" / "sweep_progress.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

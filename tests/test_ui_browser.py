@@ -1,10 +1,12 @@
-"""The Dagster UI shows the asset graph and a distilled_images page with its thumbnails.
+"""The Dagster UI shows the asset graph, the partitions of distilled_images, a distilled_images
+page with its lineage and thumbnails, and the automation sensor.
 
 Starts ``dagster-webserver`` on 127.0.0.1 (a free port) on the session's tiny
 instance, loads the code location through ``workspace.yaml`` as ``make ui``
 does, and renders pages in headless Chromium: ``$CHROMIUM``, else ``chromium`` on PATH (``make
 browser-deps`` installs Debian's as root, and says how to get one without). A missing Chromium
-fails the test. Screenshots go to ``test-output/``.
+fails the test. Screenshots go to ``test-output/``: the README's tour of the UI shows copies of
+them (``docs/img/``), so a UI that stops rendering a page fails here first.
 """
 
 import base64
@@ -104,4 +106,24 @@ def test_the_distilled_images_page_shows_the_lineage_and_the_thumbnails(webserve
     assert base64.b64decode(thumbnails[0])[:8] == b"\x89PNG\r\n\x1a\n"
     for text in ("distilled_images", "preview", "lineage", "mode_index", "dist_to_mode", "thumbnails"):
         assert text in dom, f"{text!r} not shown at {url}"
+    assert shot.stat().st_size > 10_000
+
+
+def test_the_partitions_view_shows_every_method_and_class(webserver, tmp_path, tiny_graph):
+    OUTPUT.mkdir(exist_ok=True)
+    url, shot = f"{webserver}/assets/distilled_images?view=partitions", OUTPUT / "ui_partitions.png"
+    methods = list(tiny_graph.cfg.methods)
+    dom = _render(url, tmp_path / "profile", shot, lambda d: all(m in d for m in methods))
+    missing = [m for m in methods if m not in dom]
+    assert not missing, f"partitions view at {url} does not show the methods {missing}"
+    for text in ("method", "class", "Materialized"):
+        assert text in dom, f"{text!r} not shown at {url}"
+    assert shot.stat().st_size > 10_000
+
+
+def test_the_automation_page_lists_the_declarative_automation_sensor(webserver, tmp_path):
+    OUTPUT.mkdir(exist_ok=True)
+    url, shot = f"{webserver}/automation", OUTPUT / "ui_automation.png"
+    dom = _render(url, tmp_path / "profile", shot, lambda d: "mgd3_automation" in d)
+    assert "mgd3_automation" in dom, f"the automation sensor is not listed at {url}"
     assert shot.stat().st_size > 10_000

@@ -316,12 +316,8 @@ def diffusers_fingerprints(transformer_path: str | os.PathLike, vae_path: str | 
                            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                            cache_dir: Path | None = None) -> tuple[str, str]:
     """(backbone fingerprint, VAE fingerprint) that ``load_diffusers_backbone`` would give, without
-    loading any weights: configs and weight files are hashed once and then recognised by size and
-    mtime (in this process, and under ``cache_dir`` across processes), the betas, and the dtype and
-    device kind they run in (:func:`runtime_identity`)."""
+    loading any weights: configs and weight files are hashed once and then recognised by their path,
+    size, mtime and inode (in this process, and under ``cache_dir`` across processes;
+    :func:`.diffusers_files.files_fingerprint`), the betas, and the dtype and device kind they run
+    in (:func:`runtime_identity`)."""
     return _Resolved(transformer_path, vae_path, cache_dir=cache_dir).fingerprints(runtime_identity(device, dtype))
-
-
-def diffusers_fingerprint(transformer_path: str | os.PathLike, vae_path: str | os.PathLike, **kwargs) -> str:
-    """The backbone fingerprint of :func:`diffusers_fingerprints`."""
-    return diffusers_fingerprints(transformer_path, vae_path, **kwargs)[0]

@@ -14,7 +14,7 @@ those keys, and prints
 Records of other settings (another schedule, precision, batch-norm statistics) or of other
 images in the same root are not counted.
 
-    MGD3_HOME=mgd3_home_full .venv/bin/python bench/sweep_progress.py configs/embedded-full.yaml
+    MGD3_HOME=mgd3_home_full .venv/bin/python experiments/sweep_progress.py configs/embedded-full.yaml
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/_common.py
 from _common import markdown_table  # noqa: E402
 
 import pandas as pd  # noqa: E402

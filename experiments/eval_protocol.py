@@ -19,11 +19,11 @@ each, as Dagster's multiprocess executor would run the student assets.
 
 Examples::
 
-    .venv/bin/python bench/eval_protocol.py full --epochs 1 2 4
-    .venv/bin/python bench/eval_protocol.py ipc --ipc 10 --epochs 300 100 30 --seeds 0 1
-    .venv/bin/python bench/eval_protocol.py ipc --student resnet18 --epochs 30 --seeds 0 1 2 --precision float32 bfloat16
-    .venv/bin/python bench/eval_protocol.py budget --full-epochs 3 --epochs 40 --workers 2
-    .venv/bin/python bench/eval_protocol.py soft --full-epochs 3 --epochs 30 --seeds 0 1 2
+    .venv/bin/python experiments/eval_protocol.py full --epochs 1 2 4
+    .venv/bin/python experiments/eval_protocol.py ipc --ipc 10 --epochs 300 100 30 --seeds 0 1
+    .venv/bin/python experiments/eval_protocol.py ipc --student resnet18 --epochs 30 --seeds 0 1 2 --precision float32 bfloat16
+    .venv/bin/python experiments/eval_protocol.py budget --full-epochs 3 --epochs 40 --workers 2
+    .venv/bin/python experiments/eval_protocol.py soft --full-epochs 3 --epochs 30 --seeds 0 1 2
 
 ``soft`` trains the teacher on the full training split, then soft-label
 students (KL at T = 4, AdamW, cosine) on random IPC subsets.

@@ -9,7 +9,7 @@ augmented batches (``evaluation.bn_stats: running``) and after recomputing them 
 clean images (``recomputed``). Training itself does not depend on the choice, so one run gives
 both. Prints one row per (method, IPC, generation seed, epochs) and the median per (IPC, epochs).
 
-    MGD3_HOME=<home with distilled sets> .venv/bin/python bench/bn_students.py configs/embedded-full.yaml \\
+    MGD3_HOME=<home with distilled sets> .venv/bin/python experiments/bn_students.py configs/embedded-full.yaml \\
         --methods mgd3 random_real --ipc 1 10 --epochs 100 300
 """
 
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/_common.py
 import torch  # noqa: E402
 from _common import header, markdown_table  # noqa: E402
 

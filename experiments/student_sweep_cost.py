@@ -7,11 +7,11 @@ code path on random uint8 images of the config's shape: ``train_hard_label`` /
 ``train_soft_label`` for a few one-step epochs at the protocol's batch size and at a small
 batch (cost per step is fitted as a + b x batch), and one evaluation pass over a test-split-
 sized batch. Median of ``--repeats``. Sampling, the backbone, latents and the reports are
-not included (see the README's measured demo for those).
+not included (see docs/results.md, the demo from scratch, for those).
 
-    .venv/bin/python bench/student_sweep_cost.py configs/embedded-full.yaml
-    .venv/bin/python bench/student_sweep_cost.py configs/embedded.yaml --repeats 5
-    .venv/bin/python bench/student_sweep_cost.py configs/embedded-full.yaml --precision bfloat16
+    .venv/bin/python experiments/student_sweep_cost.py configs/embedded-full.yaml
+    .venv/bin/python experiments/student_sweep_cost.py configs/embedded.yaml --repeats 5
+    .venv/bin/python experiments/student_sweep_cost.py configs/embedded-full.yaml --precision bfloat16
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/_common.py
 from _common import header, markdown_table, median, set_threads  # noqa: E402
 
 import numpy as np  # noqa: E402

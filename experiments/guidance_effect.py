@@ -1,6 +1,6 @@
 """How far MGD3's images land from their modes, next to unguided sampling, from a finished run.
 
-    .venv/bin/python bench/guidance_effect.py [--config configs/embedded.yaml] [--ipc 10] [--out grid.png]
+    .venv/bin/python experiments/guidance_effect.py [--config configs/embedded.yaml] [--ipc 10] [--out grid.png]
 
 Reads the lineage manifests of the distilled sets (no sampling here): the mean L2 distance, in
 latent space, of each image's final latent to its assigned mode and to the nearest other mode,

@@ -1,6 +1,6 @@
 """Quality bars of the embedded backbone (issue 3), measured from scratch.
 
-    .venv/bin/python bench/embedded_backbone.py [--config configs/embedded.yaml]
+    .venv/bin/python experiments/embedded_backbone.py [--config configs/embedded.yaml]
         [--home DIR] [--threads N] [--cfg-scales 1.5,2,4] [--per-class 100]
         [--classifier FILE] [--set KEY=VALUE ...]
 

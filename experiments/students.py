@@ -8,8 +8,8 @@ student in ``mgd3_core.students`` at the embedded default's shape (1 x 32 x 32,
 layout, to measure what the channels-last layout ``build_student`` gives it is
 worth. Conditions are interleaved within each repetition; medians are printed.
 
-    .venv/bin/python bench/students.py              # 7 repeats
-    .venv/bin/python bench/students.py --repeats 3
+    .venv/bin/python experiments/students.py              # 7 repeats
+    .venv/bin/python experiments/students.py --repeats 3
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/_common.py
 from _common import header, markdown_table, median, set_threads  # noqa: E402
 
 import torch  # noqa: E402

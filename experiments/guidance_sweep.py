@@ -13,10 +13,10 @@ so their time is not part of the sweep's total. Samples every class in one batch
 generation seed (batch ``sampler.batch_size``, across classes), with the same per-image seeds as the
 pipeline, so the unguided row is the pipeline's unguided set (modes aside).
 
-    MGD3_HOME=<home> .venv/bin/python bench/guidance_sweep.py                     # the default grid
-    MGD3_HOME=<home> .venv/bin/python bench/guidance_sweep.py --lambdas 0.1 --t-stops 0,25 --cfg-scales 2
+    MGD3_HOME=<home> .venv/bin/python experiments/guidance_sweep.py                     # the default grid
+    MGD3_HOME=<home> .venv/bin/python experiments/guidance_sweep.py --lambdas 0.1 --t-stops 0,25 --cfg-scales 2
     # the other levers: mode finders, and lambda fading over the guided steps instead of a hard stop
-    MGD3_HOME=<home> .venv/bin/python bench/guidance_sweep.py --lambdas 0.2 --t-stops 10 \
+    MGD3_HOME=<home> .venv/bin/python experiments/guidance_sweep.py --lambdas 0.2 --t-stops 10 \
         --mode-methods kmeans,gmm,bisecting_kmeans --schedules constant,linear,cosine
 
 Prints one row per setting: validation top-1 of the student (mean +- std over generation seeds),
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/_common.py
 from _common import header, markdown_table, set_threads  # noqa: E402
 
 import numpy as np  # noqa: E402
