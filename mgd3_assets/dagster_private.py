@@ -37,6 +37,7 @@ __all__ = [
     "pooled_pg_engine",
     "provenance_tags",
     "add_asset_backfill",
+    "reread_input_versions",
     "check_target",
     "reconstructable_job",
     "stale_status_resolver",
@@ -80,6 +81,15 @@ def provenance_tags(data_version: str, code_version: str, inputs: dict) -> dict[
     tags[DATA_VERSION_TAG] = data_version
     tags[DATA_VERSION_IS_USER_PROVIDED_TAG] = "true"
     return tags
+
+
+def reread_input_versions(context: dg.AssetExecutionContext, keys: list[str]) -> None:
+    """Make the step read its inputs' versions again when it records its output's provenance:
+    Dagster reads them once, when the step starts, so observations the step itself made of its
+    inputs would otherwise be missed (``DataVersionCache.wipe_input_asset_version_info``)."""
+    step = context.op_execution_context._step_execution_context  # noqa: SLF001
+    for key in keys:
+        step.wipe_input_asset_version_info(dg.AssetKey(key))
 
 
 def check_target(run_id: str, storage_id: int, timestamp: float):

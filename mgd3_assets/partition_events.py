@@ -34,6 +34,15 @@ def _record_version(record) -> str | None:
     return (record.event_log_entry.tags or {}).get(DATA_VERSION_TAG)
 
 
+def observe_if_changed(context: dg.AssetExecutionContext, source: str, partition: str | None, version: str):
+    """Yield an observation of ``source[partition]`` at ``version`` unless its latest observation
+    already says so (the inputs a run reads, recorded by the run)."""
+    record = context.instance.get_latest_data_version_record(dg.AssetKey(source), True, partition)
+    if _record_version(record) != version:
+        yield dg.AssetObservation(asset_key=source, partition=partition,
+                                  tags={DATA_VERSION_TAG: version, USER_PROVIDED_TAG: "true"})
+
+
 @dataclass
 class PartitionEvents:
     """Builds the events of ``asset`` for the partitions of one run. ``parents``: {parent asset name:
@@ -47,12 +56,8 @@ class PartitionEvents:
     def observe(self, source: str, partition: str, version: str):
         """Yield an observation of ``source[partition]`` at ``version`` unless its latest observation
         already says so; remember the version and its event as this run's input."""
-        instance, key = self.context.instance, dg.AssetKey(source)
-        record = instance.get_latest_data_version_record(key, True, partition)
-        if _record_version(record) != version:
-            yield dg.AssetObservation(asset_key=key, partition=partition,
-                                      tags={DATA_VERSION_TAG: version, USER_PROVIDED_TAG: "true"})
-            record = instance.get_latest_data_version_record(key, True, partition)
+        yield from observe_if_changed(self.context, source, partition, version)
+        record = self.context.instance.get_latest_data_version_record(dg.AssetKey(source), True, partition)
         self.observed[(source, partition)] = (version, record.storage_id if record else None)
 
     def _input(self, parent: str, partition: str | None) -> tuple[str | None, int | None]:

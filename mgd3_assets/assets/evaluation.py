@@ -18,15 +18,18 @@ import dagster as dg
 import pandas as pd
 
 from mgd3_core import evaluate, storage
+from mgd3_core.backbones import backbone_class_conditions
 from mgd3_core.config import ExperimentConfig
 
 from ..automation import on_upstream_data_change
 from ..failures import fails_with_root_cause
 from ..metadata import frame_table, progress_logger
-from ..partitions import METHOD_DIM, method_partitions
+from ..dagster_private import reread_input_versions
+from ..partition_events import observe_if_changed
+from ..partitions import METHOD_DIM, class_partitions, method_partitions
 from ..executors import accelerator_step
 from ..resources import BackboneResource, ExperimentResource
-from ..versions import checked_config, stage_asset
+from ..versions import checked_config, class_version, stage_asset
 
 
 def _accuracy_summary(df: pd.DataFrame) -> dict:
@@ -59,11 +62,18 @@ def _teacher_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         "Data version: hash of its weights.",
     )
     @fails_with_root_cause
-    def teacher(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
+    def teacher(context: dg.AssetExecutionContext, experiment: ExperimentResource):
         cfg = checked_config(context, experiment)
+        # Every class's images as the teacher reads them, observed and recorded as its input: a
+        # graph materialized from the UI before any observation is up to date at the first one.
+        conditions = backbone_class_conditions(cfg)
+        for class_id in class_partitions(cfg).get_partition_keys():
+            yield from observe_if_changed(context, "dataset", class_id,
+                                          class_version(cfg, experiment.storage(), class_id, conditions))
+        reread_input_versions(context, ["dataset"])
         meta = evaluate.train_teacher(cfg, experiment.storage(), progress=progress_logger(context.log, "teacher"))
         weights = storage.teacher_weights_file(cfg, experiment.storage())
-        return dg.MaterializeResult(
+        yield dg.MaterializeResult(
             data_version=dg.DataVersion(evaluate.teacher_fingerprint(cfg, experiment.storage())),
             metadata={**{k: v for k, v in meta.items() if isinstance(v, (int, float, str))},
                       "weights": dg.MetadataValue.path(str(weights))},
