@@ -98,11 +98,13 @@ def distill_stage(n_workers: int, src: Path, experiment: str, methods: list[str]
             defs = build_definitions()
             stage = next(s for s in demo.STAGES if s.job == demo.DISTILL_JOB)
             job = defs.resolve_job_def(demo.DISTILL_JOB)
-            keys = {pk for pk in job.partitions_def.get_partition_keys() if methods is None or pk.split("|")[1] in methods}
+            def keep(pk) -> bool:  # a planned run: one partition, or a range of one method's classes
+                first = pk.start if isinstance(pk, dg.PartitionKeyRange) else pk
+                return methods is None or str(first).split("|")[1] in methods
             with dg.DagsterInstance.get() as instance:
                 if runners:
                     with RunnerPool(runners) as pool:  # started and warm before the clock, like the daemon
-                        todo = [(pk, k) for pk, k in demo.plan_stage(defs, instance, stage) if pk in keys]
+                        todo = [(pk, k) for pk, k in demo.plan_stage(defs, instance, stage) if keep(pk)]
                         t0 = time.perf_counter()
                         results = pool.run_all(demo.DISTILL_JOB, todo, demo.run_config("WARNING"), {})
                         seconds = time.perf_counter() - t0
@@ -111,7 +113,7 @@ def distill_stage(n_workers: int, src: Path, experiment: str, methods: list[str]
                 else:
                     with cluster_demo.run_queue(instance, logs) as submitter:
                         seconds, run_ids = cluster_demo.run_stage(defs, instance, submitter, stage,
-                                                                  log=lambda m: None, partitions=keys)
+                                                                  log=lambda m: None, keep=keep)
                 split = cluster_demo.worker_split(cluster, instance, run_ids)
                 steps = step_seconds(instance, run_ids)
         return seconds, len(run_ids), dict(split), steps
@@ -152,6 +154,9 @@ def main() -> int:
                         help="only these methods' partitions, e.g. mgd3 (default: the whole stage)")
     parser.add_argument("--paths", type=lambda v: v.split(","), default=["daemon", "demo"],
                         help="how runs start: daemon (the run queue), demo (runner processes); default both")
+    parser.add_argument("--classes-per-run", type=int, default=None,
+                        help="runs.classes_per_run for the measurement (default: the config's; the "
+                        "embedded graph's 'auto' puts a method's 10 classes in one run, which one worker executes)")
     parser.add_argument("--dask-profiler", action="store_true",
                         help="workers with Dask's statistical profiler on (the local clusters turn it off)")
     args = parser.parse_args()
@@ -162,6 +167,15 @@ def main() -> int:
     from mgd3_core.config import load_config
 
     cfg = load_config()
+    if args.classes_per_run:
+        import yaml
+
+        raw = yaml.safe_load(Path(os.environ.get("MGD3_CONFIG") or REPO / "configs/embedded.yaml").read_text())
+        raw["runs"] = {"classes_per_run": args.classes_per_run}
+        grouped = Path(tempfile.mkdtemp(prefix="mgd3-bench-scaleout-cfg-")) / f"{cfg.name}.yaml"
+        grouped.write_text(yaml.safe_dump(raw))
+        os.environ["MGD3_CONFIG"] = str(grouped)
+        cfg = load_config()
     print(header(1, extra=f"experiment {cfg.name}, inputs from {args.home}"
                  + (", Dask profiler on" if args.dask_profiler else "")), flush=True)
     rows, seconds = [], {}

@@ -141,11 +141,11 @@ def step_pids(instance: dg.DagsterInstance, run_ids) -> list[int]:
 
 
 def run_stage(defs, instance, submitter: Submitter, stage: demo.Stage, log=print,
-              partitions=None) -> tuple[float, list[str]]:
-    """Submit every missing or stale partition of ``stage`` (of ``partitions``, when given) at
-    once and wait for all of them."""
-    todo = [(pk, keys) for pk, keys in demo.plan_stage(defs, instance, stage)
-            if partitions is None or pk in partitions]
+              keep=None) -> tuple[float, list[str]]:
+    """Submit every planned run of ``stage`` (missing or stale partitions, grouped as a backfill
+    groups them; those ``keep(partition key or range)`` accepts, when given) at once and wait for
+    all of them."""
+    todo = [(pk, keys) for pk, keys in demo.plan_stage(defs, instance, stage) if keep is None or keep(pk)]
     if not todo:
         log(f"== {stage.job}: {', '.join(stage.assets)} up to date")
         return 0.0, []

@@ -36,7 +36,6 @@ __all__ = [
     "pg_engine",
     "pooled_pg_engine",
     "provenance_tags",
-    "add_asset_backfill",
     "reread_input_versions",
     "check_target",
     "reconstructable_job",
@@ -98,23 +97,6 @@ def check_target(run_id: str, storage_id: int, timestamp: float):
         AssetCheckEvaluationTargetMaterializationData)
 
     return AssetCheckEvaluationTargetMaterializationData(run_id=run_id, storage_id=storage_id, timestamp=timestamp)
-
-
-def add_asset_backfill(instance: dg.DagsterInstance, defs: dg.Definitions, assets: list[str], tags=None) -> str:
-    """Add an asset backfill of every partition of ``assets`` to the instance, as the UI's "Materialize
-    all" does (GraphQL ``launchPartitionBackfill``); the backfill daemon then launches its runs."""
-    import time
-
-    from dagster._core.execution.backfill import PartitionBackfill
-    from dagster._core.utils import make_new_backfill_id
-
-    backfill_id = make_new_backfill_id()
-    backfill = PartitionBackfill.from_asset_partitions(
-        backfill_id=backfill_id, asset_graph=defs.resolve_asset_graph(), partition_names=None,
-        asset_selection=[dg.AssetKey(a) for a in assets], backfill_timestamp=time.time(), tags=dict(tags or {}),
-        dynamic_partitions_store=instance, all_partitions=True, title=None, description=None, run_config=None)
-    instance.add_backfill(backfill)
-    return backfill_id
 
 
 # ---------------------------------------------------------------- scale-out (cluster_demo.py, demo.py)

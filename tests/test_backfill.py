@@ -1,6 +1,7 @@
-"""Batched runs through Dagster's real launch path: an asset backfill of every partition (what the
-UI's "Materialize all" adds), picked up by a running ``dagster-daemon`` whose backfill daemon groups
-the partitions by the assets' ``BackfillPolicy`` and launches each run as a process of its own.
+"""Batched runs through Dagster's real launch path, as a user materializes from the UI: the
+webserver receives the "Materialize all" request (GraphQL ``launchPartitionBackfill``, every
+partition of the selected assets), and a running ``dagster-daemon``'s backfill daemon groups the
+partitions by the assets' ``BackfillPolicy`` and launches each run as a process of its own.
 
 Checked: the number of runs (one per stage chunk, not per partition), one backbone load per run
 at most, one data version and one check result per partition, images equal to per-class runs',
@@ -10,10 +11,12 @@ classes where one fails.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -23,8 +26,7 @@ import yaml
 from PIL import Image
 
 from mgd3_assets import demo
-from mgd3_assets.dagster_private import add_asset_backfill
-from mgd3_assets.local_cluster import start_process, stop_process
+from mgd3_assets.local_cluster import free_port, start_process, stop_process
 from mgd3_core import storage
 from mgd3_core.config import PROJECT_ROOT, config_from_dict
 from tests.dagster_helpers import (DATA_VERSION_TAG, build_defs, evaluate, latest_materialization, requested,
@@ -47,6 +49,36 @@ def _instance_dir(root: Path) -> Path:
         "nux": {"enabled": False},
     }))
     return d
+
+
+MATERIALIZE_ALL = """
+mutation($backfillParams: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $backfillParams) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  }
+}"""
+
+
+def _graphql(port: int, query: str, variables: dict) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql",
+                                     data=json.dumps({"query": query, "variables": variables}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _wait_for_webserver(port: int, proc, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
+                return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"the webserver did not answer in {timeout} s: {log.read_text()[-3000:]}")
 
 
 def _pngs(cfg, home: Path, method: str, class_id: str) -> dict[str, np.ndarray]:
@@ -75,10 +107,17 @@ def backfilled(tmp_path_factory):
     for source in ("dataset", "method_settings"):
         instance.wipe_assets([dg.AssetKey(source)])
 
-    daemon = start_process("dagster-daemon", [str(Path(sys.executable).with_name("dagster-daemon")), "run",
-                                              "-w", str(PROJECT_ROOT / "workspace.yaml")], root, env=env)
+    bin_dir, workspace, port = Path(sys.executable).parent, str(PROJECT_ROOT / "workspace.yaml"), free_port()
+    webserver = start_process("dagster-webserver", [str(bin_dir / "dagster-webserver"), "-w", workspace,
+                                                    "-h", "127.0.0.1", "-p", str(port)], root, env=env)
+    daemon = start_process("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], root, env=env)
     try:
-        backfill_id = add_asset_backfill(instance, defs, PER_CLASS + ["teacher"])
+        _wait_for_webserver(port, webserver, root / "dagster-webserver.log")
+        answer = _graphql(port, MATERIALIZE_ALL, {"backfillParams": {
+            "assetSelection": [{"path": [a]} for a in PER_CLASS + ["teacher"]], "allPartitions": True}})
+        result = answer["data"]["launchPartitionBackfill"]
+        assert result["__typename"] == "LaunchBackfillSuccess", answer
+        backfill_id = result["backfillId"]
         deadline = time.monotonic() + 600
         while instance.get_backfill(backfill_id).status.value == "REQUESTED":
             assert daemon.poll() is None, (root / "dagster-daemon.log").read_text()[-3000:]
@@ -86,6 +125,7 @@ def backfilled(tmp_path_factory):
             time.sleep(2)
     finally:
         stop_process(daemon)
+        stop_process(webserver)
     runs = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill_id}))
     return dict(root=root, raw=raw, cfg=config_from_dict(raw), home=home, defs=defs, instance=instance,
                 backfill=instance.get_backfill(backfill_id), runs=runs)
