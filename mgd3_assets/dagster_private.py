@@ -117,11 +117,12 @@ def workspace_process_context(instance: dg.DagsterInstance, workspace_yaml: str)
 
 
 def job_subset_selector(location_name: str, repository_name: str, job_name: str, asset_selection):
-    """Selects ``asset_selection`` of a job in a code location (what ``dagster job launch`` builds)."""
+    """Selects ``asset_selection`` of a job in a code location (what ``dagster job launch`` builds),
+    without the stand-alone check steps: the assets evaluate their checks per partition."""
     from dagster._core.definitions.selector import JobSubsetSelector
 
     return JobSubsetSelector(location_name=location_name, repository_name=repository_name, job_name=job_name,
-                             op_selection=None, asset_selection=list(asset_selection))
+                             op_selection=None, asset_selection=list(asset_selection), asset_check_selection=[])
 
 
 def pooled_pg_engine(postgres_url: str, max_overflow: int = 20):

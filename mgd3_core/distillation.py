@@ -21,8 +21,8 @@ from .config import DIFFUSION_METHODS, ExperimentConfig
 from .distances import pairwise_distances
 from .distilled import DistilledClass, write_distilled_class
 from .images import to_uint8
-from .pipeline import (ClassModes, backbone_fingerprint, class_info, get_backbone, open_source, read_modes,
-                       vae_fingerprint)
+from . import pipeline  # pipeline.get_backbone: the per-process backbone cache (looked up at call time)
+from .pipeline import ClassModes, backbone_fingerprint, class_info, open_source, read_modes, vae_fingerprint
 from .progress import StageProgress, no_progress
 from .sampling import SamplerSettings, image_seed, sample
 
@@ -123,7 +123,7 @@ def _distill_classes(cfg: ExperimentConfig, home: Path, method: str, class_ids: 
     if not ready:
         return
     needs_backbone = method in DIFFUSION_METHODS or method == "decoded_centroids"
-    backbone = get_backbone(cfg, home) if needs_backbone else None
+    backbone = pipeline.get_backbone(cfg, home) if needs_backbone else None
     fingerprint = backbone.fingerprint if backbone else (backbone_fingerprint(cfg, home) or "")
     sampled = (_sample_classes(cfg, backbone, method, ready, keys, progress)
                if method in DIFFUSION_METHODS else {})

@@ -57,8 +57,9 @@ def dask_graph(tiny_graph, scaleout):  # the in-process reference first, before 
 
 def test_the_graph_on_postgres_and_dask_writes_what_the_in_process_run_writes(tiny_graph, scaleout, dask_graph):
     reports, _ = dask_graph
-    # every stage ran, as in process: the two input observations, then the graph
-    assert sum(r.runs for r in reports) == 2 + 1 + 2 + 4 + 1 + 2 + 1
+    # every stage ran, as in process: the two input observations, then the graph, both classes in
+    # each run: backbone, latent stores, modes, one distill run per method, teacher, students, reports
+    assert [r.runs for r in reports] == [1, 1, 1, 1, 1, 2, 1, 2, 1]
     assert isinstance(scaleout.instance.run_storage, PostgresRunStorage)
     # Same experiment, same seeds, same torch thread count: the same bytes (PNGs, latent stores,
     # modes, manifests, checkpoints), computed in other processes.
@@ -206,9 +207,12 @@ def test_the_demo_runs_a_stages_partitions_at_once_from_runner_processes(scaleou
     [report] = demo.materialize_graph(scaleout.defs, scaleout.instance, force=True, stages=[stage],
                                       log=lines.append, log_level="WARNING")
     records = scaleout.instance.get_run_records(dg.RunsFilter(job_name=demo.DISTILL_JOB, created_after=started))
-    assert report.runs == len(records) == 4 and any("4 run(s)" in line and "2 at once" in line for line in lines)
+    # One run per method, each holding both classes (runs.classes_per_run "auto"), two at once.
+    assert report.runs == len(records) == 2 and any("2 run(s)" in line and "2 at once" in line for line in lines)
     assert {r.dagster_run.status for r in records} == {dg.DagsterRunStatus.SUCCESS}
-    assert sorted(r.dagster_run.tags["dagster/partition"] for r in records) == sorted(report.partitions)
+    assert sorted((r.dagster_run.tags["dagster/asset_partition_range_start"],
+                   r.dagster_run.tags["dagster/asset_partition_range_end"]) for r in records) == \
+        sorted((pk.start, pk.end) for pk in report.partitions) == [("0|mgd3", "1|mgd3"), ("0|random_real", "1|random_real")]
     # Two runs were in flight together: one started before another had ended.
     spans = sorted((r.start_time, r.end_time) for r in records)
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
@@ -239,9 +243,13 @@ def test_a_failed_run_among_parallel_ones_fails_the_stage_naming_its_partition_a
         with scaleout.cluster.client() as client:
             client.run(restore_distill)
     message = str(failed.value)
-    assert message.startswith(f"{demo.DISTILL_JOB} 1|") and "failed (run " in message, message
-    assert "injected failure in class 1" in message.splitlines()[-1], message  # the root cause, last
-    assert _outputs(scaleout.home, set_dir) == before  # the failed partitions wrote nothing
+    # The run of both classes failed, naming the failed partition; class 0 was written and kept.
+    assert message.startswith(f"{demo.DISTILL_JOB} 0|") and "failed (run " in message, message
+    last = message.splitlines()[-1]
+    assert last.startswith("RuntimeError: injected failure in class 1 (partition 1|"), message  # the root cause, last
+    assert "1 other partition(s) of this run were materialized and are kept" in last, message
+    after = _outputs(scaleout.home, set_dir)
+    assert {k: v for k, v in after.items() if "/images/1/" in k} == {k: v for k, v in before.items() if "/images/1/" in k}
 
 
 def test_the_workers_run_without_dasks_profiler_and_with_the_test_processs_torch_threads(scaleout):
@@ -288,7 +296,9 @@ def test_an_unreachable_postgres_is_one_clear_error_and_nothing_is_written(tmp_p
 
 def test_the_executor_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("MGD3_EXECUTOR", raising=False)
-    assert build_executor() is None  # Dagster's default; make demo runs in process
+    # Every run executes its steps in its own process, whoever launched it (not Dagster's default,
+    # which starts a process per step, each loading the backbone again).
+    assert build_executor() is dg.in_process_executor
     monkeypatch.setenv("MGD3_EXECUTOR", "dask")
     monkeypatch.setenv("MGD3_DASK_SCHEDULER", "tcp://10.0.0.1:8786")
     executor = build_executor()
