@@ -42,6 +42,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -384,8 +385,7 @@ def launch_cluster(root: Path, config: Path, timeout: float) -> dict:
     raw = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
     raw["python_logs"] = {"managed_python_loggers": ["mgd3"], "python_log_level": "INFO"}
     (dh / "dagster.yaml").write_text(yaml.safe_dump(raw))
-    # TMPDIR: the cluster demo's own temp dirs (its logs, PostgreSQL's data) go under this root too.
-    env = {**fresh_env(root, config, dh), "TMPDIR": str(root)}
+    env = fresh_env(root, config, dh)
     out = root / "cluster-runs.json"
     t0 = time.time()
     proc = start_process("cluster-demo", [str(PY), str(Path(__file__).resolve()), "--_cluster-child", str(out),
@@ -394,6 +394,10 @@ def launch_cluster(root: Path, config: Path, timeout: float) -> dict:
         wait_process(proc, root / "cluster-demo.log", "python -m mgd3_assets.cluster_demo", timeout)
     finally:
         stop_process(proc)
+        # Its service logs go to a temp dir of its own ("logs in DIR"): moved under this root.
+        logs = re.search(r"logs in (/\S+)", tail(root / "cluster-demo.log", 10_000))
+        if logs and Path(logs.group(1)).is_dir():
+            shutil.move(logs.group(1), root / "cluster-logs")
     return {"total_wall": time.time() - t0, "runs": json.loads(out.read_text()), "home": str(root / "home"),
             "images": count_images(config, root / "home")}
 

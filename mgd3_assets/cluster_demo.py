@@ -121,7 +121,7 @@ class Submitter:
             parent_run_id=None, tags={**job.tags, **tags}, job_snapshot=job.job_snapshot,
             execution_plan_snapshot=plan, parent_job_snapshot=job.parent_job_snapshot,
             remote_job_origin=job.get_remote_origin(), job_code_origin=job.get_python_origin(),
-            asset_selection=frozenset(keys), asset_check_selection=None, asset_graph=self.repo.asset_graph)
+            asset_selection=frozenset(keys), asset_check_selection=frozenset(), asset_graph=self.repo.asset_graph)
         return self.instance.submit_run(run.run_id, self.workspace).run_id
 
     def stop_sensors(self) -> None:

@@ -128,8 +128,9 @@ def job_subset_selector(location_name: str, repository_name: str, job_name: str,
     """Selects ``asset_selection`` of a job in a code location (what ``dagster job launch`` builds)."""
     from dagster._core.definitions.selector import JobSubsetSelector
 
+    # No stand-alone check steps: the assets evaluate their checks per partition (as demo.py's runs).
     return JobSubsetSelector(location_name=location_name, repository_name=repository_name, job_name=job_name,
-                             op_selection=None, asset_selection=list(asset_selection))
+                             op_selection=None, asset_selection=list(asset_selection), asset_check_selection=set())
 
 
 def pooled_pg_engine(postgres_url: str, max_overflow: int = 20):
