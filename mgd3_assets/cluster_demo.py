@@ -4,8 +4,9 @@
 
 Starts, on 127.0.0.1 only: a throw-away PostgreSQL server (the Dagster instance,
 ``deploy/dagster.yaml``), a Dask scheduler and single-thread workers (each advertising one
-``accelerator``), and the Dagster daemon. Then, stage by stage, it submits one run per
-partition that is missing or stale through the instance's run queue; the daemon starts up to
+``accelerator``), and the Dagster daemon. Then, stage by stage, it submits the runs of the
+partitions that are missing or stale, grouped as a backfill groups them (``demo.plan_stage``,
+``runs.classes_per_run`` classes per run), through the instance's run queue; the daemon starts up to
 ``max_concurrent_runs`` of them at once, and each run's steps go to the Dask workers. It waits
 for each stage, prints its time and which worker ran how many steps, and at the end (also on
 failure, Ctrl-C or SIGTERM) stops everything it started.

@@ -1,13 +1,13 @@
 """Several runs of one stage at once on a Dask cluster, from long-lived runner processes.
 
-``make demo`` with ``MGD3_EXECUTOR=dask`` executes each partition's run with Dagster's
-``execute_job`` and the Dask executor. One run at a time keeps one Dask worker busy however many
+``make demo`` with ``MGD3_EXECUTOR=dask`` executes each planned run (a chunk of a stage's
+partitions, ``demo.plan_stage``) with Dagster's ``execute_job`` and the Dask executor. One run at a time keeps one Dask worker busy however many
 there are, so the demo hands a stage's runs to a pool of runner processes, ``MGD3_PARALLEL_RUNS``
 of them (default: one per Dask worker that has the ``accelerator`` resource). Each runner loads
 the code once and then executes run after run; the steps still go to the Dask workers, which
 pick them by their resources, and the runs share state only through the storage root and the
 instance. The daemon's run queue (``make cluster-demo``, runs from the UI) starts a new process
-that loads the code for every run instead; see the README's "Scaling out" for what that costs.
+that loads the code for every run instead; ``bench/orchestration.py`` measures what that costs (docs/scaling-out.md).
 """
 
 from __future__ import annotations
