@@ -16,8 +16,8 @@ def chunk_runs(partitions_def, plan: list, k: int) -> list:
     if isinstance(partitions_def, dg.MultiPartitionsDefinition):
         from .partitions import CLASS_DIM, method_and_class, partition_key
 
-        classes = partitions_def.get_partitions_def_for_dimension(CLASS_DIM).get_partition_keys()
-        order = {pk: (method, classes.index(c)) for pk, _ in plan for method, c in [method_and_class(pk)]}
+        classes = {c: i for i, c in enumerate(partitions_def.get_partitions_def_for_dimension(CLASS_DIM).get_partition_keys())}
+        order = {pk: (method, classes[c]) for pk, _ in plan for method, c in [method_and_class(pk)]}
         adjacent = lambda a, b: order[a][0] == order[b][0] and order[b][1] == order[a][1] + 1  # noqa: E731
         by_method = sorted(plan, key=lambda item: order[item[0]])
     else:

@@ -101,11 +101,11 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         for pk in context.partition_keys:
             method, class_id = method_and_class(pk)
             by_method.setdefault(method, []).append(class_id)
+        conditions = backbone_class_conditions(cfg)  # once per run, not once per class
         failed, done = {}, 0
         for method, class_ids in by_method.items():
             checked_method_settings(cfg_at_load, cfg, method)
             yield from events.observe("method_settings", method, method_settings_version(cfg, method))
-            conditions = backbone_class_conditions(cfg)  # once, not once per class
             for class_id in class_ids:
                 yield from events.observe("dataset", class_id, class_version(cfg, home, class_id, conditions))
             progress = progress_logger(context.log, f"distilled_images[{method}, {len(class_ids)} classes]")

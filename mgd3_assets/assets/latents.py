@@ -8,6 +8,7 @@ materialization, data version and check result as soon as it is written
 import dagster as dg
 
 from mgd3_core import pipeline
+from mgd3_core.backbones import backbone_class_conditions
 from mgd3_core.config import ExperimentConfig
 
 from ..automation import on_upstream_data_change
@@ -41,12 +42,13 @@ def build_latent_store_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         cfg = checked_config(context, experiment)
         home = experiment.storage()
         events = PartitionEvents(context, "latent_store", {"backbone": None, "dataset": lambda pk: pk})
+        conditions = backbone_class_conditions(cfg)  # once per run, not once per class
         failed, done = {}, 0
         for class_id in context.partition_keys:
             try:
                 # The content this store is encoded from, observed here too: a graph materialized
                 # from the UI before the first scheduled observation does not look stale after it.
-                yield from events.observe("dataset", class_id, class_version(cfg, home, class_id))
+                yield from events.observe("dataset", class_id, class_version(cfg, home, class_id, conditions))
                 # The core loads the backbone (once per process) only when the store must be (re)written.
                 info = pipeline.encode_latents(cfg, home, class_id,
                                                progress=progress_logger(context.log, f"latent_store[{class_id}]"))
