@@ -13,7 +13,9 @@ one fails there, by name, before a demo or the UI breaks.
   uses to submit runs to the instance's queue (``cluster_demo.py``, ``demo.py`` on Dask);
 - the provenance tags Dagster writes on a materialization (code version, each input's data
   version and event) and a check evaluation's target, for the per-partition events of a run of
-  several partitions (``partition_events.py``).
+  several partitions (``partition_events.py``);
+- the run launcher interface, and the body of ``dagster api execute_run``, which a run's process
+  forked by ``run_launcher.WarmRunLauncher`` executes; the daemons' polling interval (``quicken_daemons``).
 
 No heavy imports at module level: the webserver and daemon import ``instance.py``.
 """
@@ -21,13 +23,20 @@ No heavy imports at module level: the webserver and daemon import ``instance.py`
 from __future__ import annotations
 
 import dagster as dg
+from dagster._core.launcher import RunLauncher
 from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager
 from dagster._core.storage.root import LocalArtifactStorage
 from dagster._core.storage.sqlite_storage import DagsterSqliteStorage
-from dagster._serdes import ConfigurableClassData
+from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
 __all__ = [
+    "ConfigurableClass",
     "ConfigurableClassData",
+    "RunLauncher",
+    "execute_launched_run",
+    "instance_ref_json",
+    "quicken_daemons",
+    "run_worker_health",
     "DagsterSqliteStorage",
     "LocalArtifactStorage",
     "LocalComputeLogManager",
@@ -144,3 +153,39 @@ def use_pg_engine(storage, engine) -> None:
 def pg_engine(storage):
     """The SQLAlchemy engine a dagster-postgres storage queries through."""
     return storage._engine
+
+
+def instance_ref_json(instance: dg.DagsterInstance) -> str:
+    """The instance's reference, serialized for a run's process (as Dagster's launchers pass it)."""
+    from dagster._serdes import serialize_value
+
+    return serialize_value(instance.get_ref())
+
+
+def execute_launched_run(instance_ref: str, run_id: str) -> int:
+    """Execute a launched run in this process, as ``dagster api execute_run`` does (the run's job is
+    loaded from its code origin; failures are in the event log). Returns the process's exit code."""
+    from dagster._cli.api import _execute_run_command_body
+    from dagster._core.instance.ref import InstanceRef
+    from dagster._serdes import deserialize_value
+    from dagster._utils.interrupts import capture_interrupts
+
+    with capture_interrupts(), dg.DagsterInstance.from_ref(deserialize_value(instance_ref, InstanceRef)) as instance:
+        return _execute_run_command_body(run_id, instance, lambda _event: None, set_exit_code_on_failure=False)
+
+
+def run_worker_health(alive: bool | None, message: str):
+    """A run launcher's answer to the run monitor: running, failed, or not known here (None)."""
+    from dagster._core.launcher.base import CheckRunHealthResult, WorkerStatus
+
+    status = WorkerStatus.UNKNOWN if alive is None else WorkerStatus.RUNNING if alive else WorkerStatus.FAILED
+    return CheckRunHealthResult(status, message or None)
+
+
+def quicken_daemons(interval_seconds: float) -> None:
+    """Set how long the backfill daemon (and a sensor daemon without its own setting) waits between
+    iterations: Dagster fixes it at 30 s (``DEFAULT_DAEMON_INTERVAL_SECONDS``), read at each wait.
+    A backfill launches a stage's runs at the first iteration after their parents finished."""
+    from dagster._daemon import controller
+
+    controller.DEFAULT_DAEMON_INTERVAL_SECONDS = interval_seconds

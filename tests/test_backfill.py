@@ -27,6 +27,7 @@ from PIL import Image
 
 from mgd3_assets import demo
 from mgd3_assets.local_cluster import free_port, start_process, stop_process
+from mgd3_assets.run_launcher import PID_TAG
 from mgd3_core import storage
 from mgd3_core.config import PROJECT_ROOT, config_from_dict
 from tests.dagster_helpers import (DATA_VERSION_TAG, build_defs, evaluate, latest_materialization, requested,
@@ -45,6 +46,9 @@ def _instance_dir(root: Path) -> Path:
         "storage": {"sqlite": {"base_dir": str(root / "dagster_storage")}},
         # The core's log lines (a backbone load among them) become events of the run.
         "python_logs": {"managed_python_loggers": ["mgd3"], "python_log_level": "INFO"},
+        # as in the repository's dagster.yaml: runs forked from a warm process, the backfill daemon quickened
+        "run_launcher": {"module": "mgd3_assets.run_launcher", "class": "WarmRunLauncher",
+                         "config": {"daemon_interval_seconds": 2}},
         "telemetry": {"enabled": False},
         "nux": {"enabled": False},
     }))
@@ -137,6 +141,8 @@ def test_a_backfill_runs_one_run_per_stage_chunk_and_loads_the_backbone_once_per
     assert backfilled["backfill"].status.value == "COMPLETED_SUCCESS"
     runs = backfilled["runs"]
     assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+    # each run's process was forked from the launcher's warm server, not started by the code server
+    assert all(r.tags.get(PID_TAG, "").isdigit() for r in runs), [r.tags for r in runs]
     assert cfg.classes_per_run() >= len(cfg.dataset.classes)  # "auto": every tiny class in one run
     # latent_store: one run of both classes; mode_centroids: one; distilled_images: one per method.
     by_asset = sorted(tuple(sorted(k.to_user_string() for k in r.asset_selection)) for r in runs)

@@ -1,0 +1,153 @@
+"""Runs start in a warm process: torch, diffusers and Dagster are imported once, not per run.
+
+Dagster's default launcher asks the code server to start every run in a new process, which
+imports torch, diffusers and Dagster again (about 9 s of CPU here, 10-20 s with a GPU's CUDA
+context) before the run's first step. Every run the UI, a backfill, a schedule or the automation
+launches pays that, and a run of one stage's classes often computes for less.
+
+``WarmRunLauncher`` (``run_launcher`` in ``dagster.yaml`` and ``deploy/dagster.yaml``) keeps a
+fork server (``python -m mgd3_assets.fork_server``) that has imported those libraries
+(``mgd3_assets.warm_imports``), and forks each run's process from it. The run's process then
+imports this project's own code and the job afresh, as Dagster's launcher would, so an edited
+config or module takes effect at the next run; only the third-party libraries are shared, never
+a loaded backbone or any state. Each run is still its own process, with its own failure,
+termination (SIGINT, as Dagster's code server sends) and logs.
+
+The fork server starts with the first run a process launches (the daemon, usually), so that run
+waits for the imports once; the launch of each later run costs a fork.
+
+``daemon_interval_seconds`` (default 5) also shortens the backfill daemon's wait between
+iterations, fixed at 30 s by Dagster: a backfill launches a stage's runs at the first iteration
+after their parents finished, so a "Materialize all" of the graph's eight stages waited up to
+four minutes between them. It takes effect once the daemon has launched its first run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import dagster as dg
+
+from .dagster_private import (ConfigurableClass, ConfigurableClassData, RunLauncher, instance_ref_json,
+                              quicken_daemons, run_worker_health)
+
+PID_TAG = "mgd3/run_worker_pid"
+HOST_TAG = "mgd3/run_worker_host"
+
+
+class ForkServerError(RuntimeError):
+    """The fork server did not start or stopped answering; the message says what it printed."""
+
+
+class ForkServer:
+    """One ``python -m mgd3_assets.fork_server`` process, started at the first request."""
+
+    def __init__(self):
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def _reply(self) -> str:
+        line = self._proc.stdout.readline()
+        if not line:
+            code = self._proc.wait(timeout=30)
+            self._proc = None
+            raise ForkServerError(f"the run launcher's fork server exited with status {code} (its errors are in "
+                                  "the daemon's log, above)")
+        return line.strip()
+
+    def _ensure_running(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self._proc = subprocess.Popen([sys.executable, "-m", "mgd3_assets.fork_server"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, bufsize=1)
+        if (answer := self._reply()) != "ready":
+            raise ForkServerError(f"the run launcher's fork server answered {answer!r} instead of 'ready'")
+
+    def fork_run(self, instance_ref: str, run_id: str) -> int:
+        """Start the run's process; its pid."""
+        with self._lock:
+            self._ensure_running()
+            self._proc.stdin.write(json.dumps({"run_id": run_id, "instance_ref": instance_ref}) + "\n")
+            self._proc.stdin.flush()
+            return int(self._reply())
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=30)
+                self._proc = None
+
+
+class WarmRunLauncher(RunLauncher, ConfigurableClass):
+    """Launch each run in a process forked from a server that has imported the heavy libraries."""
+
+    def __init__(self, inst_data: ConfigurableClassData | None = None, daemon_interval_seconds: float = 5.0):
+        self._inst_data = inst_data
+        if daemon_interval_seconds <= 0:
+            raise ValueError(f"run_launcher.config.daemon_interval_seconds = {daemon_interval_seconds}: expected "
+                             "seconds > 0 (dagster.yaml)")
+        quicken_daemons(daemon_interval_seconds)
+        self._server = ForkServer()
+        super().__init__()
+
+    @property
+    def inst_data(self):
+        return self._inst_data
+
+    @classmethod
+    def config_type(cls):
+        return {"daemon_interval_seconds": dg.Field(float, default_value=5.0, is_required=False)}
+
+    @classmethod
+    def from_config_value(cls, inst_data, config_value):
+        return cls(inst_data=inst_data, **config_value)
+
+    def launch_run(self, context) -> None:
+        run = context.dagster_run
+        pid = self._server.fork_run(instance_ref_json(self._instance), run.run_id)
+        self._instance.add_run_tags(run.run_id, {PID_TAG: str(pid), HOST_TAG: socket.gethostname()})
+        self._instance.report_engine_event(f"Forked the run's process (pid {pid}) from the warm fork server.",
+                                           run, cls=self.__class__)
+
+    def _worker_pid(self, run) -> int | None:
+        if run.tags.get(HOST_TAG) != socket.gethostname() or not run.tags.get(PID_TAG, "").isdigit():
+            return None
+        return int(run.tags[PID_TAG])
+
+    def terminate(self, run_id: str) -> bool:
+        run = self._instance.get_run_by_id(run_id)
+        if run is None or run.is_finished:
+            return False
+        pid = self._worker_pid(run)
+        if pid is None:
+            return False
+        self._instance.report_run_canceling(run)
+        try:
+            os.kill(pid, signal.SIGINT)  # Dagster turns it into an interrupt at the next safe point
+        except ProcessLookupError:
+            return False
+        return True
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run):
+        pid = self._worker_pid(run)
+        if pid is None:
+            return run_worker_health(None, "the run's worker was not started on this host")
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return run_worker_health(False, f"the run's worker (pid {pid}) has exited")
+        return run_worker_health(True, "")
+
+    def dispose(self) -> None:
+        self._server.stop()
