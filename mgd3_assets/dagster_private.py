@@ -35,6 +35,7 @@ __all__ = [
     "RunLauncher",
     "execute_launched_run",
     "instance_ref_json",
+    "daemon_interval",
     "quicken_daemons",
     "run_worker_health",
     "DagsterSqliteStorage",
@@ -184,8 +185,16 @@ def run_worker_health(alive: bool | None, message: str):
 
 def quicken_daemons(interval_seconds: float) -> None:
     """Set how long the backfill daemon (and a sensor daemon without its own setting) waits between
-    iterations: Dagster fixes it at 30 s (``DEFAULT_DAEMON_INTERVAL_SECONDS``), read at each wait.
-    A backfill launches a stage's runs at the first iteration after their parents finished."""
+    iterations: Dagster fixes it at 30 s (``DEFAULT_DAEMON_INTERVAL_SECONDS``), which each daemon
+    reads when its loop starts. A backfill launches a stage's runs at the first iteration after
+    their parents finished."""
     from dagster._daemon import controller
 
     controller.DEFAULT_DAEMON_INTERVAL_SECONDS = interval_seconds
+
+
+def daemon_interval() -> float:
+    """The interval the backfill daemon of this process waits between iterations."""
+    from dagster._daemon import controller
+
+    return controller.DEFAULT_DAEMON_INTERVAL_SECONDS

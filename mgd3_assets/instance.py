@@ -47,6 +47,7 @@ from .dagster_private import (
     pooled_pg_engine,
     use_pg_engine,
 )
+from .run_launcher import quicken_daemons_from_yaml
 
 
 def dagster_storage_dir() -> Path:
@@ -63,6 +64,7 @@ class Mgd3SqliteStorage(DagsterSqliteStorage):
 
     @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value) -> "Mgd3SqliteStorage":
+        quicken_daemons_from_yaml()  # before the daemon's loops start (run_launcher.py)
         return cls.from_local(str(dagster_storage_dir()), inst_data=inst_data)
 
 
@@ -179,5 +181,6 @@ class Mgd3PostgresStorage(DagsterPostgresStorage):
     def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value) -> "Mgd3PostgresStorage":
         url = pg_url_from_config(config_value)
         check_postgres_reachable(url)
+        quicken_daemons_from_yaml()  # before the daemon's loops start (run_launcher.py)
         return cls(postgres_url=url, inst_data=inst_data,
                    should_autocreate_tables=config_value.get("should_autocreate_tables", True))

@@ -19,7 +19,9 @@ waits for the imports once; the launch of each later run costs a fork.
 ``daemon_interval_seconds`` (default 5) also shortens the backfill daemon's wait between
 iterations, fixed at 30 s by Dagster: a backfill launches a stage's runs at the first iteration
 after their parents finished, so a "Materialize all" of the graph's eight stages waited up to
-four minutes between them. It takes effect once the daemon has launched its first run.
+four minutes between them. The backfill daemon reads that interval once, when it starts, before
+any run launcher exists; so the project's storage classes (``instance.py``), which the daemon
+loads first, apply the setting from ``$DAGSTER_HOME/dagster.yaml`` (``quicken_daemons_from_yaml``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import dagster as dg
 
@@ -39,6 +42,32 @@ from .dagster_private import (ConfigurableClass, ConfigurableClassData, RunLaunc
 
 PID_TAG = "mgd3/run_worker_pid"
 HOST_TAG = "mgd3/run_worker_host"
+
+
+DEFAULT_DAEMON_INTERVAL_S = 5.0
+
+
+def quicken_daemons_from_yaml(dagster_home: str | os.PathLike | None = None) -> float | None:
+    """Apply ``daemon_interval_seconds`` of the ``WarmRunLauncher`` configured in
+    ``<dagster_home>/dagster.yaml`` (default ``$DAGSTER_HOME``); the interval applied, or None
+    where another launcher is configured."""
+    import yaml
+
+    path = Path(dagster_home or os.environ.get("DAGSTER_HOME", ".")) / "dagster.yaml"
+    raw = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    launcher = raw.get("run_launcher") or {}
+    if launcher.get("module") != __name__ or launcher.get("class") != WarmRunLauncher.__name__:
+        return None
+    seconds = (launcher.get("config") or {}).get("daemon_interval_seconds", DEFAULT_DAEMON_INTERVAL_S)
+    _check_interval(seconds)
+    quicken_daemons(seconds)
+    return seconds
+
+
+def _check_interval(seconds) -> None:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise ValueError(f"run_launcher.config.daemon_interval_seconds = {seconds!r}: expected seconds > 0 "
+                         "(dagster.yaml)")
 
 
 class ForkServerError(RuntimeError):
@@ -88,11 +117,10 @@ class ForkServer:
 class WarmRunLauncher(RunLauncher, ConfigurableClass):
     """Launch each run in a process forked from a server that has imported the heavy libraries."""
 
-    def __init__(self, inst_data: ConfigurableClassData | None = None, daemon_interval_seconds: float = 5.0):
+    def __init__(self, inst_data: ConfigurableClassData | None = None,
+                 daemon_interval_seconds: float = DEFAULT_DAEMON_INTERVAL_S):
         self._inst_data = inst_data
-        if daemon_interval_seconds <= 0:
-            raise ValueError(f"run_launcher.config.daemon_interval_seconds = {daemon_interval_seconds}: expected "
-                             "seconds > 0 (dagster.yaml)")
+        _check_interval(daemon_interval_seconds)
         quicken_daemons(daemon_interval_seconds)
         self._server = ForkServer()
         super().__init__()
@@ -103,7 +131,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
 
     @classmethod
     def config_type(cls):
-        return {"daemon_interval_seconds": dg.Field(float, default_value=5.0, is_required=False)}
+        return {"daemon_interval_seconds": dg.Field(float, default_value=DEFAULT_DAEMON_INTERVAL_S, is_required=False)}
 
     @classmethod
     def from_config_value(cls, inst_data, config_value):

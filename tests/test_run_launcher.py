@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 
-from mgd3_assets.run_launcher import PID_TAG, WarmRunLauncher
+from mgd3_assets.run_launcher import PID_TAG, WarmRunLauncher, quicken_daemons_from_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -129,6 +129,22 @@ def test_terminating_a_run_stops_its_process(setup):
     assert not instance.run_launcher.terminate(run_id)  # finished: nothing to stop
 
 
-def test_the_daemon_interval_must_be_positive():
-    with pytest.raises(ValueError, match="daemon_interval_seconds"):
-        WarmRunLauncher(daemon_interval_seconds=0)
+def test_the_daemon_interval_comes_from_dagster_yaml_before_any_launcher_exists(tmp_path):
+    from mgd3_assets.dagster_private import daemon_interval, quicken_daemons
+    from mgd3_core.config import PROJECT_ROOT
+
+    before = daemon_interval()
+    try:
+        quicken_daemons(30)
+        assert quicken_daemons_from_yaml(PROJECT_ROOT) == 5 and daemon_interval() == 5  # the repository's yaml
+        assert quicken_daemons_from_yaml(PROJECT_ROOT / "deploy") == 5
+        (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({"run_launcher": {
+            "module": "mgd3_assets.run_launcher", "class": "WarmRunLauncher", "config": {"daemon_interval_seconds": -1}}}))
+        with pytest.raises(ValueError, match="daemon_interval_seconds = -1"):
+            quicken_daemons_from_yaml(tmp_path)
+        (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({"telemetry": {"enabled": False}}))
+        assert quicken_daemons_from_yaml(tmp_path) is None and daemon_interval() == 5  # Dagster's launcher: untouched
+        with pytest.raises(ValueError, match="daemon_interval_seconds"):
+            WarmRunLauncher(daemon_interval_seconds=0)
+    finally:
+        quicken_daemons(before)
