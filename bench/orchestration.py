@@ -515,13 +515,14 @@ def main(argv=None) -> int:
         raw = yaml.safe_load(config.read_text()) or {}
         if args.small:
             raw = small_config(raw)
+        from mgd3_core import pipeline
         from mgd3_core.config import config_from_dict
 
         cfg = config_from_dict(raw)  # a bad config fails here, with the core's message
         cfg_path = tmp / "config.yaml"
         cfg_path.write_text(yaml.safe_dump(raw))
         print(f"config {config.relative_to(REPO) if config.is_relative_to(REPO) else config}"
-              f"{' --small' if args.small else ''}: {len(cfg.dataset.classes or [])} classes, "
+              f"{' --small' if args.small else ''}: {len(pipeline.class_infos(cfg))} classes, "
               f"{cfg.images_per_class()} images per class per method, {len(cfg.methods)} methods, "
               f"classes_per_run {cfg.classes_per_run()}, sampler batch {cfg.sampler.batch_size}, "
               f"{cfg.sampler.steps} steps; temp root {tmp}", flush=True)
