@@ -258,6 +258,9 @@ class ExperimentConfig(_Strict):
             if o.t_stop is not None and o.t_stop > self.sampler.steps:
                 raise ValueError(f"method_overrides.{name}.t_stop = {o.t_stop} is outside "
                                  f"[0, steps = {self.sampler.steps}]")
+        if self.evaluation.split == "validation" and self.dataset.validation_fraction <= 0:
+            raise ValueError("evaluation.split = 'validation' scores on the held-out part of the training split, "
+                             "but dataset.validation_fraction is 0: set it above 0 (e.g. 0.1) or use split 'test'")
         if self.backbone.kind == "embedded":
             factor = 2 ** (len(self.backbone.embedded.vae.block_out_channels) - 1)
             if self.dataset.image_size % factor:

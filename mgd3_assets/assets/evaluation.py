@@ -20,6 +20,7 @@ import pandas as pd
 from mgd3_core import evaluate, storage
 from mgd3_core.backbones import backbone_class_conditions
 from mgd3_core.config import ExperimentConfig
+from mgd3_core.evaluation_report import evaluation_report as write_evaluation_report
 
 from ..automation import on_upstream_data_change
 from ..failures import fails_with_root_cause
@@ -161,7 +162,7 @@ def _report_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
     def evaluation_report(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                           backbone: BackboneResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment)
-        report = evaluate.evaluation_report(cfg, experiment.storage(), fingerprint=backbone.fingerprint() or "")
+        report = write_evaluation_report(cfg, experiment.storage(), fingerprint=backbone.fingerprint() or "")
         context.log.info(f"evaluation report: {report.html}")
         metadata = {
             "results_table": dg.MetadataValue.md(report.table_markdown),
@@ -169,6 +170,8 @@ def _report_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
             "report_markdown": dg.MetadataValue.path(str(report.markdown)),
             "report_dir": dg.MetadataValue.path(str(report.out_dir)),
         }
+        if report.variants_markdown:  # methods beyond the six base names: ranked by base method
+            metadata["variants_table"] = dg.MetadataValue.md(report.variants_markdown)
         if report.summary is not None:
             metadata["summary"] = frame_table(report.summary, digits=3)
         return dg.MaterializeResult(metadata=metadata)
