@@ -8,26 +8,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .config_base import DEFAULT_MEMORY_BUDGET_MB, _Strict  # noqa: F401  (re-exported)
 from .config_eval import (EvaluationConfig, HardLabelConfig, SoftLabelConfig,  # noqa: F401  (re-exported)
                           TeacherConfig)
-
-# MGD3 (ICML 2025), Sec. 4 / reference code: DDPM respaced to 50 steps, CFG 4.0,
-# guidance strength lambda 0.1, guidance stopped at t_stop = 25 of 50.
-PAPER_DEFAULTS = {"steps": 50, "cfg_scale": 4.0, "guidance_strength": 0.1, "t_stop": 25}
+from .config_methods import (ALL_METHODS, DIFFUSION_METHODS, PAPER_DEFAULTS, REAL_METHODS,  # noqa: F401  (re-exported)
+                             GuidanceSchedule, MethodOverride, MethodVariant, ModesConfig, SamplerConfig,
+                             VariantError, expand_methods, finder_key)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "embedded.yaml"
 DEFAULT_HOME = PROJECT_ROOT / "mgd3_home"
-
-DIFFUSION_METHODS = ("mgd3", "unguided", "mgd3_no_stop")
-REAL_METHODS = ("random_real", "closest_real", "decoded_centroids")
-ALL_METHODS = DIFFUSION_METHODS + REAL_METHODS
 
 # One module per kind in mgd3_core/backbones/ (registry.KINDS); a kind's own settings are a
 # field of BackboneConfig named after it.
@@ -180,44 +175,6 @@ class EncodeConfig(_Strict):
     dtype: Literal["float32", "float16"] = "float32"
 
 
-class ModesConfig(_Strict):
-    method: Literal["kmeans", "gmm", "bisecting_kmeans"] = "kmeans"
-    n_init: int = Field(default=3, ge=1)
-    max_iter: int = Field(default=300, ge=1)
-    seed: int = 0
-
-
-GuidanceSchedule = Literal["constant", "linear", "cosine"]
-
-
-class SamplerConfig(_Strict):
-    kind: Literal["ddpm", "ddim"] = "ddpm"
-    steps: int = Field(default=PAPER_DEFAULTS["steps"], ge=1, le=1000)
-    cfg_scale: float = Field(default=PAPER_DEFAULTS["cfg_scale"], ge=0.0)
-    guidance_strength: float = Field(default=PAPER_DEFAULTS["guidance_strength"], ge=0.0)
-    t_stop: int = Field(default=PAPER_DEFAULTS["t_stop"], ge=0)
-    batch_size: int = Field(default=100, ge=1)
-    # CFG on all noise channels (diffusers' DiTPipeline) or the first k, the rest conditional:
-    # the DiT / MGD3 reference code (forward_with_cfg) guides 3 of DiT-XL/2's 4 (cfg_channels: 3).
-    cfg_channels: Literal["all"] | Annotated[int, Field(ge=1)] = "all"
-    # lambda over the guided steps (sampling.SamplerSettings.strength_at); left out of dumps while
-    # "constant" (the paper), so method-settings versions from before the option stay the same.
-    guidance_schedule: GuidanceSchedule = Field(default="constant", exclude_if=lambda v: v == "constant")
-
-    @model_validator(mode="after")
-    def _t_stop_in_range(self) -> "SamplerConfig":
-        if self.t_stop > self.steps:
-            raise ValueError(f"sampler.t_stop = {self.t_stop} is outside [0, steps = {self.steps}]")
-        return self
-
-
-class MethodOverride(_Strict):
-    guidance_strength: float | None = Field(default=None, ge=0.0)
-    t_stop: int | None = Field(default=None, ge=0)
-    cfg_scale: float | None = Field(default=None, ge=0.0)
-    guidance_schedule: GuidanceSchedule | None = None
-
-
 class RunsConfig(_Strict):
     """How many partitions (classes) one Dagster run materializes: the run loads the backbone once
     and the sampler sees all its classes' images at once (up to ``sampler.batch_size`` per forward
@@ -229,6 +186,10 @@ class RunsConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
+    # ``methods`` in the file is the field ``method_entries`` (names, variants and grids as
+    # written); ``methods`` the resolved names (``method_variants``). Dumps write ``methods``.
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+
     name: str = Field(default="embedded", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     dataset: DatasetConfig = DatasetConfig()
@@ -237,7 +198,7 @@ class ExperimentConfig(_Strict):
     ipc: list[int] = [10]
     modes: ModesConfig = ModesConfig()
     sampler: SamplerConfig = SamplerConfig()
-    methods: list[Literal[ALL_METHODS]] = list(ALL_METHODS)  # type: ignore[valid-type]
+    method_entries: list[str | dict[str, Any]] = Field(default=list(ALL_METHODS), alias="methods")
     method_overrides: dict[str, MethodOverride] = {}
     evaluation: EvaluationConfig = EvaluationConfig()
     runs: RunsConfig = RunsConfig()
@@ -261,6 +222,9 @@ class ExperimentConfig(_Strict):
         if self.evaluation.split == "validation" and self.dataset.validation_fraction <= 0:
             raise ValueError("evaluation.split = 'validation' scores on the held-out part of the training split, "
                              "but dataset.validation_fraction is 0: set it above 0 (e.g. 0.1) or use split 'test'")
+        if not self.method_entries:
+            raise ValueError("methods: list at least one method")
+        self.method_variants()  # every entry resolves: names, kinds and settings are valid
         if self.backbone.kind == "embedded":
             factor = 2 ** (len(self.backbone.embedded.vae.block_out_channels) - 1)
             if self.dataset.image_size % factor:
@@ -277,19 +241,41 @@ class ExperimentConfig(_Strict):
         return self
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def methods(self) -> list[str]:
+        """The methods' names, in the listed order: the partition keys of ``distilled_images`` and
+        ``students`` (the base names themselves when ``methods`` lists base names only)."""
+        return list(self.method_variants())
+
+    def method_variants(self) -> dict[str, MethodVariant]:
+        """Every ``methods`` entry resolved (``config_methods``), by name."""
+        return expand_methods(self.method_entries, self.sampler, self.modes, self.method_overrides)
+
+    def variant(self, method: str) -> MethodVariant:
+        """The listed method ``method``; a base method's name resolves even when it is not listed."""
+        variants = self.method_variants()
+        if method in variants:
+            return variants[method]
+        if method in ALL_METHODS:
+            return expand_methods([method], self.sampler, self.modes, self.method_overrides)[method]
+        raise KeyError(f"method {method!r} is not in the config's methods {list(variants)}")
+
+    def kind_of(self, method: str) -> str:
+        """The base method (one of ``ALL_METHODS``) of a listed method or variant."""
+        return self.variant(method).kind
+
     def sampler_for(self, method: str) -> SamplerConfig:
-        """Sampler settings of a diffusion method: the same loop, different lambda / t_stop."""
-        if method not in DIFFUSION_METHODS:
-            raise ValueError(f"method {method!r} is not a diffusion method; choose from {DIFFUSION_METHODS}")
-        updates: dict = {}
-        if method == "unguided":
-            updates["guidance_strength"] = 0.0
-        elif method == "mgd3_no_stop":
-            updates["t_stop"] = 0
-        o = self.method_overrides.get(method)
-        if o is not None:
-            updates.update({k: v for k, v in o.model_dump().items() if v is not None})
-        return self.sampler.model_copy(update=updates)
+        """Sampler settings of a diffusion method or variant: the config's sampler, the base method's
+        fixed setting, and ``method_overrides`` (base names) or the variant's own settings."""
+        v = self.variant(method)
+        if not v.diffusion:
+            raise ValueError(f"method {method!r} is not a diffusion method; its kind {v.kind!r} is not one "
+                             f"of {DIFFUSION_METHODS}")
+        return v.sampler
+
+    def modes_for(self, method: str) -> ModesConfig:
+        """The mode finder of a method or variant: the config's ``modes`` unless the variant sets its own."""
+        return self.variant(method).modes
 
     def epochs_for_ipc(self, ipc: int, protocol: Literal["hard", "soft"] = "hard", student: str | None = None) -> int:
         """Student epochs at ``ipc``: the protocol's table (hard: the student's,
@@ -326,7 +312,9 @@ def _format_errors(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/embedded.yaml for every key)"
-        lines.append(f"  {loc or '<top level>'}: {msg} (got {e.get('input')!r})")
+        # A cross-check's message names its key; its input would be the whole file.
+        got = f" (got {e.get('input')!r})" if loc else ""
+        lines.append(f"  {loc}: {msg}{got}" if loc else f"  {msg}")
     return "\n".join(lines)
 
 

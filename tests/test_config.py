@@ -47,7 +47,7 @@ def test_mgd3_config_env_var_selects_the_file(tmp_path, monkeypatch):
         ({"ipc": "ten"}, "ipc", "valid list"),
         ({"sampler": {"cfg_scale": "high"}}, "sampler.cfg_scale", "valid number"),
         ({"dataset": {"image_size": 30}}, "image_size = 30", "not divisible by the VAE downsampling factor 4"),
-        ({"methods": ["mgd3", "magic"]}, "methods.1", "Input should be"),
+        ({"methods": ["mgd3", "magic"]}, "methods[1]", "unknown method 'magic'"),
         ({"method_overrides": {"mgd3": {"t_stop": 99}}}, "method_overrides.mgd3.t_stop", "outside [0, steps"),
         ({"dataset": {"kind": "imagefolder"}}, "dataset.root", "required"),
         ({"backbone": {"kind": "pretrained"}}, "backbone.transformer_dir", "required"),
