@@ -17,6 +17,25 @@ from .config import ExperimentConfig
 from .distilled import load_distilled_class
 
 
+def report_variants(cfg: ExperimentConfig) -> dict[str, tuple[str, dict]]:
+    """``{method: (base method, {setting: value})}`` for :mod:`mgd3_core.report_grid`: over every setting
+    some variant changes, the value each method runs with (a base method's fixed one included, e.g.
+    unguided's λ 0), None where its kind does not use the setting. No settings with the base names."""
+    from .config_methods import APPLIES_TO, KIND_FIXED, MODES_KEYS, SAMPLER_KEYS
+
+    variants = cfg.method_variants()
+    keys = list(dict.fromkeys(k for v in variants.values() for k in v.changed))
+    out = {}
+    for name, v in variants.items():
+        settings = {}
+        for k in keys:
+            used = k in APPLIES_TO[v.kind] or SAMPLER_KEYS.get(k) in KIND_FIXED.get(v.kind, {})
+            value = getattr(v.sampler, SAMPLER_KEYS[k]) if k in SAMPLER_KEYS else getattr(v.modes, MODES_KEYS[k])
+            settings[k] = value if used else None
+        out[name] = (v.kind, settings)
+    return out
+
+
 def evaluation_report(cfg: ExperimentConfig, home: Path, fingerprint: str = ""):
     """Every method's students and feature metrics, the data's account (``dataset_report``), as
     the report (Markdown, CSV, PNGs, HTML) under ``report/``; returns ``report.Report``."""
@@ -49,4 +68,5 @@ def evaluation_report(cfg: ExperimentConfig, home: Path, fingerprint: str = ""):
              f"{cfg.sampler.steps} steps, CFG {cfg.sampler.cfg_scale}, λ {cfg.sampler.guidance_strength}, "
              f"t_stop {cfg.sampler.t_stop}; modes: {cfg.modes.method}. {dataset_note(cfg, home)}")
     return write_report(storage.report_dir(cfg, home), accuracy, metrics, tsne=tsne, image_grids=grids,
-                        title=f"MGD³ evaluation — {cfg.name}", notes=notes, split=cfg.evaluation.split)
+                        title=f"MGD³ evaluation — {cfg.name}", notes=notes, split=cfg.evaluation.split,
+                        variants=report_variants(cfg))

@@ -133,7 +133,8 @@ def table_markdown(summary: pd.DataFrame, split: str = "test") -> str:
 def accuracy_plot(summary: pd.DataFrame) -> bytes:
     """Bars of final top-1 (mean ± std) per method, one panel per (protocol, student, ipc); full data dashed."""
     groups = summary[summary["method"] != "full_data"].groupby(["protocol", "student", "ipc"], sort=False)
-    fig = Figure(figsize=(max(5.0, 4.5 * max(groups.ngroups, 1)), 3.8))
+    bars = max((len(g) for _, g in groups), default=1)  # a grid's many variants: wider panels
+    fig = Figure(figsize=(max(5.0, max(4.5, 0.45 * bars) * max(groups.ngroups, 1)), 3.8))
     for i, ((protocol, student, ipc), g) in enumerate(groups):
         ax = fig.add_subplot(1, groups.ngroups, i + 1)
         ax.bar(range(len(g)), g["mean"], yerr=g["std"], capsize=3, color="tab:blue", alpha=0.8)
@@ -254,8 +255,9 @@ def _html_page(title: str, notes: str, explain: str, tables: list[tuple[str, str
         "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>"
         + "".join(f"<p>{html.escape(p)}</p>" for p in explain.split("\n\n"))
-        + "".join((f"<h2>{html.escape(heading)}</h2>" if heading else "") + _html_table(table)
-                  for heading, table in tables)
+        + "".join((f"<h2>{html.escape(heading)}</h2>" if heading else "")
+                  + "".join(_html_table(b) if b.startswith("|") else f"<p>{html.escape(b)}</p>" for b in md.split("\n\n"))
+                  for heading, md in tables)
         + "".join(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='{b64(data)}'>"
                   for _, caption, data in figures)
         + "</body></html>"
@@ -297,7 +299,7 @@ def write_report(out_dir: str | os.PathLike, accuracy: pd.DataFrame, metrics: pd
     ``{method: (base method, {setting: value})}`` (:mod:`mgd3_core.report_grid`); when the
     methods are more than the base names, a ranked table of them and sweep plots are added.
     """
-    from .report_grid import has_variants, variant_markdown, variant_table
+    from .report_grid import has_variants, pivot_markdown, sweep_kinds, variant_markdown, variant_table
 
     _check_columns(accuracy, ACC_COLUMNS, "accuracy")
     if not len(accuracy):
@@ -312,8 +314,10 @@ def write_report(out_dir: str | os.PathLike, accuracy: pd.DataFrame, metrics: pd
     kinds = {m: kind for m, (kind, _) in (variants or {}).items()}
     summary = summary_table(accuracy, metrics, kinds)
     table = table_markdown(summary, split)
-    variants_md = (variant_markdown(variant_table(summary, variants), variants, split)
-                   if has_variants(variants) else "")
+    variants_md = ""
+    if has_variants(variants):  # the ranked variants, then each base method's grid as a table
+        variants_md = "\n\n".join([variant_markdown(variant_table(summary, variants), variants, split),
+                                     *(pivot_markdown(summary, variants, kind, split) for kind in sweep_kinds(variants))])
     results_csv = atomic_write(out / "results.csv", accuracy.to_csv(index=False))
     summary_csv = atomic_write(out / "summary.csv", summary.to_csv(index=False))
     metrics_csv = atomic_write(out / "metrics.csv", metrics.to_csv(index=False)) if metrics is not None else None

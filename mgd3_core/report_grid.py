@@ -127,3 +127,32 @@ def sweep_plot(summary: pd.DataFrame, variants: Variants, kind: str, split: str 
         ax.set_title(f"{kind}: {student}, {protocol} labels, IPC {int(ipc)}", fontsize=9)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return figure_png(fig)
+
+
+def pivot_markdown(summary: pd.DataFrame, variants: Variants, kind: str, split: str = "test") -> str:
+    """``kind``'s variants as a grid: one row per value of the first varied setting, one column per
+    value of the second (or one column), cells final top-1 mean ± std; one table per (protocol,
+    student, IPC). Variants that leave a cell's settings to another value are not in it."""
+    varied = varied_settings(variants, kind)
+    row_key, col_key = varied[0], (varied[1] if len(varied) > 1 else None)
+    mine = {m: s for m, (k, s) in variants.items() if k == kind and s.get(row_key) is not None}
+
+    def ordered(values):
+        values = list(dict.fromkeys(values))
+        return sorted(values) if _numeric(values) else values
+
+    rows = ordered(s[row_key] for s in mine.values())
+    cols = ordered(s.get(col_key) for s in mine.values()) if col_key else [None]
+    out = []
+    for (protocol, student, ipc), g in summary[summary["method"].isin(list(mine))].groupby(
+            ["protocol", "student", "ipc"], sort=False):
+        g = g.set_index("method")
+        cell = {(mine[m][row_key], mine[m].get(col_key) if col_key else None): fmt(g.loc[m, "mean"], g.loc[m, "std"])
+                for m in g.index}
+        head = [f"{row_key} \\ {col_key}" if col_key else row_key,
+                *(f"{col_key} {_value(c)}" if col_key else f"final {split} top-1 %" for c in cols)]
+        lines = [f"{kind}, {student}, {protocol} labels, IPC {int(ipc)}: final {split} top-1 % (mean ± std)", "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join([_value(r), *(cell.get((r, c), "") for c in cols)]) + " |" for r in rows]
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
