@@ -420,7 +420,7 @@ def sampler_limit(config: Path, home: Path, threads: int) -> dict:
     labels = torch.arange(classes).repeat_interleave(cfg.images_per_class()) % bb.num_classes
     modes = torch.randn((n, *bb.latent_shape), generator=g)
     seeds = list(range(n))
-    methods = [m for m in cfg.methods if m in DIFFUSION_METHODS]
+    methods = [m for m in cfg.methods if cfg.kind_of(m) in DIFFUSION_METHODS]  # variants by their kind
     per = {}
     for m in methods:
         settings = SamplerSettings.from_config(cfg.sampler_for(m))

@@ -36,7 +36,7 @@ def main() -> None:
     print("$", " ".join([Path(sys.executable).name, *sys.argv]))
     root = distilled_root(cfg, home)
     rows = []
-    for method in [m for m in DIFFUSION_METHODS if m in cfg.methods]:
+    for method in [m for m in cfg.methods if cfg.kind_of(m) in DIFFUSION_METHODS]:  # variants too
         for g in cfg.evaluation.generation_seeds:
             for c in class_infos(cfg):
                 rows += read_manifest(set_dir(root, method, ipc, g), c.id)

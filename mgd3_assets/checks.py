@@ -8,8 +8,8 @@ their own, so the UI lists them and can re-execute one on a partition by hand.
   current VAE's fingerprint, a latent for every training image of the class
   (apart from files recorded as undecodable), only finite values and the
   content hash recorded at writing;
-- ``centroids_valid``: for every IPC and generation seed, exactly IPC finite
-  centroids whose counts cover every latent of the class;
+- ``centroids_valid`` (of ``mode_centroids`` and ``variant_modes``): for every IPC and generation
+  seed, exactly IPC finite centroids whose counts cover every latent of the class;
 - ``distilled_complete``: for every IPC and generation seed, exactly IPC PNGs
   in the class's ImageFolder directory and one manifest row for each, whose
   recorded hash matches the file.
@@ -28,7 +28,8 @@ from mgd3_core.config import ExperimentConfig
 from mgd3_core.distilled import DistilledSetError, read_manifest
 from mgd3_core.latents import LatentStoreError, validate_latent_store
 
-from .partitions import class_partitions, distilled_partitions, method_and_class
+from .partitions import (class_partitions, distilled_partitions, finder_and_class, finder_partitions,
+                         method_and_class, variant_finders)
 from .resources import BackboneResource, ExperimentResource
 
 
@@ -59,19 +60,21 @@ def latent_store_problems(cfg: ExperimentConfig, home: Path, class_id: str, vae_
     return problems, {"path": str(path), "latents": info.n, "skipped": len(skipped), "training_images": expected}
 
 
-def centroid_problems(cfg: ExperimentConfig, home: Path, class_id: str) -> tuple[list[str], dict]:
-    path = storage.modes_file(cfg, home, class_id)
+def centroid_problems(cfg: ExperimentConfig, home: Path, class_id: str, modes=None) -> tuple[list[str], dict]:
+    """Problems of one class's modes: the config's finder, or ``modes`` (a variant's)."""
+    path = pipeline.modes_path(cfg, home, class_id, modes)
     problems: list[str] = []
     try:
         with h5py.File(path, "r") as f:
             n = int(f.attrs["n_latents"])
     except (OSError, KeyError) as e:
-        return [f"{path}: cannot read the modes file ({e}); re-materialize mode_centroids[{class_id}]"], {}
+        asset = "mode_centroids" if path == storage.modes_file(cfg, home, class_id) else "variant_modes"
+        return [f"{path}: cannot read the modes file ({e}); re-materialize {asset}[{class_id}]"], {}
     for ipc in cfg.ipc:
         for seed in cfg.evaluation.generation_seeds:
             where = f"{path} ipc{ipc}/seed{seed}"
             try:
-                m = pipeline.read_modes(cfg, home, class_id, ipc, seed)
+                m = pipeline.read_modes(cfg, home, class_id, ipc, seed, modes)
             except (KeyError, ValueError, OSError) as e:
                 problems.append(str(e))
                 continue
@@ -148,4 +151,21 @@ def build_checks(cfg: ExperimentConfig) -> list[dg.AssetChecksDefinition]:
         return _each_partition(context, lambda pk: distilled_problems(
             experiment.config(), experiment.storage(), *method_and_class(pk)))
 
-    return [latent_store_complete, centroids_valid, distilled_complete]
+    return [latent_store_complete, centroids_valid, distilled_complete, *_variant_modes_checks(cfg)]
+
+
+def _variant_modes_checks(cfg: ExperimentConfig) -> list[dg.AssetChecksDefinition]:
+    if not variant_finders(cfg):
+        return []
+
+    @dg.asset_check(asset="variant_modes", name="centroids_valid", partitions_def=finder_partitions(cfg),
+                    blocking=True, description="As mode_centroids': exactly IPC finite centroids per IPC and seed.")
+    def variant_centroids_valid(context: dg.AssetCheckExecutionContext,
+                                experiment: ExperimentResource) -> dg.AssetCheckResult:
+        def problems(pk):
+            cfg = experiment.config()
+            finder, class_id = finder_and_class(pk)
+            return centroid_problems(cfg, experiment.storage(), class_id, variant_finders(cfg).get(finder))
+        return _each_partition(context, problems)
+
+    return [variant_centroids_valid]

@@ -18,6 +18,7 @@ from .automation import automation_sensor, observation_schedules
 from .checks import build_checks
 from .executors import build_executor
 from .jobs import DATASET_JOB, METHOD_SETTINGS_JOB, build_jobs
+from .partitions import variant_finders
 from .resources import build_resources
 
 
@@ -32,7 +33,7 @@ def build_definitions(config_path: str | None = None, home: str | None = None) -
         return dg.Definitions(
             assets=build_assets(cfg),
             asset_checks=build_checks(cfg),
-            jobs=build_jobs(),
+            jobs=build_jobs(variant_modes=bool(variant_finders(cfg))),
             sensors=[automation_sensor()],
             schedules=observation_schedules({"dataset": DATASET_JOB, "method_settings": METHOD_SETTINGS_JOB}),
             resources=build_resources(config_path, home),

@@ -53,7 +53,7 @@ from .executors import ExecutorConfigError, uses_dask
 from .failures import exception_line, root_cause_line
 from .instance import PostgresUnreachable, storage_is_a_server
 from .jobs import (BACKBONE_JOB, DATASET_JOB, DISTILL_JOB, METHOD_SETTINGS_JOB, ENCODE_JOB, MODES_JOB, REPORTS_JOB,
-                   STUDENTS_JOB, TEACHER_JOB)
+                   STUDENTS_JOB, TEACHER_JOB, VARIANT_MODES_JOB)
 from .run_pool import RunnerPool, parallel_runs
 from .run_ranges import chunk_runs, describe, partition_tags  # noqa: F401  (demo.partition_tags: cluster_demo, tests)
 
@@ -75,11 +75,18 @@ STAGES = (
     Stage(BACKBONE_JOB, ("backbone",)),
     Stage(ENCODE_JOB, ("latent_store",)),
     Stage(MODES_JOB, ("mode_centroids",)),
+    Stage(VARIANT_MODES_JOB, ("variant_modes",)),  # only in a graph with such variants (has_stage)
     Stage(DISTILL_JOB, ("distilled_images",)),
     Stage(TEACHER_JOB, ("teacher", "full_data_students")),
     Stage(STUDENTS_JOB, ("students",)),
     Stage(REPORTS_JOB, ("diversity_report", "evaluation_report")),
 )
+
+
+def has_stage(defs: dg.Definitions, stage: Stage) -> bool:
+    """Whether the graph has the stage's assets (``variant_modes`` only when a method variant
+    chooses a mode finder of its own)."""
+    return defs.resolve_asset_graph().has(dg.AssetKey(stage.assets[0]))
 
 
 def stage_of(asset: str) -> Stage:
@@ -105,6 +112,7 @@ class StageReport:
     partitions: list = field(default_factory=list)
     peak_rss_mib: float = float("nan")  # of this stage alone (the kernel's high-water mark, reset per stage)
     peak_device_mib: float | None = None  # peak CUDA memory, where there is a GPU
+    in_graph: bool = True  # False: the graph has no such stage (variant_modes without such variants)
 
 
 class DemoError(RuntimeError):
@@ -115,6 +123,8 @@ def plan_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage,
     """[(what, [asset keys to run])] for one stage's runs: its missing or stale partitions (or all),
     grouped as a backfill groups them (``chunk_runs``). ``what``: None (an unpartitioned run), a
     partition key, or a ``dg.PartitionKeyRange`` of several."""
+    if not has_stage(defs, stage):
+        return []
     graph = defs.resolve_asset_graph()
     keys = [dg.AssetKey(a) for a in stage.assets]
     node = graph.get(keys[0])
@@ -143,9 +153,11 @@ def run_stage(defs: dg.Definitions, instance: dg.DagsterInstance, stage: Stage, 
               log=print, log_level: str = "INFO", runners: RunnerPool | None = None) -> StageReport:
     """Every missing or stale partition of ``stage``: one run after another in this process, or,
     with ``runners`` (on Dask), as many at once as there are runner processes."""
+    report = StageReport(stage.job)
+    if not has_stage(defs, stage):
+        return report
     job = defs.resolve_job_def(stage.job)
     todo = plan_stage(defs, instance, stage, force)
-    report = StageReport(stage.job)
     if not todo:
         log(f"== {stage.job}: {', '.join(stage.assets)} up to date")
         return report
@@ -269,6 +281,9 @@ def materialize_graph(defs: dg.Definitions, instance: dg.DagsterInstance, *, for
             log(f"starting {parallel} runner processes: each stage runs up to {parallel} partitions at once")
             runners = stack.enter_context(RunnerPool(parallel))
         for stage in stages:
+            if not has_stage(defs, stage):  # one report per stage all the same: reports[i] is stages[i]'s
+                reports.append(StageReport(stage.job, in_graph=False))
+                continue
             with PeakMemory() as peak:
                 report = run_stage(defs, instance, stage, force=force, log=log, log_level=log_level, runners=runners)
             report.peak_rss_mib, report.peak_device_mib = peak.rss_mib, peak.device_mib
@@ -319,6 +334,7 @@ def main(argv=None) -> int:
 
 
 def _print_timings(reports: list[StageReport], total: float, profile_json: str | None) -> None:
+    reports = [r for r in reports if r.in_graph]
     print("\n== timings (peak RSS of each stage; peak GPU memory where there is one)")
     for r in reports:
         gpu = f" {r.peak_device_mib:9.0f} MiB GPU" if r.peak_device_mib is not None else ""

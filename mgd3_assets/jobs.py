@@ -16,13 +16,16 @@ METHOD_SETTINGS_JOB = "observe_method_settings_job"
 BACKBONE_JOB = "backbone_job"
 ENCODE_JOB = "encode_job"
 MODES_JOB = "modes_job"
+VARIANT_MODES_JOB = "variant_modes_job"
 DISTILL_JOB = "distill_job"
 TEACHER_JOB = "teacher_job"
 STUDENTS_JOB = "students_job"
 REPORTS_JOB = "reports_job"
 
 
-def build_jobs() -> list[dg.UnresolvedAssetJobDefinition]:
+def build_jobs(variant_modes: bool = False) -> list[dg.UnresolvedAssetJobDefinition]:
+    """The stages' jobs; ``variant_modes``: the graph has that asset (a method variant with a mode
+    finder of its own), so its job too (a job of its own: it is partitioned by finder and class)."""
     return [
         # One job per partitioning, so two observation jobs.
         dg.define_asset_job(DATASET_JOB, selection=dg.AssetSelection.assets("dataset"),
@@ -37,6 +40,9 @@ def build_jobs() -> list[dg.UnresolvedAssetJobDefinition]:
                             description="Encode classes into their latent stores."),
         dg.define_asset_job(MODES_JOB, selection=dg.AssetSelection.assets("mode_centroids").without_checks(),
                             description="Find the modes of classes."),
+        *([dg.define_asset_job(VARIANT_MODES_JOB, selection=dg.AssetSelection.assets("variant_modes").without_checks(),
+                               description="Find the modes of classes with the mode finders of method variants.")]
+          if variant_modes else []),
         dg.define_asset_job(DISTILL_JOB, selection=dg.AssetSelection.assets("distilled_images").without_checks(),
                             description="Distil classes with one method."),
         dg.define_asset_job(TEACHER_JOB, selection=dg.AssetSelection.assets("teacher", "full_data_students"),

@@ -25,6 +25,7 @@ import dagster as dg
 from .dagster_private import check_target, provenance_tags
 
 DATA_VERSION_TAG = "dagster/data_version"
+NOT_READ = object()  # a parent none of whose partitions this partition reads (PartitionEvents.parents)
 USER_PROVIDED_TAG = "dagster/data_version_is_user_provided"
 
 
@@ -46,7 +47,8 @@ def observe_if_changed(context: dg.AssetExecutionContext, source: str, partition
 @dataclass
 class PartitionEvents:
     """Builds the events of ``asset`` for the partitions of one run. ``parents``: {parent asset name:
-    the function from this asset's partition key to the parent's (None = unpartitioned parent)}."""
+    the function from this asset's partition key to the parent's (None = unpartitioned parent);
+    a function may return ``NOT_READ``: that partition reads no partition of the parent}."""
 
     context: dg.AssetExecutionContext
     asset: str
@@ -68,8 +70,8 @@ class PartitionEvents:
 
     def materialization(self, pk, data_version: str, metadata: dict) -> dg.AssetMaterialization:
         key = dg.AssetKey(self.asset)
-        inputs = {dg.AssetKey(p): self._input(p, to_parent(pk) if to_parent else None)
-                  for p, to_parent in self.parents.items()}
+        parents = {p: to_parent(pk) if to_parent else None for p, to_parent in self.parents.items()}
+        inputs = {dg.AssetKey(p): self._input(p, part) for p, part in parents.items() if part is not NOT_READ}
         code_version = self.context.assets_def.code_versions_by_key.get(key) or self.context.run.run_id
         tags = provenance_tags(data_version, code_version, inputs)
         if isinstance(pk, dg.MultiPartitionKey):

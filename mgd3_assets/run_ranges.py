@@ -12,12 +12,13 @@ def chunk_runs(partitions_def, plan: list, k: int) -> list:
     """Group [(partition key, asset keys)] into runs of up to ``k`` partitions with the same asset
     keys, each a range of consecutive partition keys (so a run never computes a partition that is
     up to date), as Dagster's backfill does with ``BackfillPolicy.multi_run(k)``. Multi-partitions
-    (method x class) are grouped along the class dimension, one method per run."""
+    (method x class, finder x class) are grouped along the class dimension, one method (finder) per run."""
     if isinstance(partitions_def, dg.MultiPartitionsDefinition):
-        from .partitions import CLASS_DIM, method_and_class, partition_key
+        from .partitions import CLASS_DIM
 
         classes = {c: i for i, c in enumerate(partitions_def.get_partitions_def_for_dimension(CLASS_DIM).get_partition_keys())}
-        order = {pk: (method, classes[c]) for pk, _ in plan for method, c in [method_and_class(pk)]}
+        other = next(d.name for d in partitions_def.partitions_defs if d.name != CLASS_DIM)
+        order = {pk: (pk.keys_by_dimension[other], classes[pk.keys_by_dimension[CLASS_DIM]]) for pk, _ in plan}
         adjacent = lambda a, b: order[a][0] == order[b][0] and order[b][1] == order[a][1] + 1  # noqa: E731
         by_method = sorted(plan, key=lambda item: order[item[0]])
     else:

@@ -16,12 +16,13 @@ import json
 
 import dagster as dg
 
-from mgd3_core.config import DIFFUSION_METHODS, ExperimentConfig
+from mgd3_core.config import ExperimentConfig, finder_key
 
 STAGE_VERSIONS = {
     "backbone": 1,
     "latent_store": 1,
     "mode_centroids": 1,
+    "variant_modes": 1,
     "distilled_images": 1,
     "teacher": 1,
     "full_data_students": 1,
@@ -56,6 +57,10 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
     if stage == "mode_centroids":
         return {"modes": dump["modes"], "ipc": dump["ipc"],
                 "generation_seeds": dump["evaluation"]["generation_seeds"], **_split(cfg)}
+    if stage == "variant_modes":
+        # Each partition's finder (method, n_init) is its key; the rest of ``modes`` is shared.
+        return {"modes": {k: dump["modes"][k] for k in ("max_iter", "seed")}, "ipc": dump["ipc"],
+                "generation_seeds": dump["evaluation"]["generation_seeds"], **_split(cfg)}
     if stage == "distilled_images":
         # What every method shares; each method's own settings (the sampler, for the
         # diffusion methods) are the data version of its ``method_settings`` partition,
@@ -80,18 +85,24 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
 
 
 def method_settings(cfg: ExperimentConfig, method: str) -> dict:
-    """The settings one distillation method's images depend on beyond the shared ones
+    """The settings one distillation method's (or variant's) images depend on beyond the shared ones
     (``stage_inputs(cfg, "distilled_images")``): the effective sampler for a diffusion
-    method (defaults, the method's own lambda / t_stop, ``method_overrides``) and, with a
-    Stable Diffusion backbone, its prompt settings; nothing
+    kind (defaults, the kind's own lambda / t_stop, ``method_overrides`` or the variant's settings)
+    and, with a Stable Diffusion backbone, its prompt settings; nothing
     for the real-image methods and decoded centroids, which never run the sampler
-    (decoding batch size changes no image beyond float rounding)."""
-    if method in DIFFUSION_METHODS:
-        settings = {"sampler": cfg.sampler_for(method).model_dump(mode="json")}
+    (decoding batch size changes no image beyond float rounding). A variant that is not a plain
+    base method adds its kind, and its mode finder when that is not the config's ``modes``."""
+    variant = cfg.variant(method)
+    settings: dict = {}
+    if variant.diffusion:
+        settings["sampler"] = variant.sampler.model_dump(mode="json")
         if cfg.backbone.kind == "stable_diffusion":  # the prompts condition every generated image
             settings["stable_diffusion"] = cfg.backbone.model_dump(mode="json")["stable_diffusion"]
-        return settings
-    return {}
+    if variant.name != variant.kind:
+        settings["kind"] = variant.kind
+        if variant.modes != cfg.modes:
+            settings["mode_finder"] = finder_key(variant.modes)
+    return settings
 
 
 def class_version(cfg: ExperimentConfig, home, class_id: str, conditions: dict[str, str] | None = None) -> str:
@@ -150,6 +161,8 @@ def checked_config(context: dg.AssetExecutionContext, experiment) -> ExperimentC
 def checked_method_settings(loaded: ExperimentConfig, now: ExperimentConfig, method: str) -> None:
     """Refuse a ``distilled_images`` run whose method settings (the sampler) were edited
     since the definitions loaded: the run would not match the observed ``method_settings``."""
+    if method not in now.methods:  # a variant removed from (or renamed in) the file since loading
+        raise _config_changed("distilled_images", f"method {method!r} is no longer in the config's methods")
     before, after = method_settings_version(loaded, method), method_settings_version(now, method)
     if before != after:
         raise _config_changed("distilled_images", f"settings of method {method!r}: {before} loaded, {after} now")

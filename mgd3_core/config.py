@@ -188,7 +188,7 @@ class RunsConfig(_Strict):
 class ExperimentConfig(_Strict):
     # ``methods`` in the file is the field ``method_entries`` (names, variants and grids as
     # written); ``methods`` the resolved names (``method_variants``). Dumps write ``methods``.
-    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+    model_config = ConfigDict(validate_by_alias=True, serialize_by_alias=True)
 
     name: str = Field(default="embedded", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import storage
-from .config import DIFFUSION_METHODS, ExperimentConfig
+from .config import DIFFUSION_METHODS, ExperimentConfig, finder_key
 from .distances import pairwise_distances
 from .distilled import DistilledClass, write_distilled_class
 from .images import to_uint8
@@ -111,30 +111,33 @@ def distill_classes(cfg: ExperimentConfig, home: Path, method: str, class_ids: l
 
 def _distill_classes(cfg: ExperimentConfig, home: Path, method: str, class_ids: list[str],
                      progress: StageProgress) -> Iterator[tuple[str, DistillResult | Exception]]:
-    if method not in DIFFUSION_METHODS and method not in ("decoded_centroids", "random_real", "closest_real"):
-        raise ValueError(f"unknown method {method!r}")
-    keys = set_keys(cfg)
+    try:
+        variant = cfg.variant(method)  # a base method or a variant: what runs is its kind
+    except KeyError as e:
+        raise ValueError(f"unknown method {method!r}: {e}") from None
+    kind, keys = variant.kind, set_keys(cfg)
     ready: dict[str, tuple] = {}
     for class_id in class_ids:
         try:
-            ready[class_id] = (class_info(cfg, class_id), {key: read_modes(cfg, home, class_id, *key) for key in keys})
+            ready[class_id] = (class_info(cfg, class_id),
+                               {key: read_modes(cfg, home, class_id, *key, variant.modes) for key in keys})
         except Exception as e:  # noqa: BLE001 - reported per class; the others go on
             yield class_id, e
     if not ready:
         return
-    needs_backbone = method in DIFFUSION_METHODS or method == "decoded_centroids"
+    needs_backbone = kind in DIFFUSION_METHODS or kind == "decoded_centroids"
     backbone = pipeline.get_backbone(cfg, home) if needs_backbone else None
     fingerprint = backbone.fingerprint if backbone else (backbone_fingerprint(cfg, home) or "")
     sampled = (_sample_classes(cfg, backbone, method, ready, keys, progress)
-               if method in DIFFUSION_METHODS else {})
+               if kind in DIFFUSION_METHODS else {})
     for class_id, (info, modes) in ready.items():
         try:
-            if method in DIFFUSION_METHODS:
+            if kind in DIFFUSION_METHODS:
                 contents = _sampled_sets(cfg, backbone, info, keys, *sampled[class_id])
-            elif method == "decoded_centroids":
+            elif kind == "decoded_centroids":
                 contents = _decoded_centroid_sets(cfg, backbone, keys, modes)
             else:
-                contents = _real_image_sets(cfg, home, method, class_id, keys, modes)
+                contents = _real_image_sets(cfg, home, kind, class_id, keys, modes)
             result = _write_sets(cfg, home, method, info, keys, modes, contents, fingerprint)
         except Exception as e:  # noqa: BLE001 - reported per class; the others go on
             yield class_id, e
@@ -146,10 +149,13 @@ def _write_sets(cfg: ExperimentConfig, home: Path, method: str, info, keys: list
                 modes: dict[SetKey, ClassModes], contents: dict[SetKey, SetContent], fingerprint: str) -> DistillResult:
     base = {"method": method, "class_id": info.id, "class_name": info.name, "class_label": info.label,
             "backbone_fingerprint": fingerprint, "config": cfg.name}
+    variant = cfg.variant(method)
+    if variant.name != variant.kind:  # a variant's rows say what it is and whose modes it used
+        base.update(method_kind=variant.kind, mode_finder=finder_key(variant.modes))
     result = DistillResult(method, info.id)
     for ipc, s in keys:
         content = contents[(ipc, s)]
-        rows = _lineage_rows(base, method, ipc, s, content, modes[(ipc, s)])
+        rows = _lineage_rows(base, variant.kind, ipc, s, content, modes[(ipc, s)])
         written = write_distilled_class(storage.distilled_set_dir(cfg, home, method, ipc, s), info.id,
                                         content.images, content.latents, rows)
         result.classes.append(written)
@@ -209,7 +215,7 @@ def _decoded_centroid_sets(cfg: ExperimentConfig, backbone, keys: list[SetKey],
     return contents
 
 
-def _real_image_sets(cfg: ExperimentConfig, home: Path, method: str, class_id: str, keys: list[SetKey],
+def _real_image_sets(cfg: ExperimentConfig, home: Path, kind: str, class_id: str, keys: list[SetKey],
                      modes: dict[SetKey, ClassModes]) -> dict[SetKey, SetContent]:
     """The real-image baselines: ``ipc`` random training images, or the one closest to each mode; drawn
     from the rows the modes were found in (``pipeline.training_rows``: the fit split under validation)."""
@@ -222,7 +228,7 @@ def _real_image_sets(cfg: ExperimentConfig, home: Path, method: str, class_id: s
     rows = pipeline.training_rows(cfg, store.index, class_id)
     contents = {}
     for ipc, s in keys:
-        if method == "closest_real":
+        if kind == "closest_real":
             idx = rows[modes[(ipc, s)].closest_index]
         else:
             rng = np.random.default_rng([cfg.seed, s, int(hashlib.sha256(class_id.encode()).hexdigest()[:8], 16)])
@@ -233,15 +239,16 @@ def _real_image_sets(cfg: ExperimentConfig, home: Path, method: str, class_id: s
     return contents
 
 
-def _lineage_rows(base: dict, method: str, ipc: int, gen_seed: int, content: SetContent,
+def _lineage_rows(base: dict, kind: str, ipc: int, gen_seed: int, content: SetContent,
                   modes: ClassModes) -> list[dict]:
-    """The manifest rows of one class of one set (``distilled.MANIFEST_COLUMNS``)."""
+    """The manifest rows of one class of one set (``distilled.manifest_columns``); ``kind``: the
+    base method of ``base["method"]``."""
     own, other = _distances(content.latents, modes.centroids)
     # A random real image is not tied to a mode: report the nearest one.
-    mode_idx = modes.finder().predict(content.latents) if method == "random_real" else np.arange(ipc)
+    mode_idx = modes.finder().predict(content.latents) if kind == "random_real" else np.arange(ipc)
     rows = []
     for i in range(ipc):
-        r = dict(base, set=f"{method}/ipc{ipc}/seed{gen_seed}", ipc=ipc, gen_seed=gen_seed,
+        r = dict(base, set=f"{base['method']}/ipc{ipc}/seed{gen_seed}", ipc=ipc, gen_seed=gen_seed,
                  mode_index=int(mode_idx[i]), mode_count=int(modes.counts[mode_idx[i]]), dist_to_mode=float(own[i]),
                  dist_to_nearest_other_mode=float(other[i]))
         r.update(content.extra[i])

@@ -40,9 +40,17 @@ MANIFEST_COLUMNS = [
 PROMPT_COLUMNS = ["prompt", "negative_prompt"]
 
 
+# Method variants only (``config_methods``): the base method a variant runs and the mode finder
+# whose modes it used (``config_methods.finder_key``); the six base methods' manifests keep
+# exactly MANIFEST_COLUMNS.
+VARIANT_COLUMNS = ["method_kind", "mode_finder"]
+
+
 def manifest_columns(rows: list[dict]) -> list[str]:
-    """MANIFEST_COLUMNS, plus PROMPT_COLUMNS when the rows carry a prompt."""
-    return MANIFEST_COLUMNS + (PROMPT_COLUMNS if any("prompt" in r for r in rows) else [])
+    """MANIFEST_COLUMNS, plus VARIANT_COLUMNS for a variant's rows and PROMPT_COLUMNS when the rows
+    carry a prompt."""
+    return (MANIFEST_COLUMNS + (VARIANT_COLUMNS if any("method_kind" in r for r in rows) else [])
+            + (PROMPT_COLUMNS if any("prompt" in r for r in rows) else []))
 
 
 class DistilledSetError(ValueError):

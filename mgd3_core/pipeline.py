@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from . import storage
-from .config import ExperimentConfig
+from .config import ExperimentConfig, ModesConfig, finder_key
 from .files import atomic_output
 from .modes import ModeFinder
 from .progress import StageProgress, no_progress
@@ -159,10 +159,13 @@ class ClassModes:
         return ModeFinder.restored(self.centroids, self.counts)
 
 
-def mode_finder(cfg: ExperimentConfig, ipc: int, gen_seed: int, class_id: str) -> ModeFinder:
-    """The configured (unfitted) mode finder of one class, IPC and generation seed."""
-    return ModeFinder(ipc, cfg.modes.method, n_init=cfg.modes.n_init, max_iter=cfg.modes.max_iter,
-                      random_state=cfg.modes.seed + gen_seed, class_name=class_id)
+def mode_finder(cfg: ExperimentConfig, ipc: int, gen_seed: int, class_id: str,
+                modes: ModesConfig | None = None) -> ModeFinder:
+    """The (unfitted) mode finder of one class, IPC and generation seed: the config's ``modes``, or
+    ``modes`` (a method variant's, ``ExperimentConfig.modes_for``)."""
+    modes = modes or cfg.modes
+    return ModeFinder(ipc, modes.method, n_init=modes.n_init, max_iter=modes.max_iter,
+                      random_state=modes.seed + gen_seed, class_name=class_id)
 
 
 def training_rows(cfg: ExperimentConfig, index: list[str], class_id: str) -> np.ndarray:
@@ -176,9 +179,20 @@ def training_rows(cfg: ExperimentConfig, index: list[str], class_id: str) -> np.
     return np.asarray([i for i, item in enumerate(index) if item in keep], dtype=np.int64)
 
 
-def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerprint: str) -> dict:
-    """Cluster one class's latents (``training_rows``) for every IPC and generation seed; write them
-    atomically. Returns a summary: path, content hash, and per (ipc, seed) counts and inertia."""
+def modes_path(cfg: ExperimentConfig, home: Path, class_id: str, modes: ModesConfig | None = None) -> Path:
+    """Where the modes of ``modes`` (default: the config's) are kept: the config's finder in
+    ``modes/<class>.h5`` (the ``mode_centroids`` asset), any other in ``modes/by_finder/``
+    (``variant_modes``)."""
+    other = modes is not None and modes != cfg.modes
+    return storage.modes_file(cfg, home, class_id, finder_key(modes) if other else None)
+
+
+def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerprint: str,
+                   modes: ModesConfig | None = None) -> dict:
+    """Cluster one class's latents (the rows ``training_rows`` selects) for every IPC and generation
+    seed with the config's mode finder (or ``modes``); write them atomically.
+
+    Returns a summary: path, content hash, and per (ipc, seed) counts and inertia."""
     from .latents import read_latent_store
 
     store = read_latent_store(
@@ -188,20 +202,21 @@ def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerp
     lat = np.asarray(store.latents[rows], dtype=np.float32)
     index = [store.index[i] for i in rows]
     shape = lat.shape[1:]
-    path = storage.modes_file(cfg, home, class_id)
+    modes = modes or cfg.modes
+    path = modes_path(cfg, home, class_id, modes)
     summary: dict = {"path": str(path), "modes": {}}
     h = hashlib.sha256()
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(
-            class_id=class_id, vae_fingerprint=vae_fingerprint, method=cfg.modes.method,
-            n_init=cfg.modes.n_init, base_seed=cfg.modes.seed, n_latents=len(lat),
+            class_id=class_id, vae_fingerprint=vae_fingerprint, method=modes.method,
+            n_init=modes.n_init, base_seed=modes.seed, n_latents=len(lat),
         )
         if cfg.evaluation.split != "test":  # the rows clustered: the fit split (absent: all training rows)
             f.attrs["split"] = cfg.evaluation.train_split()
         f.create_dataset("index", data=np.asarray(index, dtype=h5py.string_dtype()))
         for ipc in cfg.ipc:
             for gen_seed in cfg.evaluation.generation_seeds:
-                finder = mode_finder(cfg, ipc, gen_seed, class_id).fit(lat)
+                finder = mode_finder(cfg, ipc, gen_seed, class_id, modes).fit(lat)
                 closest = finder.closest_real(lat)
                 g = f.create_group(f"ipc{ipc}/seed{gen_seed}")
                 g.create_dataset("centroids", data=finder.centroids_.reshape(ipc, *shape))
@@ -218,14 +233,17 @@ def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerp
     return summary
 
 
-def read_modes(cfg: ExperimentConfig, home: Path, class_id: str, ipc: int, gen_seed: int) -> ClassModes:
-    path = storage.modes_file(cfg, home, class_id)
+def read_modes(cfg: ExperimentConfig, home: Path, class_id: str, ipc: int, gen_seed: int,
+               modes: ModesConfig | None = None) -> ClassModes:
+    """One class's modes for (IPC, generation seed), of the config's finder or of ``modes``."""
+    path = modes_path(cfg, home, class_id, modes)
+    asset = "mode_centroids" if path == storage.modes_file(cfg, home, class_id) else "variant_modes"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no modes for class {class_id!r}; materialize mode_centroids first")
+        raise FileNotFoundError(f"{path}: no modes for class {class_id!r}; materialize {asset} first")
     with h5py.File(path, "r") as f:
         key = f"ipc{ipc}/seed{gen_seed}"
         if key not in f:
-            raise KeyError(f"{path}: no modes for IPC {ipc}, generation seed {gen_seed}; re-materialize mode_centroids")
+            raise KeyError(f"{path}: no modes for IPC {ipc}, generation seed {gen_seed}; re-materialize {asset}")
         g = f[key]
         index = [s.decode() if isinstance(s, bytes) else str(s) for s in f["index"][()]]
         ci = g["closest_index"][()]

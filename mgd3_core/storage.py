@@ -7,7 +7,7 @@ The tree (the README's "Layout" section summarises it)::
       latents/<dataset key>/<VAE fp>/<class>.h5
       latents/<dataset key>/content/<class>.json   file hashes behind a class's content key
       runs/<config name>/                     (runs/<config name>@validation/ with evaluation.split: validation)
-        modes/<class>.h5
+        modes/<class>.h5, modes/by_finder/<finder>/<class>.h5   (the config's finder; a variant's own)
         distilled/<method>/ipc<k>/seed<s>/{images/<class>/, latents/<class>.h5, manifest/<class>.csv}
         teacher/, students/{<method>.csv, runs/}, diversity/, report/
       dagster/                                the persistent Dagster instance
@@ -102,8 +102,13 @@ def run_dir(cfg: ExperimentConfig, home: Path) -> Path:
     return Path(home) / "runs" / f"{cfg.name}{suffix}"
 
 
-def modes_file(cfg: ExperimentConfig, home: Path, class_id: str) -> Path:
-    return run_dir(cfg, home) / "modes" / f"{class_id}.h5"
+def modes_file(cfg: ExperimentConfig, home: Path, class_id: str, finder: str | None = None) -> Path:
+    """``modes/<class>.h5``: the modes of the config's finder (``modes``); ``finder`` (a
+    ``config_methods.finder_key``) names another finder, one a method variant chose:
+    ``modes/by_finder/<finder>/<class>.h5``."""
+    if finder is None:
+        return run_dir(cfg, home) / "modes" / f"{class_id}.h5"
+    return run_dir(cfg, home) / "modes" / "by_finder" / finder / f"{class_id}.h5"
 
 
 def distilled_root(cfg: ExperimentConfig, home: Path) -> Path:

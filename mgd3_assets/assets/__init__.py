@@ -9,7 +9,7 @@ from .distilled import build_distilled_images_asset
 from .evaluation import build_evaluation_assets
 from .inputs import build_input_assets
 from .latents import build_latent_store_asset
-from .modes import build_mode_centroids_asset
+from .modes import build_mode_centroids_asset, build_variant_modes_asset
 
 
 # One group: the UI's global lineage view shows a single group's assets expanded.
@@ -22,6 +22,7 @@ def build_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition | dg.SourceA
         build_backbone_asset(cfg),
         build_latent_store_asset(cfg),
         build_mode_centroids_asset(cfg),
+        *filter(None, [build_variant_modes_asset(cfg)]),  # only when a variant has a mode finder of its own
         build_distilled_images_asset(cfg),
         *build_evaluation_assets(cfg),
     ]

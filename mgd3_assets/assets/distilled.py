@@ -24,9 +24,9 @@ from ..checks import check_result, distilled_problems
 from ..executors import accelerator_step
 from ..failures import fails_with_root_cause, raise_partition_failures
 from ..metadata import preview_markdown, progress_logger, table, thumbnails_markdown
-from ..partition_events import PartitionEvents
-from ..partitions import (CLASS_DIM, METHOD_DIM, backfill_policy, distilled_partitions, method_and_class,
-                          partition_key)
+from ..partition_events import NOT_READ, PartitionEvents
+from ..partitions import (CLASS_DIM, METHOD_DIM, backfill_policy, distilled_partitions, finder_partition_key,
+                          method_and_class, partition_key, variant_finders, variant_modes_mapping)
 from ..resources import ExperimentResource
 from ..versions import (checked_config, checked_method_settings, class_version, combined_hash,
                         method_settings_version, stage_asset)
@@ -51,6 +51,12 @@ LINEAGE_COLUMNS = [
     ("sampler", "string", "ddpm or ddim (diffusion methods)"),
     ("source_item", "string", "training image id (real-image methods)"),
     ("backbone_fingerprint", "string", "hash of the backbone's configs and weights"),
+]
+# Shown only for a method variant's images (``config_methods``; ``distilled.VARIANT_COLUMNS``).
+VARIANT_LINEAGE_COLUMNS = [
+    ("method", "string", "the variant's name (its partition key)"),
+    ("method_kind", "string", "the base method the variant runs"),
+    ("mode_finder", "string", "the mode finder whose modes the images used (method~n_init)"),
 ]
 # Shown only for a text-to-image backbone's images (the rows then carry a prompt).
 PROMPT_LINEAGE_COLUMNS = [
@@ -78,14 +84,17 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
             # The method's own settings: a sampler change re-runs the diffusion methods only.
             dg.AssetDep("method_settings",
                         partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=METHOD_DIM)),
+            # A variant with a mode finder of its own reads that finder's modes of its class.
+            *([dg.AssetDep("variant_modes", partition_mapping=variant_modes_mapping(cfg))]
+              if variant_finders(cfg) else []),
         ],
         **accelerator_step(),
         kinds={"pytorch", "png"},
         automation_condition=on_upstream_data_change(),
         description="Distilled images of one class by one method (mgd3, unguided, mgd3_no_stop, random_real, "
-        "closest_real, decoded_centroids), for every IPC and generation seed: ImageFolder PNGs, latents and "
-        "a lineage manifest under `<home>/runs/<experiment>/distilled/<method>/ipc<k>/seed<s>/`. "
-        "Data version: hash of the PNGs.",
+        "closest_real, decoded_centroids, or a named variant of one: the `methods` of the config), for every "
+        "IPC and generation seed: ImageFolder PNGs, latents and a lineage manifest under "
+        "`<home>/runs/<experiment>/distilled/<method>/ipc<k>/seed<s>/`. Data version: hash of the PNGs.",
     )
     @fails_with_root_cause
     def distilled_images(context: dg.AssetExecutionContext, experiment: ExperimentResource):
@@ -96,6 +105,8 @@ def build_distilled_images_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
             "dataset": lambda pk: method_and_class(pk)[1],
             "mode_centroids": lambda pk: method_and_class(pk)[1],
             "method_settings": lambda pk: method_and_class(pk)[0],
+            **({"variant_modes": lambda pk: finder_partition_key(cfg_at_load, *method_and_class(pk)) or NOT_READ}
+               if variant_finders(cfg_at_load) else {}),
         })
         by_method: dict[str, list[str]] = {}
         for pk in context.partition_keys:
@@ -135,19 +146,28 @@ def _metadata(cfg: ExperimentConfig, home, method: str, class_id: str, result) -
             rows.append(dict(r, image=str((storage.set_images_dir(written.set_dir, class_id) / r["file"]).relative_to(root))))
     first = result.classes[0]
     prompted = any("prompt" in r for r in rows)
-    columns = LINEAGE_COLUMNS + (PROMPT_LINEAGE_COLUMNS if prompted else [])
+    variant = "method_kind" in rows[0]
+    columns = (LINEAGE_COLUMNS + (VARIANT_LINEAGE_COLUMNS if variant else [])
+               + (PROMPT_LINEAGE_COLUMNS if prompted else []))
     return {
         "preview": preview_markdown(result.preview, f"{method}, class {class_id}"),
         "thumbnails": thumbnails_markdown(
             result.preview, f"{method}, class {class_id}: {Path(first.set_dir).relative_to(root)}"),
         "lineage": table(rows, columns),
         **({"prompt": rows[0]["prompt"]} if prompted else {}),
+        **(variant_metadata(cfg, method) if variant else {}),
         "images": len(rows),
         "sets": len(result.classes),
         "backbone_fingerprint": rows[0].get("backbone_fingerprint") or "",
         "manifest": dg.MetadataValue.path(str(first.manifest)),
         "distilled_root": dg.MetadataValue.path(str(root)),
     }
+
+
+def variant_metadata(cfg: ExperimentConfig, method: str) -> dict:
+    """A method variant's kind and own settings, as metadata (``distilled_images``, ``students``)."""
+    v = cfg.variant(method)
+    return {"method_kind": v.kind, "variant_settings": dg.MetadataValue.json(v.changed)}
 
 
 def _rows_by_set(result):

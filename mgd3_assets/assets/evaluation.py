@@ -31,6 +31,7 @@ from ..partitions import METHOD_DIM, class_partitions, method_partitions
 from ..executors import accelerator_step
 from ..resources import BackboneResource, ExperimentResource
 from ..versions import checked_config, class_version, stage_asset
+from .distilled import variant_metadata
 
 
 def _accuracy_summary(df: pd.DataFrame) -> dict:
@@ -119,7 +120,8 @@ def _student_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         method = context.partition_key
         df = evaluate.train_students(cfg, experiment.storage(), method,
                                      progress=progress_logger(context.log, f"students[{method}]"))
-        return dg.MaterializeResult(metadata={"runs": frame_table(df), **_accuracy_summary(df)})
+        variant = variant_metadata(cfg, method) if method != cfg.kind_of(method) else {}
+        return dg.MaterializeResult(metadata={"runs": frame_table(df), **variant, **_accuracy_summary(df)})
 
     return [full_data_students, students]
 

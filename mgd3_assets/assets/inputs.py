@@ -12,7 +12,8 @@ Dagster's code versions are per asset, but two inputs change per partition:
 - ``method_settings[method]``: the settings one method's images depend on
   (``versions.method_settings``: the sampler for the diffusion methods), so a
   sampler change makes the diffusion methods' ``distilled_images`` partitions
-  stale and leaves the real-image methods alone.
+  stale and leaves the real-image methods alone; a method variant (``config_methods``)
+  is a partition of its own.
 
 Both are observable source assets, observed for all their partitions in one run:
 ``make demo`` observes them before it plans (the dataset's listing: a walk and a header check
@@ -54,8 +55,9 @@ def build_input_assets(cfg: ExperimentConfig) -> list[dg.SourceAsset]:
     @dg.observable_source_asset(
         name="method_settings",
         partitions_def=methods,
-        description="The settings each distillation method depends on beyond the shared ones (the sampler "
-        "for diffusion methods). Data version: their hash, so a sampler change re-runs diffusion methods only.",
+        description="The settings each distillation method or variant depends on beyond the shared ones (the "
+        "sampler for diffusion methods; a variant's kind and mode finder). Data version: their hash, so a "
+        "sampler change re-runs diffusion methods only, and editing one variant re-runs that variant only.",
     )
     def method_settings(experiment: ExperimentResource) -> dg.DataVersionsByPartition:
         run_cfg = experiment.config()

@@ -1,4 +1,5 @@
-"""``mode_centroids``: k-means modes (k = IPC) of each class's latents, for every IPC and seed.
+"""``mode_centroids``: k-means modes (k = IPC) of each class's latents, for every IPC and seed;
+``variant_modes``: the same for the other mode finders that method variants choose.
 
 A run materializes any set of classes (``context.partition_keys``), each with its own
 materialization, data version and check result (``partition_events``)."""
@@ -13,7 +14,8 @@ from ..checks import centroid_problems, check_result
 from ..failures import fails_with_root_cause, raise_partition_failures
 from ..metadata import table, thumbnails_markdown
 from ..partition_events import PartitionEvents
-from ..partitions import backfill_policy, class_partitions
+from ..partitions import (CLASS_DIM, backfill_policy, class_partitions, finder_and_class, finder_partitions,
+                          variant_finders)
 from ..resources import BackboneResource, ExperimentResource
 from ..versions import checked_config, stage_asset
 
@@ -43,39 +45,84 @@ def build_mode_centroids_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
     def mode_centroids(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                        backbone: BackboneResource):
         cfg = checked_config(context, experiment)
-        home = experiment.storage()
         events = PartitionEvents(context, "mode_centroids", {"latent_store": lambda pk: pk})
-        vae_fp = backbone.vae_fingerprint()
-        source = pipeline.open_source(cfg)
-        failed, done = {}, 0
-        for class_id in context.partition_keys:
-            try:
-                summary = pipeline.discover_modes(cfg, home, class_id, vae_fp)
-                # The grid: the real image closest to each centroid, for the first setting.
-                first = next(iter(summary["modes"]))
-                closest = source.load(class_id, "train", summary["modes"][first]["closest_items"])
-                problems, check_meta = centroid_problems(cfg, home, class_id)
-            except Exception as e:  # noqa: BLE001 - this class fails, the run's other classes go on
-                failed[class_id] = e
-                context.log.error(f"mode_centroids[{class_id}] failed: {e}")
-                continue
-            rows = []
-            for setting, s in summary["modes"].items():
-                for i, (count, item) in enumerate(zip(s["counts"], s["closest_items"])):
-                    rows.append({"setting": setting, "mode": i, "count": int(count), "closest_real": item})
-                context.log.info(f"modes of class {class_id}, {setting}: counts {s['counts']}, "
-                                 f"inertia {s['inertia']:.4g}")
-            yield events.materialization(class_id, summary["content_hash"], {
-                "closest_real_images": thumbnails_markdown(
-                    closest, f"class {class_id}: training image closest to each centroid ({first})"),
-                "counts_per_mode": table(rows, MODE_COLUMNS),
-                "path": dg.MetadataValue.path(summary["path"]),
-                "settings": len(summary["modes"]),
-                "inertia": {k: float(v["inertia"]) for k, v in summary["modes"].items()},
-                "content_hash": summary["content_hash"],
-            })
-            yield events.check("centroids_valid", class_id, check_result(problems, check_meta))
-            done += 1
-        raise_partition_failures(failed, done)
+        work = [(pk, pk, None) for pk in context.partition_keys]
+        yield from _discover(context, cfg, experiment.storage(), backbone.vae_fingerprint(), events, work)
 
     return mode_centroids
+
+
+def build_variant_modes_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition | None:
+    """``variant_modes[finder, class]``: the modes of each finder a method variant chooses other
+    than the config's ``modes``, once per (finder, class) however many variants use it. None when
+    every method uses the config's finder (the graph then is exactly as without variants)."""
+    finders = variant_finders(cfg)
+    if not finders:
+        return None
+
+    @stage_asset(
+        cfg, "variant_modes",
+        partitions_def=finder_partitions(cfg),
+        backfill_policy=backfill_policy(cfg, per_run=2),
+        output_required=False,
+        deps=[dg.AssetDep("latent_store",
+                          partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=CLASS_DIM))],
+        kinds={"scikitlearn", "hdf5"},
+        automation_condition=on_upstream_data_change(),
+        description="Modes of the mode finders that method variants choose (modes.method / modes.n_init) other "
+        "than the config's: like mode_centroids, once per (finder, class), in "
+        "`<home>/runs/<experiment>/modes/by_finder/<finder>/<class>.h5`. Data version: hash of the centroids.",
+    )
+    @fails_with_root_cause
+    def variant_modes(context: dg.AssetExecutionContext, experiment: ExperimentResource,
+                      backbone: BackboneResource):
+        cfg = checked_config(context, experiment)
+        finders = variant_finders(cfg)
+        events = PartitionEvents(context, "variant_modes", {"latent_store": lambda pk: finder_and_class(pk)[1]})
+        work = []
+        for pk in context.partition_keys:
+            finder, class_id = finder_and_class(pk)
+            if finder not in finders:
+                raise dg.Failure(f"variant_modes[{pk}]: no listed method uses the mode finder {finder!r} any more; "
+                                 "reload the code location")
+            work.append((pk, class_id, finders[finder]))
+        yield from _discover(context, cfg, experiment.storage(), backbone.vae_fingerprint(), events, work)
+
+    return variant_modes
+
+
+def _discover(context, cfg: ExperimentConfig, home, vae_fp: str, events: PartitionEvents, work: list):
+    """Modes of each (partition key, class, finder settings or None = the config's) of a run: one
+    materialization and check result per partition; a failed class does not stop the others."""
+    asset = context.asset_key.to_user_string()
+    source = pipeline.open_source(cfg)
+    failed, done = {}, 0
+    for pk, class_id, modes in work:
+        try:
+            summary = pipeline.discover_modes(cfg, home, class_id, vae_fp, modes)
+            # The grid: the real image closest to each centroid, for the first setting.
+            first = next(iter(summary["modes"]))
+            closest = source.load(class_id, "train", summary["modes"][first]["closest_items"])
+            problems, check_meta = centroid_problems(cfg, home, class_id, modes)
+        except Exception as e:  # noqa: BLE001 - this class fails, the run's other classes go on
+            failed[pk] = e
+            context.log.error(f"{asset}[{pk}] failed: {e}")
+            continue
+        rows = []
+        for setting, s in summary["modes"].items():
+            for i, (count, item) in enumerate(zip(s["counts"], s["closest_items"])):
+                rows.append({"setting": setting, "mode": i, "count": int(count), "closest_real": item})
+            context.log.info(f"modes of class {class_id}, {setting}: counts {s['counts']}, "
+                             f"inertia {s['inertia']:.4g}")
+        yield events.materialization(pk, summary["content_hash"], {
+            "closest_real_images": thumbnails_markdown(
+                closest, f"class {class_id}: training image closest to each centroid ({first})"),
+            "counts_per_mode": table(rows, MODE_COLUMNS),
+            "path": dg.MetadataValue.path(summary["path"]),
+            "settings": len(summary["modes"]),
+            "inertia": {k: float(v["inertia"]) for k, v in summary["modes"].items()},
+            "content_hash": summary["content_hash"],
+        })
+        yield events.check("centroids_valid", pk, check_result(problems, check_meta))
+        done += 1
+    raise_partition_failures(failed, done)
