@@ -93,7 +93,8 @@ def _student_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         **accelerator_step(),
         kinds={"pytorch"},
         automation_condition=on_upstream_data_change(),
-        description="Every configured student trained on the whole real training split: the upper bound.",
+        description="Every configured student trained on the whole real training split (the fit split under "
+        "evaluation.split: validation): the upper bound.",
     )
     @fails_with_root_cause
     def full_data_students(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
@@ -112,7 +113,8 @@ def _student_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         kinds={"pytorch"},
         automation_condition=on_upstream_data_change(),
         description="Student classifiers trained on one method's distilled sets (all classes), for every "
-        "IPC, generation seed, student and protocol, evaluated on the real test split.",
+        "IPC, generation seed, student and protocol, evaluated on the real test split (with "
+        "evaluation.split: validation, on the images held out of the training split).",
     )
     @fails_with_root_cause
     def students(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
