@@ -109,13 +109,15 @@ def main() -> None:
     rows = finished_rows(plan)
     table, left = progress_table(plan, rows)
     spent = sum(float(r["seconds"]) for r in rows)
-    print(f"{args.config} in {home}: {len(rows)} of {len(plan)} student runs finished "
+    print(f"{args.config} in {home} (scored on the {cfg.evaluation.split} split): {len(rows)} of {len(plan)} "
+          "student runs finished "
           f"({spent / 3600:.2f} h of training); the rest at the medians below: {left / 3600:.2f} h "
           "more (groups marked ? not included)\n")
     print(markdown_table(["student", "protocol", "IPC", "runs", "median s / run", "h left"], table))
     if rows:
         print()
-        print(table_markdown(summary_table(pd.DataFrame(rows))))
+        kinds = {name: v.kind for name, v in cfg.method_variants().items()}  # variants beside their base method
+        print(table_markdown(summary_table(pd.DataFrame(rows), kinds=kinds), cfg.evaluation.split))
 
 
 if __name__ == "__main__":

@@ -303,6 +303,8 @@ def results_text(instance: dg.DagsterInstance) -> str:
     if not meta:
         return "No evaluation report materialized."
     parts = [str(meta.get("results_table", "")).strip()]
+    if meta.get("variants_table"):  # methods beyond the six base names, ranked by base method
+        parts.append("\n" + str(meta["variants_table"]).strip() + "\n")
     for key in ("report_html", "report_markdown", "report_dir"):
         if key in meta:
             parts.append(f"{key.replace('_', ' ')}: {meta[key]}")

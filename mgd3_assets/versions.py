@@ -38,6 +38,12 @@ def _dataset(cfg: ExperimentConfig) -> dict:
     return d
 
 
+def _split(cfg: ExperimentConfig) -> dict:
+    """``evaluation.split`` where it is not the default "test": modes, real baselines and the teacher
+    then learn from the fit split (the versions of test-split configs stay as they were)."""
+    return {} if cfg.evaluation.split == "test" else {"split": cfg.evaluation.split}
+
+
 def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
     """The config values a stage's output depends on (JSON-able)."""
     dump = cfg.model_dump(mode="json")
@@ -50,17 +56,17 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
         return {"dataset": _dataset(cfg), "encode": dump["encode"]}
     if stage == "mode_centroids":
         return {"modes": dump["modes"], "ipc": dump["ipc"],
-                "generation_seeds": dump["evaluation"]["generation_seeds"]}
+                "generation_seeds": dump["evaluation"]["generation_seeds"], **_split(cfg)}
     if stage == "variant_modes":
         # Each partition's finder (method, n_init) is its key; the rest of ``modes`` is shared.
         return {"modes": {k: dump["modes"][k] for k in ("max_iter", "seed")}, "ipc": dump["ipc"],
-                "generation_seeds": dump["evaluation"]["generation_seeds"]}
+                "generation_seeds": dump["evaluation"]["generation_seeds"], **_split(cfg)}
     if stage == "distilled_images":
         # What every method shares; each method's own settings (the sampler, for the
         # diffusion methods) are the data version of its ``method_settings`` partition,
         # so a sampler change re-runs the diffusion methods only.
         return {"seed": dump["seed"], "ipc": dump["ipc"],
-                "generation_seeds": dump["evaluation"]["generation_seeds"]}
+                "generation_seeds": dump["evaluation"]["generation_seeds"], **_split(cfg)}
     # The gathering stages read every class: the class list is part of what they compute.
     if stage == "teacher":
         ev = dump["evaluation"]
@@ -68,7 +74,7 @@ def stage_inputs(cfg: ExperimentConfig, stage: str) -> dict:
         hard = cfg.evaluation.hard_for(ev["teacher"]["model"]).model_dump(mode="json")  # ev["hard"] unless overridden
         inputs = {"dataset": dump["dataset"], "hard": hard, "teacher": ev["teacher"],
                   "training_seeds": ev["training_seeds"], "evaluations": ev["evaluations"],
-                  "ranking_evaluations": ev["ranking_evaluations"], "device": ev["device"]}
+                  "ranking_evaluations": ev["ranking_evaluations"], "device": ev["device"], **_split(cfg)}
         if ev["teacher"]["model"] == "resnet18" and ev["bn_stats"] != "running":  # batch norm (saved with it);
             inputs["bn_stats"] = ev["bn_stats"]  # "running" as before the setting existed: same version
         return inputs

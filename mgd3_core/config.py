@@ -219,6 +219,9 @@ class ExperimentConfig(_Strict):
             if o.t_stop is not None and o.t_stop > self.sampler.steps:
                 raise ValueError(f"method_overrides.{name}.t_stop = {o.t_stop} is outside "
                                  f"[0, steps = {self.sampler.steps}]")
+        if self.evaluation.split == "validation" and self.dataset.validation_fraction <= 0:
+            raise ValueError("evaluation.split = 'validation' scores on the held-out part of the training split, "
+                             "but dataset.validation_fraction is 0: set it above 0 (e.g. 0.1) or use split 'test'")
         if not self.method_entries:
             raise ValueError("methods: list at least one method")
         self.method_variants()  # every entry resolves: names, kinds and settings are valid

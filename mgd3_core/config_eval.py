@@ -13,6 +13,11 @@ from .config_base import DEFAULT_MEMORY_BUDGET_MB, _Strict
 
 Student = Literal["convnet", "resnetap10", "resnet18"]
 
+# Where students are scored (``evaluation.split``) -> (the dataset split they and everything they are
+# built from learn from, the split they are scored on): "validation" holds out
+# ``dataset.validation_fraction`` of the training split, so settings chosen on it never see the test split.
+SPLIT_DATA = {"test": ("train", "test"), "validation": ("fit", "val")}
+
 
 class HardLabelConfig(_Strict):
     lr: float = Field(default=0.01, gt=0)
@@ -89,6 +94,10 @@ class EvaluationConfig(_Strict):
     bn_stats: Literal["recomputed", "running"] = "recomputed"
     # Activation MiB of one batch on evaluation.device: sizes evaluation batches and training micro-batches.
     memory_budget_mb: int = Field(default=DEFAULT_MEMORY_BUDGET_MB, ge=16)
+    # Score students on the real test split, or on the validation part of the training split (modes, real
+    # baselines, teacher and full-data runs then use the rest of it, the "fit" split): for choosing settings.
+    # Left out of dumps while "test", so the versions and keys from before the option stay the same.
+    split: Literal["test", "validation"] = Field(default="test", exclude_if=lambda v: v == "test")
 
     @field_validator("generation_seeds", "training_seeds")
     @classmethod
@@ -106,6 +115,14 @@ class EvaluationConfig(_Strict):
                 bad = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
                 raise ValueError(f"hard_by_student.{student}: {bad}") from None
         return self
+
+    def train_split(self) -> str:
+        """The dataset split students, teacher, modes and real baselines learn from: "train" or "fit"."""
+        return SPLIT_DATA[self.split][0]
+
+    def score_split(self) -> str:
+        """The dataset split students are scored on: "test" or "val"."""
+        return SPLIT_DATA[self.split][1]
 
     def hard_for(self, student: str | None) -> HardLabelConfig:
         """The hard-label settings ``student`` trains with: ``hard`` with its ``hard_by_student`` keys."""

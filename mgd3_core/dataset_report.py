@@ -33,9 +33,16 @@ def dataset_note(cfg: ExperimentConfig, home: Path) -> str:
 
     source = open_dataset(cfg.dataset)
     skipped = skipped_files(source)  # before anything is decoded: the listing's entries only
-    n = {split: sum(len(source.items(c.id, split)) for c in source.classes()) for split in ("train", "test")}
+    ev = cfg.evaluation
+    splits = ("train", "test") if ev.split == "test" else (ev.train_split(), ev.score_split(), "test")
+    n = {split: sum(len(source.items(c.id, split)) for c in source.classes()) for split in splits}
     atomic_write(storage.report_dir(cfg, home) / SKIPPED_FILES_CSV, skipped.to_csv(index=False))
     left_out = (f"{len(skipped)} file(s) or folder(s) left out (`{SKIPPED_FILES_CSV}` lists each with the reason)"
                 if len(skipped) else "no file left out")
-    return (f"Dataset `{source.dataset_key}`: {n['train']} training and {n['test']} test images in "
-            f"{len(source.classes())} classes; {left_out}.")
+    if ev.split == "test":
+        counts = f"{n['train']} training and {n['test']} test images"
+    else:  # the test split is listed (its files are part of the classes' content), never read
+        counts = (f"{n['fit']} training images (the fit split) and {n['val']} validation images held out of "
+                  f"the training split (dataset.validation_fraction {cfg.dataset.validation_fraction:g}); "
+                  f"the {n['test']} test images are not used")
+    return f"Dataset `{source.dataset_key}`: {counts} in {len(source.classes())} classes; {left_out}."

@@ -217,20 +217,22 @@ def _decoded_centroid_sets(cfg: ExperimentConfig, backbone, keys: list[SetKey],
 
 def _real_image_sets(cfg: ExperimentConfig, home: Path, kind: str, class_id: str, keys: list[SetKey],
                      modes: dict[SetKey, ClassModes]) -> dict[SetKey, SetContent]:
-    """The real-image baselines: ``ipc`` random training images, or the one closest to each mode."""
+    """The real-image baselines: ``ipc`` random training images, or the one closest to each mode; drawn
+    from the rows the modes were found in (``pipeline.training_rows``: the fit split under validation)."""
     from .latents import read_latent_store
 
     source = open_source(cfg)
     vae_fp = vae_fingerprint(cfg, home)  # the fingerprint only: real images need no model
     store = read_latent_store(storage.latent_store_file(cfg, home, class_id, vae_fp),
                               expected_vae_fingerprint=vae_fp)
+    rows = pipeline.training_rows(cfg, store.index, class_id)
     contents = {}
     for ipc, s in keys:
         if kind == "closest_real":
-            idx = modes[(ipc, s)].closest_index
+            idx = rows[modes[(ipc, s)].closest_index]
         else:
             rng = np.random.default_rng([cfg.seed, s, int(hashlib.sha256(class_id.encode()).hexdigest()[:8], 16)])
-            idx = np.sort(rng.choice(len(store.index), size=ipc, replace=False))
+            idx = rows[np.sort(rng.choice(len(rows), size=ipc, replace=False))]
         items = [store.index[i] for i in idx]
         contents[(ipc, s)] = SetContent(np.asarray(store.latents[np.asarray(idx)], dtype=np.float32),
                                         source.load(class_id, "train", items), [{"source_item": it} for it in items])

@@ -77,17 +77,18 @@ def distilled_set(cfg: ExperimentConfig, home: Path, method: str, ipc: int, gen_
 # --------------------------------------------------------------------------- teacher
 def train_teacher(cfg: ExperimentConfig, home: Path, progress: StageProgress = no_progress) -> dict:
     """Train the real-data teacher (``evaluation.teacher.model``, hard-label protocol, whole
-    training split, first training seed) and store it under ``teacher/``.
+    training split, first training seed; the fit split under ``evaluation.split: validation``) and
+    store it under ``teacher/``.
 
     It is the soft-label teacher, the fixed feature space of the diversity metrics,
     and the full-data run of its own student (see :func:`teacher_is_full_data_run`).
-    Returns its metadata (accuracy on the test split)."""
+    Returns its metadata (accuracy on the split students are scored on)."""
     from .students import build_student
     from .training import train_hard_label
 
-    x, y = real_split(cfg, "train")
-    xt, yt = real_split(cfg, "test")
     ev = cfg.evaluation
+    x, y = real_split(cfg, ev.train_split())
+    xt, yt = real_split(cfg, ev.score_split())
     seed, epochs, name = ev.training_seeds[0], cfg.teacher_epochs(), ev.teacher.model
     hard = ev.hard_for(name)
     model = build_student(name, x.shape[1], int(y.max()) + 1, x.shape[-1], seed=seed)
@@ -104,6 +105,8 @@ def train_teacher(cfg: ExperimentConfig, home: Path, progress: StageProgress = n
     meta = {"student": name, "train_seed": seed, "epochs": epochs, "final_acc": res.final_acc,
             "best_acc": res.best_acc, "ranking_acc": res.ranking_acc, "seconds": time.perf_counter() - t0,
             "n_train": int(len(x))}
+    if ev.split != "test":
+        meta["split"] = ev.split
     with atomic_output(storage.teacher_weights_file(cfg, home)) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
     atomic_write(storage.teacher_dir(cfg, home) / "meta.json", json.dumps(meta, indent=2))
@@ -137,7 +140,7 @@ def load_teacher(cfg: ExperimentConfig, home: Path) -> torch.nn.Module:
     if stored != name:
         raise ValueError(f"{path} is a {stored!r} teacher but evaluation.teacher.model is {name!r}; "
                          "materialize the teacher asset again")
-    _, y = real_split(cfg, "test")
+    _, y = real_split(cfg, cfg.evaluation.score_split())
     model = build_student(name, cfg.dataset.channels, len(np.unique(y)), cfg.dataset.image_size)
     model.load_state_dict(load_file(str(path)))
     return model.eval().requires_grad_(False)
@@ -188,6 +191,8 @@ def _run_key(cfg: ExperimentConfig, spec: dict, train_digest: str, test_digest: 
         payload["precision"] = ev.precision
     if batch_norm and not soft and ev.bn_stats != "running":  # instance-norm and soft keys stay
         payload["bn_stats"] = ev.bn_stats
+    if ev.split != "test":  # scored on the validation split (absent for the test split: earlier keys stay)
+        payload["split"] = ev.split
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -212,7 +217,7 @@ def _load_run(path: Path) -> dict | None:
 def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: StageProgress = no_progress) -> pd.DataFrame:
     """Train every configured student on every set of one method; one row per run.
 
-    ``method = "full_data"`` trains on the whole real training split (the upper
+    ``method = "full_data"`` trains on the whole real training split (``evaluation.train_split``; the upper
     bound; the teacher run stands in for its own student when it is the same run,
     :func:`teacher_is_full_data_run`). Rows: method, ipc, student, protocol,
     gen_seed, train_seed, final_acc, best_acc, ranking_acc (best in the last
@@ -224,7 +229,7 @@ def train_students(cfg: ExperimentConfig, home: Path, method: str, progress: Sta
     trains only the runs it does not already have."""
     runs = _student_runs(cfg, method)
     teacher = load_teacher(cfg, home) if any(r[3] == "soft" for r in runs) else None
-    test = real_split(cfg, "test")
+    test = real_split(cfg, cfg.evaluation.score_split())
     rows: list[dict] = []
     reused = 0
     for n, (spec, train, micro, record_path) in enumerate(sweep_runs(cfg, home, method, teacher)):
@@ -259,7 +264,8 @@ def sweep_runs(cfg: ExperimentConfig, home: Path, method: str, teacher=None):
     run that the teacher run is. ``teacher``: :func:`load_teacher`'s, when there are soft-label runs."""
     from .students import build_student, has_batch_norm
 
-    ev, test = cfg.evaluation, real_split(cfg, "test")
+    ev = cfg.evaluation
+    test = real_split(cfg, ev.score_split())
     test_digest, n_classes, runs_dir = _digest(*test), len(np.unique(test[1])), storage.student_runs_dir(cfg, home)
     teacher_digest = None if teacher is None else _digest(
         *(v.contiguous().numpy() for _, v in sorted(teacher.state_dict().items())))
@@ -270,7 +276,7 @@ def sweep_runs(cfg: ExperimentConfig, home: Path, method: str, teacher=None):
             yield spec, None, None, None
             continue
         if method == FULL_DATA:
-            (x, y), spec["epochs"] = real_split(cfg, "train"), ev.hard_for(student).full_data_epochs
+            (x, y), spec["epochs"] = real_split(cfg, ev.train_split()), ev.hard_for(student).full_data_epochs
         else:
             x, y = distilled_set(cfg, home, method, ipc, gen_seed)
             spec["epochs"] = cfg.epochs_for_ipc(ipc, protocol, student)
@@ -344,7 +350,7 @@ def diversity_report(cfg: ExperimentConfig, home: Path, progress: StageProgress 
 
     device, budget = cfg.evaluation.device, cfg.evaluation.memory_budget_mb
     teacher = load_teacher(cfg, home).to(device)
-    xr, yr = real_split(cfg, "train")
+    xr, yr = real_split(cfg, cfg.evaluation.train_split())
     fr = penultimate_features(teacher, xr, device=device, memory_budget_mb=budget)
     frames, tsne_frames = [], []
     for ipc in cfg.ipc:
@@ -373,38 +379,3 @@ def diversity_report(cfg: ExperimentConfig, home: Path, progress: StageProgress 
     atomic_write(out / "tsne.csv", tsne.to_csv(index=False))
     summary = mean_over_classes(metrics)
     return {"metrics_csv": str(out / "metrics.csv"), "tsne_csv": str(out / "tsne.csv"), "summary": summary}
-
-
-# --------------------------------------------------------------------------- the report
-def evaluation_report(cfg: ExperimentConfig, home: Path, fingerprint: str = ""):
-    """Every method's students and feature metrics, the data's account (``dataset_report``), as
-    the report (Markdown, CSV, PNGs, HTML) under ``report/``; returns ``report.Report``."""
-    from .dataset_report import dataset_note
-    from .images import image_grid
-    from .report import write_report
-
-    frames = []
-    for method in [FULL_DATA, *cfg.methods]:
-        path = storage.students_file(cfg, home, method)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: students of {method!r} missing; materialize students first")
-        frames.append(pd.read_csv(path))
-    accuracy = pd.concat(frames, ignore_index=True)
-    metrics = tsne = None
-    ddir = storage.diversity_dir(cfg, home)
-    if (ddir / "metrics.csv").is_file():
-        metrics = pd.read_csv(ddir / "metrics.csv")
-        metrics["class"] = metrics["class"].astype(str)
-    if (ddir / "tsne.csv").is_file() and (ddir / "tsne.csv").stat().st_size > 1:
-        tsne = pd.read_csv(ddir / "tsne.csv")
-    grids, ipc, g = {}, cfg.ipc[0], cfg.evaluation.generation_seeds[0]
-    infos = _classes(cfg)
-    for method in cfg.methods:
-        root = storage.distilled_set_dir(cfg, home, method, ipc, g)
-        per_class = [load_distilled_class(root, c.id)[0][: min(ipc, 10)] for c in infos]
-        grids[f"{method} (IPC {ipc}, seed {g})"] = image_grid(np.concatenate(per_class), nrow=min(ipc, 10))
-    notes = (f"Config `{cfg.name}`; backbone fingerprint `{fingerprint}`; sampler: {cfg.sampler.kind}, "
-             f"{cfg.sampler.steps} steps, CFG {cfg.sampler.cfg_scale}, λ {cfg.sampler.guidance_strength}, "
-             f"t_stop {cfg.sampler.t_stop}; modes: {cfg.modes.method}. {dataset_note(cfg, home)}")
-    return write_report(storage.report_dir(cfg, home), accuracy, metrics, tsne=tsne, image_grids=grids,
-                        title=f"MGD³ evaluation — {cfg.name}", notes=notes)

@@ -151,7 +151,7 @@ class ClassModes:
     counts: np.ndarray  # (k,)
     assignment: np.ndarray  # (N,) mode of each training latent
     inertia: float
-    closest_index: np.ndarray  # (k,) row in the latent store closest to each centroid
+    closest_index: np.ndarray  # (k,) row of the clustered latents (``training_rows``) closest to each centroid
     closest_items: list[str]  # their item ids
 
     def finder(self) -> ModeFinder:
@@ -168,6 +168,17 @@ def mode_finder(cfg: ExperimentConfig, ipc: int, gen_seed: int, class_id: str,
                       random_state=modes.seed + gen_seed, class_name=class_id)
 
 
+def training_rows(cfg: ExperimentConfig, index: list[str], class_id: str) -> np.ndarray:
+    """Rows of a class's latent store (item ids ``index``) that modes and real-image baselines
+    draw from: every row, or with ``evaluation.split: validation`` those of the "fit" split (the
+    training split minus the validation images students are then scored on)."""
+    split = cfg.evaluation.train_split()
+    if split == "train":
+        return np.arange(len(index))
+    keep = set(open_source(cfg).items(class_id, split))
+    return np.asarray([i for i, item in enumerate(index) if item in keep], dtype=np.int64)
+
+
 def modes_path(cfg: ExperimentConfig, home: Path, class_id: str, modes: ModesConfig | None = None) -> Path:
     """Where the modes of ``modes`` (default: the config's) are kept: the config's finder in
     ``modes/<class>.h5`` (the ``mode_centroids`` asset), any other in ``modes/by_finder/``
@@ -178,8 +189,8 @@ def modes_path(cfg: ExperimentConfig, home: Path, class_id: str, modes: ModesCon
 
 def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerprint: str,
                    modes: ModesConfig | None = None) -> dict:
-    """Cluster one class's latents for every IPC and generation seed with the config's mode finder
-    (or ``modes``); write them atomically.
+    """Cluster one class's latents (the rows ``training_rows`` selects) for every IPC and generation
+    seed with the config's mode finder (or ``modes``); write them atomically.
 
     Returns a summary: path, content hash, and per (ipc, seed) counts and inertia."""
     from .latents import read_latent_store
@@ -187,7 +198,9 @@ def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerp
     store = read_latent_store(
         storage.latent_store_file(cfg, home, class_id, vae_fingerprint), expected_vae_fingerprint=vae_fingerprint
     )
-    lat = np.asarray(store.latents, dtype=np.float32)
+    rows = training_rows(cfg, store.index, class_id)
+    lat = np.asarray(store.latents[rows], dtype=np.float32)
+    index = [store.index[i] for i in rows]
     shape = lat.shape[1:]
     modes = modes or cfg.modes
     path = modes_path(cfg, home, class_id, modes)
@@ -198,7 +211,9 @@ def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerp
             class_id=class_id, vae_fingerprint=vae_fingerprint, method=modes.method,
             n_init=modes.n_init, base_seed=modes.seed, n_latents=len(lat),
         )
-        f.create_dataset("index", data=np.asarray(store.index, dtype=h5py.string_dtype()))
+        if cfg.evaluation.split != "test":  # the rows clustered: the fit split (absent: all training rows)
+            f.attrs["split"] = cfg.evaluation.train_split()
+        f.create_dataset("index", data=np.asarray(index, dtype=h5py.string_dtype()))
         for ipc in cfg.ipc:
             for gen_seed in cfg.evaluation.generation_seeds:
                 finder = mode_finder(cfg, ipc, gen_seed, class_id, modes).fit(lat)
@@ -212,7 +227,7 @@ def discover_modes(cfg: ExperimentConfig, home: Path, class_id: str, vae_fingerp
                 h.update(finder.centroids_.tobytes())
                 summary["modes"][f"ipc{ipc}/seed{gen_seed}"] = {
                     "counts": finder.counts_.tolist(), "inertia": finder.inertia_,
-                    "closest_items": [store.index[i] for i in closest],
+                    "closest_items": [index[i] for i in closest],
                 }
     summary["content_hash"] = h.hexdigest()[:16]
     return summary

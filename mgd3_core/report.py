@@ -26,25 +26,24 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
 from .files import atomic_write
 from .images import png_bytes
 from .metrics import aggregate, dd_ranking_scores, mean_over_classes
+from .report_common import METHOD_ORDER  # noqa: F401  (re-exported)
+from .report_common import figure_png as _figure_png
+from .report_common import fmt as _fmt
+from .report_common import slug as _slug
 
-# Baselines first, then the diffusion methods, the method last (the order of the README's results table).
-METHOD_ORDER = ("full_data", "random_real", "closest_real", "decoded_centroids", "unguided", "mgd3_no_stop", "mgd3")
 ACC_COLUMNS = ("method", "ipc", "student", "protocol", "gen_seed", "train_seed", "final_acc", "best_acc")
 METRIC_COLUMNS = ("method", "ipc", "class", "diversity", "representativeness", "cos_div", "cos_rep")
 
@@ -62,35 +61,27 @@ class Report:
     pngs: dict[str, Path] = field(default_factory=dict)
     table_markdown: str = ""
     summary: pd.DataFrame | None = field(default=None, repr=False)
+    variants_markdown: str = ""  # the ranked variant table; "" with only the base methods
 
 
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("_") or "x"
-
-
-def _figure_png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- table
-def _method_rank(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+def _method_rank(method: str, kinds: dict[str, str] | None = None) -> tuple[int, str]:
+    """Sort key of a method: its base method's place in :data:`METHOD_ORDER` (``kinds``: variant ->
+    base method), then its name; a base method's own name first."""
+    kind = (kinds or {}).get(method, method)
+    place = METHOD_ORDER.index(kind) if kind in METHOD_ORDER else len(METHOD_ORDER)
+    return (place, "" if method == kind and kind in METHOD_ORDER else method)
 
 
-def _fmt(mean: float, std: float) -> str:
-    return "n/a" if not np.isfinite(mean) else f"{mean:.2f} ± {std:.2f}"
-
-
-def summary_table(accuracy: pd.DataFrame, metrics: pd.DataFrame | None = None) -> pd.DataFrame:
+def summary_table(accuracy: pd.DataFrame, metrics: pd.DataFrame | None = None,
+                  kinds: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per (protocol, student, ipc, method): accuracy mean/std/n, best, DD-Ranking, metrics.
 
     Ordered by protocol, student, then the full-data row, then per IPC the
-    methods in :data:`METHOD_ORDER` (others after, alphabetically).
+    methods in :data:`METHOD_ORDER` (others after, alphabetically); ``kinds`` (variant ->
+    base method) places each variant with its base method.
     """
     keys = ["method", "ipc", "student", "protocol"]
     acc = accuracy.copy()
@@ -103,7 +94,7 @@ def summary_table(accuracy: pd.DataFrame, metrics: pd.DataFrame | None = None) -
     if metrics is not None and len(metrics):
         table = table.merge(mean_over_classes(metrics, by=("method", "ipc")), on=["method", "ipc"], how="left")
     table["_ipc"] = table["ipc"].fillna(-1)
-    table["_rank"] = [_method_rank(m) for m in table["method"]]
+    table["_rank"] = [_method_rank(m, kinds) for m in table["method"]]
     table = table.sort_values(["protocol", "student", "_ipc", "_rank"], kind="stable")
     return table.drop(columns=["_ipc", "_rank"]).reset_index(drop=True)
 
@@ -114,10 +105,12 @@ def ranking_value(accuracy: pd.DataFrame) -> str:
     return "ranking_acc" if has else "final_acc"
 
 
-def table_markdown(summary: pd.DataFrame) -> str:
-    """The summary as a Markdown table: final top-1 mean ± std (n runs), best, DD-Ranking, metrics."""
+def table_markdown(summary: pd.DataFrame, split: str = "test") -> str:
+    """The summary as a Markdown table: final top-1 mean ± std (n runs), best, DD-Ranking, metrics;
+    ``split``: where the students were scored, named in the header unless it is the test split."""
     has_metrics = "diversity" in summary.columns
-    head = ["Protocol", "Student", "IPC", "Method", "Final top-1 % (mean ± std)", "n", "Best top-1 %",
+    scored = "" if split == "test" else f"{split} "
+    head = ["Protocol", "Student", "IPC", "Method", f"Final {scored}top-1 % (mean ± std)", "n", f"Best {scored}top-1 %",
             "HLR", "IOR", "LRS %"]
     if has_metrics:
         head += ["Diversity ↑", "Represent. dist ↓", "cos div ↑", "cos rep ↑"]
@@ -140,7 +133,8 @@ def table_markdown(summary: pd.DataFrame) -> str:
 def accuracy_plot(summary: pd.DataFrame) -> bytes:
     """Bars of final top-1 (mean ± std) per method, one panel per (protocol, student, ipc); full data dashed."""
     groups = summary[summary["method"] != "full_data"].groupby(["protocol", "student", "ipc"], sort=False)
-    fig = Figure(figsize=(max(5.0, 4.5 * max(groups.ngroups, 1)), 3.8))
+    bars = max((len(g) for _, g in groups), default=1)  # a grid's many variants: wider panels
+    fig = Figure(figsize=(max(5.0, max(4.5, 0.45 * bars) * max(groups.ngroups, 1)), 3.8))
     for i, ((protocol, student, ipc), g) in enumerate(groups):
         ax = fig.add_subplot(1, groups.ngroups, i + 1)
         ax.bar(range(len(g)), g["mean"], yerr=g["std"], capsize=3, color="tab:blue", alpha=0.8)
@@ -211,32 +205,75 @@ def _check_columns(df: pd.DataFrame, required, name: str) -> None:
         raise ValueError(f"write_report: {name} is missing column(s) {missing}; required: {list(required)}")
 
 
-def write_report(out_dir: str | os.PathLike, accuracy: pd.DataFrame, metrics: pd.DataFrame | None = None, *,
-                 tsne: pd.DataFrame | None = None, image_grids: dict[str, Image.Image] | None = None,
-                 title: str = "MGD³ evaluation", notes: str = "") -> Report:
-    """Write the report files under ``out_dir`` and return their paths and the table.
+def _explain(accuracy: pd.DataFrame, split: str) -> str:
+    """The paragraphs under the title: what the numbers are, where the students were scored."""
+    n_gen = accuracy["gen_seed"].nunique()
+    n_train = accuracy["train_seed"].nunique()
+    if ranking_value(accuracy) == "ranking_acc":
+        ranking_rule = ("Each run enters them with its best test accuracy over the evaluations in the last fifth "
+                        "of training, as DD-Ranking does (`evaluation.ranking_evaluations`; 1 = the final epoch).")
+    else:
+        ranking_rule = "Each run enters them with its final-epoch accuracy (these runs have no ranking column)."
+    if split == "test":
+        where, full = "on the real test split", "the whole training split"
+    else:
+        where = (f"on the **{split}** split (`evaluation.split`): the images held out of each class's training "
+                 "split (`dataset.validation_fraction`); the modes, real-image baselines, teacher and full-data "
+                 "runs use the rest of it (the fit split) and the test split is never read,")
+        full = "the fit split"
+    return (
+        f"Accuracy: top-1 {where} after the **final** epoch, mean ± sample std (ddof 1) "
+        f"over n runs ({n_gen} generation seed(s) × {n_train} training seed(s)); \"best\" is the maximum over "
+        f"the periodic evaluations and is optimistic. Full data: the same student and protocol trained on "
+        f"{full} (IPC \"all\").\n\n"
+        "DD-Ranking (Li et al. 2025): HLR = full-data − synthetic accuracy, both hard labels (lower is better); "
+        "IOR = synthetic − random-real accuracy at the same IPC and protocol (higher is better); "
+        f"LRS = (e^α − e^−1)/(e − e^−1) × 100 with α = ½·IOR − ½·HLR (as fractions). {ranking_rule}\n\n"
+        "Feature metrics (real-trained teacher's penultimate features, per class, averaged over classes): "
+        "diversity = mean distance to the nearest other synthetic image; representativeness = mean distance "
+        "to the k nearest real images (lower = closer to the data); cos div = 1 − mean max cosine to another "
+        "synthetic image; cos rep = mean max cosine to a real image."
+    )
 
-    See the module docstring for the input frames. ``notes`` (Markdown) goes
-    under the title, e.g. the config name and backbone fingerprint.
-    """
-    _check_columns(accuracy, ACC_COLUMNS, "accuracy")
-    if not len(accuracy):
-        raise ValueError("write_report: accuracy has no rows")
-    if metrics is not None:
-        _check_columns(metrics, METRIC_COLUMNS, "metrics")
-    if tsne is not None:
-        _check_columns(tsne, ("ipc", "class", "method", "x", "y"), "tsne")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
-    summary = summary_table(accuracy, metrics)
-    table = table_markdown(summary)
-    results_csv = atomic_write(out / "results.csv", accuracy.to_csv(index=False))
-    summary_csv = atomic_write(out / "summary.csv", summary.to_csv(index=False))
-    metrics_csv = atomic_write(out / "metrics.csv", metrics.to_csv(index=False)) if metrics is not None else None
+def _html_table(table: str) -> str:
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split(" | ")) + "</tr>"
+        for line in table.splitlines()[2:])
+    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in table.splitlines()[0].strip("|").split(" | "))
+    return f"<table><tr>{head}</tr>{rows}</table>"
 
-    figures: list[tuple[str, str, bytes]] = [("accuracy.png", "Final top-1 accuracy (mean ± std over seeds)",
-                                               accuracy_plot(summary))]
+
+def _html_page(title: str, notes: str, explain: str, tables: list[tuple[str, str]],
+               figures: list[tuple[str, str, bytes]]) -> str:
+    def b64(data: bytes) -> str:
+        return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
+        "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>"
+        + "".join(f"<p>{html.escape(p)}</p>" for p in explain.split("\n\n"))
+        + "".join((f"<h2>{html.escape(heading)}</h2>" if heading else "")
+                  + "".join(_html_table(b) if b.startswith("|") else f"<p>{html.escape(b)}</p>" for b in md.split("\n\n"))
+                  for heading, md in tables)
+        + "".join(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='{b64(data)}'>"
+                  for _, caption, data in figures)
+        + "</body></html>"
+    )
+
+
+def _figures(summary: pd.DataFrame, metrics, tsne, image_grids, variants, split: str) -> list[tuple[str, str, bytes]]:
+    """(file name, caption, PNG bytes) of every plot and image grid of the report."""
+    from .report_grid import has_variants, sweep_kinds, sweep_plot
+
+    figures = [("accuracy.png", "Final top-1 accuracy (mean ± std over seeds)", accuracy_plot(summary))]
+    if has_variants(variants):
+        for kind, varied in sweep_kinds(variants).items():
+            caption = (f"{kind}: final {split} top-1 against {' and '.join(varied)} (mean ± std over seeds), "
+                       "the other methods as dotted lines")
+            figures.append((f"sweep_{_slug(kind)}.png", caption, sweep_plot(summary, variants, kind, split)))
     if metrics is not None and len(metrics):
         for ipc in sorted(metrics["ipc"].dropna().unique()):
             figures.append((f"div_rep_ipc{int(ipc)}.png", f"Diversity vs representativeness per class, IPC {int(ipc)}",
@@ -247,52 +284,57 @@ def write_report(out_dir: str | os.PathLike, accuracy: pd.DataFrame, metrics: pd
             figures.append((f"tsne_ipc{int(ipc)}.png", caption, tsne_plot(tsne[tsne["ipc"] == ipc])))
     for name, img in (image_grids or {}).items():
         figures.append((f"grid_{_slug(name)}.png", f"Images: {name}", png_bytes(img)))
+    return figures
+
+
+def write_report(out_dir: str | os.PathLike, accuracy: pd.DataFrame, metrics: pd.DataFrame | None = None, *,
+                 tsne: pd.DataFrame | None = None, image_grids: dict[str, Image.Image] | None = None,
+                 title: str = "MGD³ evaluation", notes: str = "", split: str = "test",
+                 variants: dict[str, tuple[str, dict]] | None = None) -> Report:
+    """Write the report files under ``out_dir`` and return their paths and the table.
+
+    See the module docstring for the input frames. ``notes`` (Markdown) goes
+    under the title, e.g. the config name and backbone fingerprint. ``split``: where the
+    students were scored ("test" or "validation"), named with every table. ``variants``:
+    ``{method: (base method, {setting: value})}`` (:mod:`mgd3_core.report_grid`); when the
+    methods are more than the base names, a ranked table of them and sweep plots are added.
+    """
+    from .report_grid import has_variants, pivot_markdown, sweep_kinds, variant_markdown, variant_table
+
+    _check_columns(accuracy, ACC_COLUMNS, "accuracy")
+    if not len(accuracy):
+        raise ValueError("write_report: accuracy has no rows")
+    if metrics is not None:
+        _check_columns(metrics, METRIC_COLUMNS, "metrics")
+    if tsne is not None:
+        _check_columns(tsne, ("ipc", "class", "method", "x", "y"), "tsne")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    kinds = {m: kind for m, (kind, _) in (variants or {}).items()}
+    summary = summary_table(accuracy, metrics, kinds)
+    table = table_markdown(summary, split)
+    variants_md = ""
+    if has_variants(variants):  # the ranked variants, then each base method's grid as a table
+        variants_md = "\n\n".join([variant_markdown(variant_table(summary, variants), variants, split),
+                                     *(pivot_markdown(summary, variants, kind, split) for kind in sweep_kinds(variants))])
+    results_csv = atomic_write(out / "results.csv", accuracy.to_csv(index=False))
+    summary_csv = atomic_write(out / "summary.csv", summary.to_csv(index=False))
+    metrics_csv = atomic_write(out / "metrics.csv", metrics.to_csv(index=False)) if metrics is not None else None
+    figures = _figures(summary, metrics, tsne, image_grids, variants, split)
     pngs = {fname: atomic_write(out / fname, data) for fname, _, data in figures}
 
-    n_gen = accuracy["gen_seed"].nunique()
-    n_train = accuracy["train_seed"].nunique()
-    if ranking_value(accuracy) == "ranking_acc":
-        ranking_rule = ("Each run enters them with its best test accuracy over the evaluations in the last fifth "
-                        "of training, as DD-Ranking does (`evaluation.ranking_evaluations`; 1 = the final epoch).")
-    else:
-        ranking_rule = "Each run enters them with its final-epoch accuracy (these runs have no ranking column)."
-    explain = (
-        f"Accuracy: top-1 on the real test split after the **final** epoch, mean ± sample std (ddof 1) "
-        f"over n runs ({n_gen} generation seed(s) × {n_train} training seed(s)); \"best\" is the maximum over "
-        "the periodic evaluations and is optimistic. Full data: the same student and protocol trained on "
-        "the whole training split (IPC \"all\").\n\n"
-        "DD-Ranking (Li et al. 2025): HLR = full-data − synthetic accuracy, both hard labels (lower is better); "
-        "IOR = synthetic − random-real accuracy at the same IPC and protocol (higher is better); "
-        f"LRS = (e^α − e^−1)/(e − e^−1) × 100 with α = ½·IOR − ½·HLR (as fractions). {ranking_rule}\n\n"
-        "Feature metrics (real-trained teacher's penultimate features, per class, averaged over classes): "
-        "diversity = mean distance to the nearest other synthetic image; representativeness = mean distance "
-        "to the k nearest real images (lower = closer to the data); cos div = 1 − mean max cosine to another "
-        "synthetic image; cos rep = mean max cosine to a real image."
-    )
+    explain = _explain(accuracy, split)
+    ranked = "Variants by base method, ranked by final top-1 (1 = best)"
     md = [f"# {title}", "", notes, "", explain, "", table, ""]
+    if variants_md:
+        md += [f"## {ranked}", "", variants_md, ""]
     md += [f"## {caption}\n\n![{caption}]({fname})\n" for fname, caption, _ in figures]
     md += ["Files: `results.csv` (one row per run), `summary.csv` (this table's numbers)"
            + (", `metrics.csv` (one row per method, IPC and class)." if metrics_csv else ".")]
     markdown = atomic_write(out / "report.md", "\n".join(md))
-
-    def b64(data: bytes) -> str:
-        return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-    rows_html = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
-        for line in table.splitlines()[2:])
-    head_html = "".join(f"<th>{html.escape(c.strip())}</th>" for c in table.splitlines()[0].strip("|").split("|"))
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title>"
-        "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(notes)}</p>"
-        + "".join(f"<p>{html.escape(p)}</p>" for p in explain.split("\n\n"))
-        + f"<table><tr>{head_html}</tr>{rows_html}</table>"
-        + "".join(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(caption)}' src='{b64(data)}'>"
-                  for _, caption, data in figures)
-        + "</body></html>"
-    )
-    index = atomic_write(out / "index.html", page)
+    tables = [("", table)] + ([(ranked, variants_md)] if variants_md else [])
+    index = atomic_write(out / "index.html", _html_page(title, notes, explain, tables, figures))
     return Report(out_dir=out, markdown=markdown, html=index, results_csv=results_csv, metrics_csv=metrics_csv,
-                  summary_csv=summary_csv, pngs=pngs, table_markdown=table, summary=summary)
+                  summary_csv=summary_csv, pngs=pngs, table_markdown=table, summary=summary,
+                  variants_markdown=variants_md)

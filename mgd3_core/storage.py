@@ -6,7 +6,7 @@ The tree (the README's "Layout" section summarises it)::
       backbones/embedded-<key>/               embedded backbone (diffusers layout)
       latents/<dataset key>/<VAE fp>/<class>.h5
       latents/<dataset key>/content/<class>.json   file hashes behind a class's content key
-      runs/<config name>/
+      runs/<config name>/                     (runs/<config name>@validation/ with evaluation.split: validation)
         modes/<class>.h5, modes/by_finder/<finder>/<class>.h5   (the config's finder; a variant's own)
         distilled/<method>/ipc<k>/seed<s>/{images/<class>/, latents/<class>.h5, manifest/<class>.csv}
         teacher/, students/{<method>.csv, runs/}, diversity/, report/
@@ -95,8 +95,11 @@ def content_key_cache_file(home: Path, dataset_key: str, class_id: str) -> Path:
 
 # --------------------------------------------------------------------------- one experiment's outputs
 def run_dir(cfg: ExperimentConfig, home: Path) -> Path:
-    """Outputs that depend on the experiment (modes, distilled sets, students, reports)."""
-    return Path(home) / "runs" / cfg.name
+    """Outputs that depend on the experiment (modes, distilled sets, students, reports):
+    ``runs/<config name>``, or ``runs/<config name>@validation`` when students are scored on the
+    validation split (``evaluation.split``), whose modes, sets and runs never mix with the test ones."""
+    suffix = "" if cfg.evaluation.split == "test" else f"@{cfg.evaluation.split}"
+    return Path(home) / "runs" / f"{cfg.name}{suffix}"
 
 
 def modes_file(cfg: ExperimentConfig, home: Path, class_id: str, finder: str | None = None) -> Path:

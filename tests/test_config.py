@@ -21,13 +21,25 @@ def test_sampler_defaults_are_the_papers():
 
 def test_shipped_embedded_configs_share_backbone_data_and_sampler():
     # embedded-full reuses the demo's backbone and latent stores only if these sections agree;
-    # its sampler is the one chosen on the validation split for the demo (bench/guidance_sweep.py).
+    # its sampler is the one chosen on the validation split for the demo (configs/embedded-sweep.yaml, docs/decisions.md).
     demo, full = load_config("configs/embedded.yaml"), load_config("configs/embedded-full.yaml")
     assert demo.ipc == [10] and full.ipc == [1, 10, 50]
     assert demo.dataset == full.dataset and demo.backbone == full.backbone and demo.sampler == full.sampler
     assert demo.sampler_for("mgd3_no_stop").t_stop == 0
     assert demo.sampler_for("unguided").guidance_strength == 0.0
     assert 0 < demo.sampler.t_stop < demo.sampler.steps  # mgd3 keeps stop guidance
+
+
+def test_the_sweep_config_is_the_demo_with_a_lambda_t_stop_grid_scored_on_validation():
+    demo, sweep = load_config("configs/embedded.yaml"), load_config("configs/embedded-sweep.yaml")
+    assert (sweep.dataset, sweep.backbone, sweep.sampler, sweep.modes, sweep.ipc) == \
+        (demo.dataset, demo.backbone, demo.sampler, demo.modes, demo.ipc)  # the demo's backbone and latents
+    assert sweep.evaluation.split == "validation" and sweep.evaluation.hard == demo.evaluation.hard
+    assert sweep.evaluation.generation_seeds == [0, 1, 2]
+    grid = {(v.changed["guidance_strength"], v.changed["t_stop"])
+            for v in sweep.method_variants().values() if v.kind == "mgd3"}
+    assert grid == {(lam, t) for lam in (0.05, 0.1, 0.2) for t in (0, 10, 25)}
+    assert [m for m in sweep.methods if not m.startswith("mgd3~")] == ["unguided", "random_real", "closest_real"]
 
 
 def test_mgd3_config_env_var_selects_the_file(tmp_path, monkeypatch):

@@ -12,6 +12,8 @@ from PIL import Image
 from mgd3_core.images import image_grid, png_bytes
 from mgd3_core.report import METHOD_ORDER, write_report
 
+from tests.toys import grid_accuracy, pixels_of
+
 METHODS = ["mgd3", "unguided", "mgd3_no_stop", "random_real", "closest_real", "decoded_centroids"]  # shuffled order
 
 
@@ -104,3 +106,43 @@ def test_dd_ranking_scores_use_the_ranking_accuracy_when_every_run_has_it(tmp_pa
     acc.loc[0, "ranking_acc"] = np.nan  # one run without it: every score falls back to the final epoch
     s = write_report(tmp_path / "b", acc).summary.set_index("method")
     assert s.loc["mgd3", "ior"] == pytest.approx(82.0 - 85.0)
+
+
+def test_a_grid_is_ranked_under_its_base_method_and_drawn_against_its_settings(tmp_path):
+    acc, variants = grid_accuracy()
+    rep = write_report(tmp_path / "grid", acc, variants=variants, split="validation")
+    ranked, pivot = rep.variants_markdown.split("\n\n")[:2]
+    lines = ranked.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[3:8] == ["Rank", "Base method", "Variant", "guidance_strength", "t_stop"]
+    assert "Final validation top-1 % (mean ± std)" in head
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [r[4] for r in rows] == ["random_real", "closest_real", "unguided"] + ["mgd3"] * 9  # grouped
+    best = rows[3]  # mgd3's best first: λ 0.2, t_stop 25 scores 85.2, above closest real (85)
+    assert best[3:8] == ["1", "mgd3", "mgd3~guidance_strength=0.2~t_stop=25", "0.2", "25"]
+    assert "85.70 ± 0.71" in best
+    assert rows[1][3] == "2" and rows[2][3] == "12" and rows[2][6:8] == ["0", "–"]  # unguided: λ 0, no t_stop
+    assert sorted(int(r[3]) for r in rows) == list(range(1, 13))
+
+    grid = rep.variants_markdown.split("\n\n")[2].splitlines()  # the pivot: λ rows, t_stop columns
+    assert pivot.startswith("mgd3, convnet, hard labels, IPC 10: final validation top-1 %")
+    assert grid[0] == "| guidance_strength \\ t_stop | t_stop 0 | t_stop 10 | t_stop 25 |"
+    assert grid[2:] == ["| 0.05 | 80.55 ± 0.71 | 81.05 ± 0.71 | 81.80 ± 0.71 |",
+                        "| 0.1 | 80.60 ± 0.71 | 81.60 ± 0.71 | 83.10 ± 0.71 |",
+                        "| 0.2 | 80.70 ± 0.71 | 82.70 ± 0.71 | 85.70 ± 0.71 |"]
+    png = rep.pngs["sweep_mgd3.png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # one line per t_stop (matplotlib's C0..C2), one dotted line per baseline (C5..C7)
+    for color in ("#1f77b4", "#ff7f0e", "#2ca02c", "#8c564b", "#e377c2", "#7f7f7f"):
+        assert pixels_of(png, color) > 100, color
+    md = rep.markdown.read_text()
+    assert rep.variants_markdown in md and "(sweep_mgd3.png)" in md and "validation" in md.split("\n\n")[2]
+    assert rep.html.read_text().count("data:image/png;base64,") == 2  # the bars and the sweep
+
+    # Three varied settings: ranked, not drawn. The six base names alone: the report of before.
+    v3 = {m: (k, {**s, "cfg_scale": 2.0 + (s.get("t_stop") or 0)} if k == "mgd3" else s)
+          for m, (k, s) in variants.items()}
+    assert "sweep_mgd3.png" not in write_report(tmp_path / "three", acc, variants=v3).pngs
+    base = write_report(tmp_path / "base", fake_accuracy(), variants={m: (m, {}) for m in METHODS})
+    assert base.variants_markdown == "" and set(base.pngs) == {"accuracy.png"}
+    assert base.markdown.read_text() == write_report(tmp_path / "plain", fake_accuracy()).markdown.read_text()

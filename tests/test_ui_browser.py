@@ -39,12 +39,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _render(url: str, profile: Path, screenshot: Path, ready, attempts: int = 4) -> str:
+def _render(url: str, profile: Path, screenshot: Path, ready, attempts: int = 4, window: str = "1400,1100") -> str:
     """Render ``url`` headless: save a screenshot and return the DOM once ``ready(dom)`` holds
     (the UI loads the code location lazily, so a first render can be early)."""
+    _need_chromium()
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--window-size=1400,1100",
+           f"--user-data-dir={profile}", "--virtual-time-budget=15000", f"--window-size={window}",
            f"--screenshot={screenshot}", "--dump-dom", url]
     dom = ""
     for _ in range(attempts):
@@ -55,12 +56,16 @@ def _render(url: str, profile: Path, screenshot: Path, ready, attempts: int = 4)
     return dom
 
 
-@pytest.fixture(scope="module")
-def webserver(tiny_graph, tmp_path_factory):
+def _need_chromium() -> None:
     if not (CHROMIUM and Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
         found = f"CHROMIUM={CHROMIUM} is not an executable file" if CHROMIUM else "no chromium on PATH, CHROMIUM unset"
         pytest.fail(f"no headless Chromium ({found}): put a `chromium` on PATH or set CHROMIUM=/path/to/chromium; "
                     "`make browser-deps` installs Debian's as root and says how to get one without root")
+
+
+@pytest.fixture(scope="module")
+def webserver(tiny_graph, tmp_path_factory):
+    _need_chromium()
     port = _free_port()
     log = tmp_path_factory.mktemp("webserver") / "webserver.log"
     with open(log, "w") as out:
@@ -127,3 +132,21 @@ def test_the_automation_page_lists_the_declarative_automation_sensor(webserver, 
     dom = _render(url, tmp_path / "profile", shot, lambda d: "mgd3_automation" in d)
     assert "mgd3_automation" in dom, f"the automation sensor is not listed at {url}"
     assert shot.stat().st_size > 10_000
+
+
+def test_the_report_of_a_grid_shows_its_sweep_plot(tmp_path):
+    """The evaluation report's page (index.html) of a λ × t_stop grid, as a browser shows it: the
+    ranked variants, the grid table and the plot of accuracy against λ, one line per t_stop."""
+    from mgd3_core.report import write_report
+    from tests.toys import grid_accuracy, pixels_of
+
+    OUTPUT.mkdir(exist_ok=True)
+    acc, variants = grid_accuracy()
+    rep = write_report(tmp_path / "report", acc, variants=variants, split="validation")
+    shot = OUTPUT / "report_sweep.png"
+    caption = "mgd3: final validation top-1 against guidance_strength and t_stop"
+    dom = _render(rep.html.as_uri(), tmp_path / "profile", shot, lambda d: caption in d, window="1400,3000")
+    assert caption in dom and "mgd3~guidance_strength=0.2~t_stop=25" in dom and "t_stop 25" in dom
+    png = shot.read_bytes()
+    for color in ("#1f77b4", "#ff7f0e", "#2ca02c"):  # the three t_stop lines, drawn on the page
+        assert pixels_of(png, color) > 100, f"no {color} line of the sweep plot in the screenshot {shot}"

@@ -1,9 +1,14 @@
-"""Small stand-ins used by several tests: analytic backbones (no training, no files) and a tiny
-embedded experiment config."""
+"""Small stand-ins used by several tests: analytic backbones (no training, no files), a tiny
+embedded experiment config, and the accuracy rows of a fake λ × t_stop grid for the report."""
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
+import pandas as pd
 import torch
+from PIL import Image
 
 from mgd3_core.config import ExperimentConfig, config_from_dict
 
@@ -77,3 +82,29 @@ def tiny_embedded_config(**dit) -> ExperimentConfig:
             "threads": 1,  # tiny models: one thread avoids OpenMP barrier stalls on a busy machine
         }},
     })
+
+
+# ----------------------------------------------------------------- report inputs
+def grid_accuracy() -> tuple[pd.DataFrame, dict]:
+    """A λ × t_stop grid of mgd3 (3 x 3) beside three baselines, student rows of two seeds 1 apart
+    (variant mean 80.5 + λ·(t_stop + 1)), and the report's ``variants`` for it."""
+    variants = {"unguided": ("unguided", {"guidance_strength": 0.0, "t_stop": None}),
+                "random_real": ("random_real", {"guidance_strength": None, "t_stop": None}),
+                "closest_real": ("closest_real", {"guidance_strength": None, "t_stop": None})}
+    means = {"unguided": 70.0, "random_real": 75.0, "closest_real": 85.0}
+    for lam in (0.05, 0.1, 0.2):
+        for t_stop in (0, 10, 25):
+            name = f"mgd3~guidance_strength={lam:g}~t_stop={t_stop}"
+            variants[name] = ("mgd3", {"guidance_strength": lam, "t_stop": t_stop})
+            means[name] = 80.0 + lam * (t_stop + 1)
+    rows = [{"method": m, "ipc": 10, "student": "convnet", "protocol": "hard", "gen_seed": g, "train_seed": 0,
+             "final_acc": mean + g, "best_acc": mean + g} for m, mean in means.items() for g in (0, 1)]
+    rows += [{"method": "full_data", "ipc": np.nan, "student": "convnet", "protocol": "hard", "gen_seed": 0,
+              "train_seed": 0, "final_acc": 98.0, "best_acc": 98.0}]
+    return pd.DataFrame(rows), variants
+
+
+def pixels_of(png: bytes, color: str) -> int:
+    """Pixels of exactly ``color`` ("#rrggbb") in a PNG: a plotted line's colour is there or not."""
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
+    return int((rgb == [int(color[i:i + 2], 16) for i in (1, 3, 5)]).all(1).sum())

@@ -20,6 +20,7 @@ import pandas as pd
 from mgd3_core import evaluate, storage
 from mgd3_core.backbones import backbone_class_conditions
 from mgd3_core.config import ExperimentConfig
+from mgd3_core.evaluation_report import evaluation_report as write_evaluation_report
 
 from ..automation import on_upstream_data_change
 from ..failures import fails_with_root_cause
@@ -92,7 +93,8 @@ def _student_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         **accelerator_step(),
         kinds={"pytorch"},
         automation_condition=on_upstream_data_change(),
-        description="Every configured student trained on the whole real training split: the upper bound.",
+        description="Every configured student trained on the whole real training split (the fit split under "
+        "evaluation.split: validation): the upper bound.",
     )
     @fails_with_root_cause
     def full_data_students(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
@@ -111,7 +113,8 @@ def _student_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
         kinds={"pytorch"},
         automation_condition=on_upstream_data_change(),
         description="Student classifiers trained on one method's distilled sets (all classes), for every "
-        "IPC, generation seed, student and protocol, evaluated on the real test split.",
+        "IPC, generation seed, student and protocol, evaluated on the real test split (with "
+        "evaluation.split: validation, on the images held out of the training split).",
     )
     @fails_with_root_cause
     def students(context: dg.AssetExecutionContext, experiment: ExperimentResource) -> dg.MaterializeResult:
@@ -163,7 +166,7 @@ def _report_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
     def evaluation_report(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                           backbone: BackboneResource) -> dg.MaterializeResult:
         cfg = checked_config(context, experiment)
-        report = evaluate.evaluation_report(cfg, experiment.storage(), fingerprint=backbone.fingerprint() or "")
+        report = write_evaluation_report(cfg, experiment.storage(), fingerprint=backbone.fingerprint() or "")
         context.log.info(f"evaluation report: {report.html}")
         metadata = {
             "results_table": dg.MetadataValue.md(report.table_markdown),
@@ -171,6 +174,8 @@ def _report_assets(cfg: ExperimentConfig) -> list[dg.AssetsDefinition]:
             "report_markdown": dg.MetadataValue.path(str(report.markdown)),
             "report_dir": dg.MetadataValue.path(str(report.out_dir)),
         }
+        if report.variants_markdown:  # methods beyond the six base names: ranked by base method
+            metadata["variants_table"] = dg.MetadataValue.md(report.variants_markdown)
         if report.summary is not None:
             metadata["summary"] = frame_table(report.summary, digits=3)
         return dg.MaterializeResult(metadata=metadata)
