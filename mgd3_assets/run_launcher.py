@@ -93,8 +93,11 @@ class ForkServer:
     def _ensure_running(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             return
+        # The launcher's own import path, so the server finds this project (and the runs their code)
+        # however the launching process found it (an install, PYTHONPATH, a working directory).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         self._proc = subprocess.Popen([sys.executable, "-m", "mgd3_assets.fork_server"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True, bufsize=1)
+                                      stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
         if (answer := self._reply()) != "ready":
             raise ForkServerError(f"the run launcher's fork server answered {answer!r} instead of 'ready'")
 

@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
         "telemetry": {"enabled": False}}))
     module = f"warm_probe_{uuid.uuid4().hex[:8]}"
     sys.path.insert(0, str(root))
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])  # for the fork server
+
     with dg.DagsterInstance.from_config(str(root)) as instance:
         yield dict(root=root, module=module, instance=instance)
     sys.path.remove(str(root))
