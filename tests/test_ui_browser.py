@@ -10,6 +10,7 @@ them (``docs/img/``), so a UI that stops rendering a page fails here first.
 """
 
 import base64
+import contextlib
 import os
 import re
 import shutil
@@ -63,16 +64,16 @@ def _need_chromium() -> None:
                     "`make browser-deps` installs Debian's as root and says how to get one without root")
 
 
-@pytest.fixture(scope="module")
-def webserver(tiny_graph, tmp_path_factory):
+@contextlib.contextmanager
+def _serving(env: dict, log: Path):
+    """``dagster-webserver`` on a free port of 127.0.0.1 with ``env``'s instance and experiment; its URL."""
     _need_chromium()
     port = _free_port()
-    log = tmp_path_factory.mktemp("webserver") / "webserver.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "dagster_webserver", "-w", str(PROJECT_ROOT / "workspace.yaml"),
              "-h", "127.0.0.1", "-p", str(port)],
-            cwd=PROJECT_ROOT, env=tiny_graph.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 150
@@ -91,6 +92,12 @@ def webserver(tiny_graph, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def webserver(tiny_graph, tmp_path_factory):
+    with _serving(tiny_graph.env(), tmp_path_factory.mktemp("webserver") / "webserver.log") as base:
+        yield base
 
 
 def test_the_asset_graph_shows_every_asset(webserver, tmp_path):
@@ -124,6 +131,23 @@ def test_the_partitions_view_shows_every_method_and_class(webserver, tmp_path, t
     for text in ("method", "class", "Materialized"):
         assert text in dom, f"{text!r} not shown at {url}"
     assert shot.stat().st_size > 10_000
+
+
+def test_the_partitions_view_lists_a_grids_variants_as_methods(tmp_path):
+    """Variants are the method partitions: a config with a grid shows each variant's name (nothing
+    needs to be materialized for the partitions to be listed)."""
+    from tests.dagster_helpers import TinyGraph, tiny_config
+
+    grid = {"grid": {"kind": "mgd3", "guidance_strength": [0.3, 0.1], "t_stop": [0, 2]}}
+    graph = TinyGraph(tmp_path / "grid", tiny_config(methods=["mgd3", "unguided", grid]))
+    variants = [m for m in graph.cfg.methods if m not in ("mgd3", "unguided")]
+    assert len(variants) == 4
+    OUTPUT.mkdir(exist_ok=True)
+    with _serving(graph.env(), tmp_path / "webserver.log") as base:
+        url, shot = f"{base}/assets/distilled_images?view=partitions", OUTPUT / "ui_variant_partitions.png"
+        dom = _render(url, tmp_path / "profile", shot, lambda d: all(v in d for v in variants))
+    missing = [m for m in graph.cfg.methods if m not in dom]
+    assert not missing, f"partitions view at {url} does not show the variants {missing}"
 
 
 def test_the_automation_page_lists_the_declarative_automation_sensor(webserver, tmp_path):
