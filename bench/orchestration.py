@@ -409,12 +409,12 @@ def sampler_limit(config: Path, home: Path, threads: int) -> dict:
     import torch
 
     from mgd3_core.config import DIFFUSION_METHODS, load_config
-    from mgd3_core.pipeline import get_backbone
+    from mgd3_core.pipeline import class_infos, get_backbone
     from mgd3_core.sampling import SamplerSettings, sample
 
     cfg = load_config(config)
     bb = get_backbone(cfg, home)
-    classes = min(cfg.classes_per_run(), len(cfg.dataset.classes))
+    classes = min(cfg.classes_per_run(), len(class_infos(cfg)))  # `dataset.classes` may be None: every class
     n = classes * cfg.images_per_class()
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(classes).repeat_interleave(cfg.images_per_class()) % bb.num_classes
@@ -615,9 +615,12 @@ def report(results: dict, cfg) -> str:
         s = summaries[name].get(DISTILL_JOB)
         if s and s["wall"] > 0:
             ips, li = launchers[name]["images"] / s["wall"], limits[name]
+            sampled = launchers[name]["images"] * len(li["methods"]) / li["all_methods"]  # the diffusion methods'
             ratios.append(f"distill images/s {name} / sampler limit: {ips / li['images_per_s']:.2f} "
                           f"({ips:.2f} / {li['images_per_s']:.2f}; the stage also writes the "
-                          f"{li['all_methods'] - len(li['methods'])} non-diffusion methods' images and decodes)")
+                          f"{li['all_methods'] - len(li['methods'])} non-diffusion methods' images and decodes); "
+                          f"counting only the {sampled:.0f} sampled images: "
+                          f"{sampled / s['wall'] / li['images_per_s']:.2f}")
     out += ratios
     # Projection from the launcher that starts a process per run (as a cluster does), else the demo.
     out += ["", "== paper-scale projection"]

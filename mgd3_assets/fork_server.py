@@ -1,6 +1,7 @@
 """``python -m mgd3_assets.fork_server``: the warm process ``run_launcher.WarmRunLauncher`` forks runs from.
 
-It imports the heavy third-party libraries once (``warm_imports``), says ``ready``, then reads one
+It imports the heavy third-party libraries once (``warm_imports``, which also imports the project's
+modules for the libraries they pull in), says ``ready``, then reads one
 request per line on stdin (JSON: ``run_id``, ``instance_ref``), forks a child that executes that
 run as ``dagster api execute_run`` would, and answers the child's pid on its reply pipe. The
 children write to this process's stderr (the launcher's), never to the reply pipe; they are
@@ -16,8 +17,24 @@ import signal
 import sys
 
 
+# The fork server's own modules; every other module of the project is imported afresh by each run.
+_OWN = {"mgd3_assets", "mgd3_assets.fork_server", "mgd3_assets.warm_imports"}
+
+
+def forget_project_modules() -> list[str]:
+    """Drop the project's modules (``mgd3_core``, ``mgd3_assets``) that the preload imported, so this
+    process imports them again as they are now: an edit takes effect at the next run. The
+    third-party libraries they imported stay loaded."""
+    names = [n for n in sys.modules if n.split(".")[0] in ("mgd3_core", "mgd3_assets") and n not in _OWN]
+    for name in names:
+        del sys.modules[name]
+    return names
+
+
 def _child(request: dict, reply: int) -> None:
     os.close(reply)
+    # How many preloaded project modules the run imports afresh (0: the preload failed), for its log.
+    os.environ["MGD3_FORGOTTEN_PROJECT_MODULES"] = str(len(forget_project_modules()))
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a run waits for its own subprocesses
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)

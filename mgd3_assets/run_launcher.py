@@ -13,8 +13,9 @@ config or module takes effect at the next run; only the third-party libraries ar
 a loaded backbone or any state. Each run is still its own process, with its own failure,
 termination (SIGINT, as Dagster's code server sends) and logs.
 
-The fork server starts with the first run a process launches (the daemon, usually), so that run
-waits for the imports once; the launch of each later run costs a fork.
+The daemon starts the fork server as it starts, in the background (``prestart_in_daemon``), so
+its imports are done before the first run is launched; any other process starts it with the
+first run it launches. The launch of each run then costs a fork.
 
 ``daemon_interval_seconds`` (default 5) also shortens the backfill daemon's wait between
 iterations, fixed at 30 s by Dagster: a backfill launches a stage's runs at the first iteration
@@ -61,7 +62,33 @@ def quicken_daemons_from_yaml(dagster_home: str | os.PathLike | None = None) -> 
     seconds = (launcher.get("config") or {}).get("daemon_interval_seconds", DEFAULT_DAEMON_INTERVAL_S)
     _check_interval(seconds)
     quicken_daemons(seconds)
+    if _is_daemon_process():
+        prestart_in_daemon()
     return seconds
+
+
+def _is_daemon_process() -> bool:
+    """``dagster-daemon run`` or ``python -m dagster._daemon run`` (what ``dagster dev`` starts)."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    return argv0.name == "dagster-daemon" or argv0.parts[-2:] == ("_daemon", "__main__.py")
+
+
+_PRESTARTED: "ForkServer | None" = None
+
+
+def prestart_in_daemon() -> None:
+    """Start this process's fork server now, in the background; the first ``WarmRunLauncher``
+    created here adopts it (a launch waits until its imports are done). Idempotent."""
+    global _PRESTARTED
+    if _PRESTARTED is None:
+        _PRESTARTED = ForkServer()
+        threading.Thread(target=_PRESTARTED.start_quietly, name="mgd3-fork-server-prestart", daemon=True).start()
+
+
+def _adopt_prestarted() -> "ForkServer":
+    global _PRESTARTED
+    server, _PRESTARTED = _PRESTARTED, None
+    return server or ForkServer()
 
 
 def _check_interval(seconds) -> None:
@@ -99,7 +126,17 @@ class ForkServer:
         self._proc = subprocess.Popen([sys.executable, "-m", "mgd3_assets.fork_server"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, bufsize=1, env=env)
         if (answer := self._reply()) != "ready":
+            self._proc.kill()
+            self._proc = None
             raise ForkServerError(f"the run launcher's fork server answered {answer!r} instead of 'ready'")
+
+    def start_quietly(self) -> None:
+        """Start the server ahead of the first run; a failure is reported again at that run's launch."""
+        with self._lock:
+            try:
+                self._ensure_running()
+            except (ForkServerError, OSError):
+                pass
 
     def fork_run(self, instance_ref: str, run_id: str) -> int:
         """Start the run's process; its pid."""
@@ -125,7 +162,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
         self._inst_data = inst_data
         _check_interval(daemon_interval_seconds)
         quicken_daemons(daemon_interval_seconds)
-        self._server = ForkServer()
+        self._server = _adopt_prestarted()
         super().__init__()
 
     @property

@@ -1,9 +1,11 @@
 """The third-party libraries a run imports, preloaded once by ``run_launcher``'s fork server.
 
-Only libraries: the project's own modules are imported by each run's process, so an edit to the
-code or the config takes effect at the next run. Nothing here starts a thread or touches a device
-(a fork after that would not be safe). A library that fails to import is left to the run, which
-then reports the error itself.
+The project's code location (``PROJECT``, without building its definitions) is imported too, for
+the libraries it pulls in (Dagster's storage and execution modules, SQLAlchemy, ...: about 1 s a
+run); each run's process then forgets the project's own modules (``fork_server``) and imports them
+afresh, so an edit to the code or the config takes effect at the next run. Nothing here starts a
+thread or touches a device (a fork after that would not be safe). A module that fails to import is
+left to the run, which then reports the error itself.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ MODULES = [
     "matplotlib.figure", "matplotlib.backends.backend_agg",
     "dagster",
 ]
+PROJECT = "mgd3_assets.definitions"
 CLASSES = [("diffusers", "AutoencoderKL"), ("diffusers", "DiTTransformer2DModel"), ("diffusers", "DDPMScheduler"),
            ("diffusers", "UNet2DConditionModel")]
 
@@ -34,6 +37,10 @@ def preload() -> list[str]:
             getattr(importlib.import_module(module), attribute)
         except Exception:  # noqa: BLE001
             failed.append(f"{module}.{attribute}")
+    try:
+        importlib.import_module(PROJECT)
+    except Exception:  # noqa: BLE001 - an edit in progress: each run imports it and reports
+        failed.append(PROJECT)
     return failed
 
 

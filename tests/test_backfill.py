@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from unittest import mock
 
 import dagster as dg
 import numpy as np
@@ -43,7 +44,9 @@ def _instance_dir(root: Path) -> Path:
     d = root / "dagster_home"
     d.mkdir(parents=True)
     (d / "dagster.yaml").write_text(yaml.safe_dump({
-        "storage": {"sqlite": {"base_dir": str(root / "dagster_storage")}},
+        # The project's storage class ($MGD3_HOME/dagster), as in the repository's dagster.yaml: the
+        # daemon applies the launcher's settings and starts its fork server when it loads it.
+        "storage": {"custom": {"module": "mgd3_assets.instance", "class": "Mgd3SqliteStorage", "config": {}}},
         # The core's log lines (a backbone load among them) become events of the run.
         "python_logs": {"managed_python_loggers": ["mgd3"], "python_log_level": "INFO"},
         # as in the repository's dagster.yaml: runs forked from a warm process, the backfill daemon quickened
@@ -104,19 +107,23 @@ def backfilled(tmp_path_factory):
     home, dagster_home = root / "home", _instance_dir(root)
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "MGD3_HOME": str(home), "MGD3_CONFIG": str(config)}
     defs = build_defs(config, home)
-    instance = dg.DagsterInstance.from_config(str(dagster_home))
+    with mock.patch.dict(os.environ, {"MGD3_HOME": str(home)}):  # where Mgd3SqliteStorage keeps the instance
+        instance = dg.DagsterInstance.from_config(str(dagster_home))
     quiet = dict(log=lambda m: None, log_level="WARNING")
     demo.materialize_graph(defs, instance, stages=demo.STAGES[:3], **quiet)  # inputs observed, backbone
     # The inputs' observations are wiped: as after a UI "Materialize all" that never observed them.
     for source in ("dataset", "method_settings"):
         instance.wipe_assets([dg.AssetKey(source)])
     before = evaluate(defs, instance)  # the automation sensor has been ticking before the backfill
+    runs_before_the_daemon = instance.get_runs_count()
 
     bin_dir, workspace, port = Path(sys.executable).parent, str(PROJECT_ROOT / "workspace.yaml"), free_port()
     webserver = start_process("dagster-webserver", [str(bin_dir / "dagster-webserver"), "-w", workspace,
                                                     "-h", "127.0.0.1", "-p", str(port)], root, env=env)
     daemon = start_process("dagster-daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", workspace], root, env=env)
     try:
+        fork_server = _wait_for_fork_server(daemon.pid)
+        launched_before_the_fork_server = instance.get_runs_count() - runs_before_the_daemon
         _wait_for_webserver(port, webserver, root / "dagster-webserver.log")
         answer = _graphql(port, MATERIALIZE_ALL, {"backfillParams": {
             "assetSelection": [{"path": [a]} for a in PER_CLASS + ["teacher"]], "allPartitions": True}})
@@ -133,7 +140,31 @@ def backfilled(tmp_path_factory):
         stop_process(webserver)
     runs = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill_id}))
     return dict(root=root, raw=raw, cfg=config_from_dict(raw), home=home, defs=defs, instance=instance,
-                backfill=instance.get_backfill(backfill_id), runs=runs, cursor=before.cursor)
+                backfill=instance.get_backfill(backfill_id), runs=runs, cursor=before.cursor,
+                fork_server=fork_server, launched_before_the_fork_server=launched_before_the_fork_server)
+
+
+def _wait_for_fork_server(daemon_pid: int, timeout: float = 120) -> int:
+    """The pid of the fork server the daemon starts as it starts (``run_launcher.prestart_in_daemon``)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(daemon_pid).children(recursive=True):
+            try:
+                if "mgd3_assets.fork_server" in child.cmdline():
+                    return child.pid
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.5)
+    raise AssertionError(f"the daemon (pid {daemon_pid}) started no fork server in {timeout} s")
+
+
+def test_the_daemon_starts_its_fork_server_before_the_first_run(backfilled):
+    """The first run launched after the daemon starts does not wait for the libraries' imports."""
+    assert backfilled["fork_server"] > 0 and backfilled["launched_before_the_fork_server"] == 0
+    forked_from = {r.tags[PID_TAG] for r in backfilled["runs"]}
+    assert len(forked_from) == len(backfilled["runs"])  # every run in a process of its own
 
 
 def test_a_backfill_runs_one_run_per_stage_chunk_and_loads_the_backbone_once_per_run(backfilled):

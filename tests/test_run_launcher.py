@@ -29,7 +29,10 @@ MARK = {mark!r}
 @dg.op(config_schema={{"sleep": float, "fail": bool, "out": str}})
 def work(context):
     with open(context.op_config["out"], "w") as f:
-        f.write(f"{{os.getpid()}} {{MARK}} {{'torch' in __import__('sys').modules}}")
+        modules = __import__('sys').modules
+        # torch preloaded; the project's code location preloaded by the server, then forgotten by the run
+        f.write(f"{{os.getpid()}} {{MARK}} {{'torch' in modules}} {{os.environ['MGD3_FORGOTTEN_PROJECT_MODULES']}} "
+                f"{{'mgd3_assets.definitions' in modules}}")
     time.sleep(context.op_config["sleep"])
     if context.op_config["fail"]:
         raise RuntimeError("the probe was asked to fail")
@@ -89,9 +92,11 @@ def test_each_run_executes_in_its_own_forked_process_with_the_libraries_already_
         run_id, out = _launch(setup, "first")
         run = _wait(instance, run_id)
         assert run.status == dg.DagsterRunStatus.SUCCESS
-        pid, mark, torch_loaded = out.read_text().split()
+        pid, mark, torch_loaded, forgotten, project_loaded = out.read_text().split()
         assert pid == run.tags[PID_TAG] and int(pid) != os.getpid()
         assert torch_loaded == "True"  # preloaded by the fork server: the probe never imports torch
+        assert int(forgotten) > 20  # the server had imported the project's code location (and its libraries)
+        assert project_loaded == "False"  # the run's process forgot those modules: it imports them afresh
         pids.append(pid)
     assert pids[0] != pids[1]
 
