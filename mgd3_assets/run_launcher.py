@@ -74,13 +74,15 @@ def _is_daemon_process() -> bool:
 
 
 _PRESTARTED: "ForkServer | None" = None
+_PRESTART_DONE = False
 
 
 def prestart_in_daemon() -> None:
     """Start this process's fork server now, in the background; the first ``WarmRunLauncher``
-    created here adopts it (a launch waits until its imports are done). Idempotent."""
-    global _PRESTARTED
-    if _PRESTARTED is None:
+    created here adopts it (a launch waits until its imports are done). Once per process."""
+    global _PRESTARTED, _PRESTART_DONE
+    if not _PRESTART_DONE:
+        _PRESTART_DONE = True
         _PRESTARTED = ForkServer()
         threading.Thread(target=_PRESTARTED.start_quietly, name="mgd3-fork-server-prestart", daemon=True).start()
 
