@@ -212,6 +212,18 @@ def test_each_partition_has_its_own_data_version_and_check_result_from_its_run(b
         assert {r.run_id for r in records} <= {r.run_id for r in backfilled["runs"]}  # no check-only runs
 
 
+def test_a_modes_run_records_its_classes_together_after_the_last_one_is_done(backfilled):
+    """So the backfill daemon finds all of them ready at one tick and groups the distilled images
+    by method, as make demo does (Dagster groups by the dimension with fewer ready keys)."""
+    instance = backfilled["instance"]
+    (run,) = [r for r in backfilled["runs"] if {k.to_user_string() for k in r.asset_selection} == {"mode_centroids"}]
+    logs = instance.all_logs(run.run_id)
+    done = [e.timestamp for e in logs if e.user_message and e.user_message.startswith("modes of class")]
+    recorded = [e.timestamp for e in logs if e.dagster_event and e.dagster_event.is_step_materialization]
+    assert len(done) == len(recorded) == len(backfilled["cfg"].dataset.classes) > 1
+    assert min(recorded) >= max(done)
+
+
 def test_images_do_not_depend_on_how_classes_are_grouped_into_runs(backfilled, tmp_path):
     """The same config with one class per run (``runs.classes_per_run: 1``) makes the same PNGs.
     Tolerance: a class's images are sampled in a batch of 2 classes here and of 1 there, and other

@@ -93,10 +93,16 @@ def build_variant_modes_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition | No
 
 def _discover(context, cfg: ExperimentConfig, home, vae_fp: str, events: PartitionEvents, work: list):
     """Modes of each (partition key, class, finder settings or None = the config's) of a run: one
-    materialization and check result per partition; a failed class does not stop the others."""
+    materialization and check result per partition; a failed class does not stop the others.
+
+    The events are yielded together once every class is done (k-means takes well under a second a
+    class): the backfill daemon then finds all of the run's classes ready at one tick. Dagster
+    groups ready multi-partitions by the dimension with fewer keys among them, so the
+    ``distilled_images`` runs hold one method's classes, as in ``make demo``; classes that turned
+    up over several ticks were grouped by class, one class's methods per run."""
     asset = context.asset_key.to_user_string()
     source = pipeline.open_source(cfg)
-    failed, done = {}, 0
+    failed, done, ready = {}, 0, []
     for pk, class_id, modes in work:
         try:
             summary = pipeline.discover_modes(cfg, home, class_id, vae_fp, modes)
@@ -114,7 +120,7 @@ def _discover(context, cfg: ExperimentConfig, home, vae_fp: str, events: Partiti
                 rows.append({"setting": setting, "mode": i, "count": int(count), "closest_real": item})
             context.log.info(f"modes of class {class_id}, {setting}: counts {s['counts']}, "
                              f"inertia {s['inertia']:.4g}")
-        yield events.materialization(pk, summary["content_hash"], {
+        ready.append((pk, events.materialization(pk, summary["content_hash"], {
             "closest_real_images": thumbnails_markdown(
                 closest, f"class {class_id}: training image closest to each centroid ({first})"),
             "counts_per_mode": table(rows, MODE_COLUMNS),
@@ -122,7 +128,9 @@ def _discover(context, cfg: ExperimentConfig, home, vae_fp: str, events: Partiti
             "settings": len(summary["modes"]),
             "inertia": {k: float(v["inertia"]) for k, v in summary["modes"].items()},
             "content_hash": summary["content_hash"],
-        })
-        yield events.check("centroids_valid", pk, check_result(problems, check_meta))
+        }), problems, check_meta))
         done += 1
+    for pk, materialization, problems, check_meta in ready:
+        yield materialization  # recorded before the check, which targets it
+        yield events.check("centroids_valid", pk, check_result(problems, check_meta))
     raise_partition_failures(failed, done)
