@@ -17,15 +17,12 @@ import signal
 import sys
 
 
-# The fork server's own modules; every other module of the project is imported afresh by each run.
-_OWN = {"mgd3_assets", "mgd3_assets.fork_server", "mgd3_assets.warm_imports"}
-
-
 def forget_project_modules() -> list[str]:
-    """Drop the project's modules (``mgd3_core``, ``mgd3_assets``) that the preload imported, so this
-    process imports them again as they are now: an edit takes effect at the next run. The
-    third-party libraries they imported stay loaded."""
-    names = [n for n in sys.modules if n.split(".")[0] in ("mgd3_core", "mgd3_assets") and n not in _OWN]
+    """Drop every module of the project (``mgd3_core``, ``mgd3_assets``, the packages included, so
+    that no package keeps a submodule as an attribute for ``from . import x``), so this process
+    imports them again as they are now: an edit takes effect at the next run. The third-party
+    libraries they imported stay loaded."""
+    names = [n for n in sys.modules if n.split(".")[0] in ("mgd3_core", "mgd3_assets")]
     for name in names:
         del sys.modules[name]
     return names
