@@ -16,10 +16,10 @@ the other classes' partitions and their materializations are untouched.
 
 The per-class assets run many partitions per run (``backfill_policy``): a UI "Materialize all",
 a backfill and the automation's request after a backbone change group their classes into runs
-of ``runs.classes_per_run`` (``ExperimentConfig.classes_per_run``). ``make demo`` puts one
-method's classes in a ``distilled_images`` run (``run_ranges``); Dagster's backfill daemon, as
-measured with 10 classes x 6 methods, launched one run per class holding all its methods, so its
-sampler sees one class per call (bench/RESULTS.md, "Full size").
+of ``runs.classes_per_run`` (``ExperimentConfig.classes_per_run``); a ``distilled_images`` run
+holds one method's classes. Dagster's backfill daemon groups the multi-partitions ready at one
+iteration by the dimension with fewer keys among them, which is why ``mode_centroids`` records a
+run's classes together (``assets/modes.py``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """``distilled_images``: one method's distilled images of one class, for every IPC and seed.
 
-A run materializes any set of (method, class) partitions (``context.partition_keys``; ``make
-demo`` groups up to ``runs.classes_per_run`` classes of one method per run, Dagster's backfill
-daemon one class with all its methods): a diffusion method samples all of the run's classes in
-one batched call, and each class gets its own
+A run materializes any set of (method, class) partitions (``context.partition_keys``; a UI
+backfill and ``make demo`` group up to ``runs.classes_per_run`` classes of one method per run): a
+diffusion method samples all of the run's classes in one batched call, and each class gets its own
 materialization, data version and check result (``partition_events``).
 
 Each materialization carries the lineage of its images (mode, distance to the
