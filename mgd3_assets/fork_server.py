@@ -30,7 +30,7 @@ def forget_project_modules() -> list[str]:
 
 def _child(request: dict, reply: int) -> None:
     os.close(reply)
-    # How many preloaded project modules the run imports afresh (0: the preload failed), for its log.
+    # How many of the server's project modules the run imports afresh (few: the preload failed).
     os.environ["MGD3_FORGOTTEN_PROJECT_MODULES"] = str(len(forget_project_modules()))
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a run waits for its own subprocesses
     devnull = os.open(os.devnull, os.O_RDONLY)
