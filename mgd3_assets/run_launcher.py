@@ -68,7 +68,7 @@ def quicken_daemons_from_yaml(dagster_home: str | os.PathLike | None = None) -> 
 
 
 def _is_daemon_process() -> bool:
-    """``dagster-daemon run`` or ``python -m dagster._daemon run`` (what ``dagster dev`` starts)."""
+    """`dagster-daemon run`, or what `dagster dev` starts: python -m <dagster's daemon package> run."""
     argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
     return argv0.name == "dagster-daemon" or argv0.parts[-2:] == ("_daemon", "__main__.py")
 
