@@ -43,7 +43,10 @@ def build_latent_store_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
         home = experiment.storage()
         events = PartitionEvents(context, "latent_store", {"backbone": None, "dataset": lambda pk: pk})
         conditions = backbone_class_conditions(cfg)  # once per run, not once per class
-        failed, done = {}, 0
+        # Recorded together once every class is done (a crash loses no work: a valid store is
+        # reused), so the backfill daemon finds the run's classes ready at one iteration and puts
+        # their modes into one run (see assets/modes.py).
+        failed, done, ready = {}, 0, []
         for class_id in context.partition_keys:
             try:
                 # The content this store is encoded from, observed here too: a graph materialized
@@ -58,16 +61,18 @@ def build_latent_store_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
                 context.log.error(f"latent_store[{class_id}] failed: {e}")
                 continue
             context.log.info(f"latent store of class {class_id}: {info.n} latents {info.shape[1:]} in {info.path}")
-            yield events.materialization(class_id, info.content_hash, {
+            ready.append((class_id, events.materialization(class_id, info.content_hash, {
                 "path": dg.MetadataValue.path(str(info.path)),
                 "images": info.n,
                 "latent_shape": str(tuple(info.shape[1:])),
                 "dtype": info.dtype,
                 "vae_fingerprint": info.vae_fingerprint,
                 "content_hash": info.content_hash,
-            })
-            yield events.check("latent_store_complete", class_id, check_result(problems, check_meta))
+            }), problems, check_meta))
             done += 1
+        for class_id, materialization, problems, check_meta in ready:
+            yield materialization  # recorded before the check, which targets it
+            yield events.check("latent_store_complete", class_id, check_result(problems, check_meta))
         raise_partition_failures(failed, done)
 
     return latent_store
