@@ -90,3 +90,13 @@ class PartitionEvents:
             asset_key=key, check_name=name, passed=result.passed, metadata=result.metadata,
             description=result.description, blocking=True, partition=str(pk),
             target_materialization_data=target)
+
+    def recorded_together(self, check: str, ready: list):
+        """Materializations and check results of partitions already computed, ``(pk, materialization,
+        check result)`` each, emitted together at the end of a run rather than one by one: the
+        backfill daemon then finds all of the run's partitions ready at one iteration, and groups
+        their children's runs by the dimension with fewer ready keys (``assets/modes.py``). Each
+        check is built after its materialization is recorded, so it targets that one."""
+        for pk, materialization, result in ready:
+            yield materialization
+            yield self.check(check, pk, result)

@@ -50,8 +50,8 @@ DEFAULT_DAEMON_INTERVAL_S = 5.0
 
 def quicken_daemons_from_yaml(dagster_home: str | os.PathLike | None = None) -> float | None:
     """Apply ``daemon_interval_seconds`` of the ``WarmRunLauncher`` configured in
-    ``<dagster_home>/dagster.yaml`` (default ``$DAGSTER_HOME``); the interval applied, or None
-    where another launcher is configured."""
+    ``<dagster_home>/dagster.yaml`` (default ``$DAGSTER_HOME``), and in the daemon's process start
+    the fork server; the interval applied, or None where another launcher is configured."""
     import yaml
 
     path = Path(dagster_home or os.environ.get("DAGSTER_HOME", ".")) / "dagster.yaml"

@@ -68,11 +68,9 @@ def build_latent_store_asset(cfg: ExperimentConfig) -> dg.AssetsDefinition:
                 "dtype": info.dtype,
                 "vae_fingerprint": info.vae_fingerprint,
                 "content_hash": info.content_hash,
-            }), problems, check_meta))
+            }), check_result(problems, check_meta)))
             done += 1
-        for class_id, materialization, problems, check_meta in ready:
-            yield materialization  # recorded before the check, which targets it
-            yield events.check("latent_store_complete", class_id, check_result(problems, check_meta))
+        yield from events.recorded_together("latent_store_complete", ready)
         raise_partition_failures(failed, done)
 
     return latent_store

@@ -128,9 +128,7 @@ def _discover(context, cfg: ExperimentConfig, home, vae_fp: str, events: Partiti
             "settings": len(summary["modes"]),
             "inertia": {k: float(v["inertia"]) for k, v in summary["modes"].items()},
             "content_hash": summary["content_hash"],
-        }), problems, check_meta))
+        }), check_result(problems, check_meta)))
         done += 1
-    for pk, materialization, problems, check_meta in ready:
-        yield materialization  # recorded before the check, which targets it
-        yield events.check("centroids_valid", pk, check_result(problems, check_meta))
+    yield from events.recorded_together("centroids_valid", ready)
     raise_partition_failures(failed, done)
