@@ -355,16 +355,21 @@ def _run(force: bool, profile_json: str | None = None) -> int:
     from .definitions import build_definitions
 
     cfg = load_config()
-    defs = build_definitions()
     home = storage_root()
     # A PostgreSQL instance is opened first: an unreachable server fails here, naming host and
-    # port, before anything is written. A file-based one lives under the storage root and is
-    # opened after the demo lock.
+    # port, before anything is written and before the definitions import torch and diffusers.
+    # A file-based one lives under the storage root and is opened after the demo lock.
     try:
         server = dg.DagsterInstance.get() if storage_is_a_server() else None
     except PostgresUnreachable as e:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
+    try:
+        defs = build_definitions()
+    except BaseException:
+        if server is not None:
+            server.dispose()
+        raise
     # One demo at a time per storage root: a second one waits, then finds everything up to
     # date. Creating the lock file is also the demo's first write, so a read-only or full
     # storage root fails here, before any work, naming the path and the OS error.
