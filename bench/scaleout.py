@@ -119,6 +119,7 @@ def distill_stage(n_workers: int, src: Path, experiment: str, methods: list[str]
                         # stages), rather than doing it inside the measured stage.
                         observe = next(s for s in demo.STAGES if s.job == demo.METHOD_SETTINGS_JOB)
                         cluster_demo.run_stage(defs, instance, submitter, observe, log=lambda m: None)
+                        print(f"   {n_workers} worker(s): submitting the stage's runs", flush=True)
                         seconds, run_ids = cluster_demo.run_stage(defs, instance, submitter, stage,
                                                                   log=lambda m: None, keep=keep)
                 split = cluster_demo.worker_split(cluster, instance, run_ids)
