@@ -352,8 +352,7 @@ def _say(message: str) -> None:
 
 
 def _run(force: bool, profile_json: str | None = None) -> int:
-    from .definitions import build_definitions
-
+    # A bad config fails here in a second or two: the definitions (torch, diffusers) load below.
     cfg = load_config()
     home = storage_root()
     # A PostgreSQL instance is opened first: an unreachable server fails here, naming host and
@@ -365,6 +364,8 @@ def _run(force: bool, profile_json: str | None = None) -> int:
         print(f"FAILED: {e}", file=sys.stderr)
         return 1
     try:
+        from .definitions import build_definitions
+
         defs = build_definitions()
     except BaseException:
         if server is not None:
