@@ -102,8 +102,8 @@ def _listening(port: int) -> bool:
 # held by the process that started the services only (Python's descriptors are not inherited
 # by the services), so end-of-file without "D" (done) means that process died without
 # stopping them: then it stops every group as ``stop()`` would (SIGKILL after 20 s) and
-# removes the directories. A zombie still counts as a member of its group, so the wait is
-# bounded rather than assumed to end. (A child *forked* without exec from the starter holds the
+# removes the directories. It waits for the groups' running members only: an exited member
+# stays a zombie (in the group) until init reaps it, which a container's init may never do. (A child *forked* without exec from the starter holds the
 # writing end too: then the watcher acts when that child exits as well.)
 _WATCHER = r"""
 import os, shutil, signal, sys, time
@@ -123,10 +123,24 @@ def signal_group(pgid, sig):
         return True
     except ProcessLookupError:
         return False
+def running(pgid):
+    # Exited members stay zombies until init reaps them (a container's init may never), and
+    # killpg(pgid, 0) still finds those: on Linux, count only the members that run.
+    if not os.path.isdir("/proc/self"):
+        return signal_group(pgid, 0)
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 for pgid, sig in groups:
     signal_group(pgid, sig)
 deadline = time.monotonic() + 20
-while time.monotonic() < deadline and any(signal_group(pgid, 0) for pgid, _ in groups):
+while time.monotonic() < deadline and any(running(pgid) for pgid, _ in groups):
     time.sleep(0.2)
 for pgid, _ in groups:
     signal_group(pgid, signal.SIGKILL)
