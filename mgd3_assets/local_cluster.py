@@ -103,8 +103,9 @@ def _listening(port: int) -> bool:
 # by the services), so end-of-file without "D" (done) means that process died without
 # stopping them: then it stops every group as ``stop()`` would (SIGKILL after 20 s) and
 # removes the directories. It waits for the groups' running members only: an exited member
-# stays a zombie (in the group) until init reaps it, which a container's init may never do. (A child *forked* without exec from the starter holds the
-# writing end too: then the watcher acts when that child exits as well.)
+# stays a zombie (in the group) until init reaps it, which a container's init may never do.
+# (A child *forked* without exec from the starter holds the writing end too: then the watcher
+# acts when that child exits as well.)
 _WATCHER = r"""
 import os, shutil, signal, sys, time
 groups, dirs = [], []
